@@ -1,0 +1,1 @@
+"""Formats and protocol shared by the device and the cloud. Torch-free by rule."""

@@ -1,0 +1,84 @@
+"""Wire schemas of the device <-> cloud protocol (JSON over HTTP). Defined once, used by both sides.
+
+Arrays travel as base64 of their raw little-endian bytes with an explicit dtype and shape, so no side
+ever unpickles anything.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, field_validator
+
+MAX_SAMPLES_PER_BATCH = 512
+MAX_SAMPLE_BYTES = 64 * 1024
+MAX_BODY_BYTES = 16 * 1024 * 1024
+ALLOWED_INPUT_DTYPES = ("uint8", "float16")
+
+
+class WireArray(BaseModel):
+    dtype: Literal["uint8", "float16", "float32"]
+    shape: list[int] = Field(max_length=8)
+    data: str = Field(description="base64 of the raw little-endian bytes")
+
+    @classmethod
+    def from_numpy(cls, arr: np.ndarray) -> WireArray:
+        arr = np.ascontiguousarray(arr)
+        return cls(dtype=str(arr.dtype), shape=list(arr.shape), data=base64.b64encode(arr.tobytes()).decode())
+
+    def to_numpy(self, max_bytes: int = MAX_SAMPLE_BYTES) -> np.ndarray:
+        if any(d < 0 for d in self.shape):
+            raise ValueError("negative dimension")
+        dtype = np.dtype(self.dtype).newbyteorder("<")
+        n = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        if n * dtype.itemsize > max_bytes:
+            raise ValueError(f"array of {n * dtype.itemsize} bytes exceeds the {max_bytes}-byte limit")
+        raw = base64.b64decode(self.data, validate=True)
+        if len(raw) != n * dtype.itemsize:
+            raise ValueError(f"data has {len(raw)} bytes, shape {self.shape} x {self.dtype} needs {n * dtype.itemsize}")
+        return np.frombuffer(raw, dtype=dtype).reshape(self.shape).astype(dtype.newbyteorder("="))
+
+
+class UploadSample(BaseModel):
+    id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")
+    input: WireArray
+    logits: list[float] = Field(max_length=4096)
+    entropy: float
+    ood_score: float = 0.0
+    novel: bool = Field(False, description="flagged out-of-distribution: not adaptation data")
+    param_version: int = 0
+
+    @field_validator("input")
+    @classmethod
+    def _input_dtype(cls, v: WireArray) -> WireArray:
+        if v.dtype not in ALLOWED_INPUT_DTYPES:
+            raise ValueError(f"input dtype must be one of {ALLOWED_INPUT_DTYPES}")
+        return v
+
+
+class SampleBatch(BaseModel):
+    model: str
+    samples: list[UploadSample] = Field(min_length=1, max_length=MAX_SAMPLES_PER_BATCH)
+
+
+class SampleBatchResult(BaseModel):
+    accepted: int
+    duplicates: int
+    ids: list[str]
+
+
+class Heartbeat(BaseModel):
+    model: str
+    param_version: int
+    counters: dict[str, float] = Field(default_factory=dict)
+    status: str = "ok"
+
+
+class UpdateInfo(BaseModel):
+    model: str
+    version: int
+    base_version: int
+    mode: str
+    size: int

@@ -1,0 +1,1 @@
+"""Reference architectures (torch) and the code that marks/inserts adaptable parameters."""
