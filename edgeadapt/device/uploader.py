@@ -1,0 +1,161 @@
+"""Drains the upload queue to the cloud: ``POST {cloud_url}/v1/samples`` with a ``SampleBatch`` JSON body.
+
+Outcome per request:
+- 2xx: every id in the batch is acked (deleted). The server is idempotent by sample id, so a batch that
+  was stored but whose response got lost is simply sent again and stored once.
+- 413 (body too large): the batch is split in halves and each half is sent on its own; a single sample
+  that is still too large is dropped as rejected.
+- 401 / 403: the device's token is wrong or revoked. That is a configuration problem, not a problem with
+  the samples, so they are kept and retried with backoff (dropping them would empty the queue on a typo).
+- other 4xx except 408 / 429: the server refused the batch; it is dropped and counted as ``rejected``
+  (the server's message is logged).
+- 408, 429, 5xx, network errors and timeouts: nacked, retried after an exponential backoff with jitter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import httpx
+
+from edgeadapt.core.wire import MAX_BODY_BYTES, MAX_SAMPLES_PER_BATCH
+from edgeadapt.device.upload_queue import UploadQueue
+
+log = logging.getLogger(__name__)
+
+STAT_NAMES = ("requests", "bytes_up", "acked", "rejected", "retried", "errors", "auth_errors")
+
+
+class Uploader:
+    def __init__(
+        self,
+        queue: UploadQueue,
+        cloud_url: str,
+        token: str,
+        model: str,
+        batch_size: int = 64,
+        timeout: float = 10.0,
+        client: httpx.Client | None = None,
+        poll_interval: float = 1.0,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.queue = queue
+        self.url = cloud_url.rstrip("/") + "/v1/samples"
+        self.token = token
+        self.model = model
+        self.batch_size = max(1, min(int(batch_size), MAX_SAMPLES_PER_BATCH))
+        self.poll_interval = float(poll_interval)
+        self.max_body_bytes = int(max_body_bytes)
+        self._own_client = client is None
+        self.client = client if client is not None else httpx.Client(timeout=timeout)
+        self.stats = dict.fromkeys(STAT_NAMES, 0)
+        self.last_status: int | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._send_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ one round
+    def _body(self, items: list[tuple[str, bytes]]) -> bytes:
+        head = b'{"model":' + json.dumps(self.model).encode() + b',"samples":['
+        return head + b",".join(p for _, p in items) + b"]}"
+
+    def send_once(self, now: float | None = None) -> int:
+        """Send one batch of ready items; returns how many were acked (0 when idle or on failure)."""
+        with self._send_lock:
+            now = time.time() if now is None else now
+            items = self.queue.peek_raw(self.batch_size, now)
+            if not items:
+                return 0
+            # keep the body under the server's limit
+            kept, size = [], 64 + len(self.model)
+            for it in items:
+                if kept and size + len(it[1]) + 1 > self.max_body_bytes:
+                    break
+                kept.append(it)
+                size += len(it[1]) + 1
+            return self._send(kept, now)
+
+    def _send(self, items: list[tuple[str, bytes]], now: float) -> int:
+        ids = [i for i, _ in items]
+        body = self._body(items)
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        self.stats["requests"] += 1
+        self.stats["bytes_up"] += len(body)
+        try:
+            resp = self.client.post(self.url, content=body, headers=headers)
+        except httpx.HTTPError as e:
+            self.stats["errors"] += 1
+            self.last_status, self.last_error = None, f"{type(e).__name__}: {e}"
+            log.warning("upload of %d samples failed (%s); will retry", len(ids), self.last_error)
+            self.stats["retried"] += self.queue.nack(ids, now)
+            return 0
+        code = resp.status_code
+        self.last_status = code
+        if 200 <= code < 300:
+            self.last_error = None
+            n = self.queue.ack(ids)
+            self.stats["acked"] += n
+            return n
+        msg = resp.text[:500]
+        self.last_error = f"HTTP {code}: {msg}"
+        if code == 413 and len(items) > 1:
+            half = len(items) // 2
+            log.info("cloud said 413 for %d samples; splitting the batch", len(items))
+            return self._send(items[:half], now) + self._send(items[half:], now)
+        if code in (401, 403):
+            self.stats["auth_errors"] += 1
+            log.error("cloud refused the device token (HTTP %d: %s); samples kept, will retry", code, msg)
+            self.stats["retried"] += self.queue.nack(ids, now)
+            return 0
+        if 400 <= code < 500 and code not in (408, 429):
+            n = self.queue.drop(ids, "rejected")
+            self.stats["rejected"] += n
+            log.error("cloud rejected %d samples (HTTP %d): %s", n, code, msg)
+            return 0
+        self.stats["errors"] += 1
+        log.warning("upload of %d samples got HTTP %d (%s); will retry", len(ids), code, msg)
+        self.stats["retried"] += self.queue.nack(ids, now)
+        return 0
+
+    # ------------------------------------------------------------------ background thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            before = len(self.queue)
+            try:
+                self.send_once()
+            except Exception:  # never let the thread die; the queue is persistent
+                log.exception("uploader round failed")
+            if len(self.queue) >= before:  # nothing delivered or dropped: wait before the next round
+                self._stop.wait(self.poll_interval)
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="edgeadapt-uploader", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_client:
+            self.client.close()
+
+    def __enter__(self) -> Uploader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
