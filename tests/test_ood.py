@@ -63,7 +63,7 @@ def test_gen_uses_top_m_only():
 def _blobs(rng, n_per=200, d=8, c=3):
     """Class blobs that vary in the first d/2 dims only (tiny noise in the rest), a linear head."""
     mus = np.zeros((c, d))
-    mus[:, : c] = 6.0 * np.eye(c)
+    mus[:, :c] = 6.0 * np.eye(c)
     scale = np.r_[np.ones(d // 2), 0.05 * np.ones(d - d // 2)]
     y = np.repeat(np.arange(c), n_per)
     z = mus[y] + rng.normal(size=(len(y), d)) * scale

@@ -1,7 +1,155 @@
-"""`edgeadapt device ...` commands."""
+"""`edgeadapt device run|status|rollback` — the edge side. No torch is imported here."""
 
 from __future__ import annotations
 
+import logging
+import threading
+from pathlib import Path
+
 import typer
 
-app = typer.Typer(help="device commands", no_args_is_help=True)
+from edgeadapt.cli.common import console, fail, print_json
+
+app = typer.Typer(help="Run and manage the edge adaptation daemon (torch-free).", no_args_is_help=True)
+
+
+def _stream_npz(daemon, path: Path, batch: int, stop: threading.Event) -> None:
+    import numpy as np
+
+    log = logging.getLogger("edgeadapt.device")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            x = z["x"]
+    except Exception as exc:
+        log.error("cannot read source %s: %s", path, exc)
+        return
+    correct = 0
+    y = None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            y = z["y"] if "y" in z else None
+    except Exception:
+        pass
+    for i in range(0, len(x), batch):
+        if stop.is_set():
+            break
+        res = daemon.predict(x[i : i + batch])
+        if y is not None:
+            correct += sum(int(r["class"] == t) for r, t in zip(res, y[i : i + batch], strict=True))
+    n = min(len(x), i + batch) if len(x) else 0
+    log.info("source %s done: %d samples%s", path, n, f", online accuracy {correct / max(n, 1):.4f}" if y is not None
+             else "")
+
+
+@app.command()
+def run(
+    bundle: Path = typer.Option(None, help="bundle directory from `edgeadapt export`"),
+    state_dir: Path = typer.Option(None, help="where the daemon keeps its queue, versions and adaptation state"),
+    cloud: str = typer.Option(None, "--cloud", help="cloud base URL (omit to run standalone)"),
+    token: str = typer.Option(None, help="this device's token from `edgeadapt cloud devices add`"),
+    listen: str = typer.Option(None, help="HOST:PORT for the HTTP API (default 127.0.0.1:8470)"),
+    source: str = typer.Option(None, help="npz:PATH — also stream this file's x through the device"),
+    method: str = typer.Option(None, help="adaptation method spec, e.g. ema_stats+lame_guard, norm_stats, none"),
+    ood_detector: str = typer.Option(None, help="OOD detector from the bundle (energy, msp, rmds, vim, ...)"),
+    threads: int = typer.Option(None, help="inference threads"),
+    config: Path = typer.Option(None, help="TOML config ([device] table); flags > EDGEADAPT_* env > file"),
+    log_level: str = typer.Option("info", help="debug, info, warning, error"),
+) -> None:
+    """Run the daemon: HTTP predict API, forward-only adaptation, OOD flags, selective upload, updates.
+
+    SIGTERM/Ctrl-C saves the adaptation state and exits cleanly; a restart resumes it.
+    """
+    import uvicorn
+
+    from edgeadapt.core.bundle import BundleError
+    from edgeadapt.device.config import ConfigError, load_config
+    from edgeadapt.device.daemon import DeviceDaemon
+    from edgeadapt.device.server import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = dict(bundle=bundle, state_dir=state_dir, cloud_url=cloud, token=token, listen=listen, source=source,
+                 method=method, ood_detector=ood_detector, threads=threads)
+    try:
+        cfg = load_config(flags, config)
+    except ConfigError as exc:
+        fail(str(exc))
+    if not Path(cfg.bundle).is_dir():
+        fail(f"bundle {cfg.bundle} does not exist (run `edgeadapt export` first)")
+    if cfg.source and not Path(cfg.source[4:]).is_file():
+        fail(f"source file {cfg.source[4:]} does not exist")
+    try:
+        daemon = DeviceDaemon(cfg)
+    except (BundleError, ValueError) as exc:
+        fail(str(exc))
+    daemon.start()
+    host, _, port = cfg.listen.rpartition(":")
+    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host=host, port=int(port), log_level="warning",
+                                           access_log=False))
+    stop = threading.Event()
+    if cfg.source:
+        threading.Thread(target=_stream_npz, args=(daemon, Path(cfg.source[4:]), cfg.source_batch, stop),
+                         daemon=True, name="npz-source").start()
+    console.print(f"[green]edgeadapt device[/] {daemon.manifest.model_name} v{daemon.engine.param_version} "
+                  f"listening on http://{cfg.listen}  (cloud: {cfg.cloud_url or 'standalone'})")
+    try:
+        server.run()
+    finally:
+        stop.set()
+        daemon.stop()
+        console.print("[green]stopped[/]; adaptation state saved")
+
+
+@app.command()
+def status(
+    url: str = typer.Option("http://127.0.0.1:8470", help="the running daemon's base URL"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show a running daemon's status (version in use, queue, uploads, errors)."""
+    import httpx
+
+    try:
+        st = httpx.get(f"{url.rstrip('/')}/v1/status", timeout=5).json()
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the daemon at {url}: {exc}")
+    if json_out:
+        print_json(st)
+        return
+    console.print(f"model {st['model']}  version {st['param_version']}  samples {st['samples']}  "
+                  f"ood {st['ood_samples']}  uptime {st['uptime_s']}s")
+    console.print(f"queue: {st['queue']}")
+    if st.get("errors"):
+        console.print(f"[red]errors:[/] {st['errors']}")
+
+
+@app.command()
+def rollback(
+    state_dir: Path = typer.Option(..., help="the daemon's state directory"),
+    to: int = typer.Option(None, "--to", help="version to go back to (default: the one before the current)"),
+    bundle: Path = typer.Option(..., help="the bundle (version 0)"),
+    url: str = typer.Option(None, help="a running daemon's URL: roll back live instead of on disk"),
+) -> None:
+    """Roll back to an earlier parameter version (by hand); the daemon picks it up live or at restart."""
+    if url:
+        import httpx
+
+        r = httpx.post(f"{url.rstrip('/')}/v1/admin/rollback", json={"to": to}, timeout=10)
+        if r.status_code != 200:
+            fail(f"rollback refused: {r.text}")
+        console.print(r.json())
+        return
+    from edgeadapt.core.bundle import Bundle
+    from edgeadapt.device.versions import VersionStore, VersionStoreError
+
+    store = VersionStore(state_dir, Bundle(bundle).params)
+    cur = store.current()
+    if to is None:
+        older = [v for v in store.versions() if v < cur]
+        if not older:
+            fail(f"no version older than {cur} on disk")
+        to = older[-1]
+    try:
+        store.load(to)
+    except VersionStoreError as exc:
+        fail(str(exc))
+    store.set_current(to, reason=f"manual rollback from {cur}")
+    console.print(f"rolled back {cur} -> {to}")

@@ -112,7 +112,9 @@ def export_bundle(
         )
     head_name, head = find_head(model)
     if calib_x.ndim != 4 or list(calib_x.shape[1:]) != list(spec.input_shape):
-        raise ExportError(f"calibration data has shape {list(calib_x.shape)}, the model input is [N, {spec.input_shape}]")
+        raise ExportError(
+            f"calibration data has shape {list(calib_x.shape)}, the model input is [N, {spec.input_shape}]"
+        )
     if len(calib_x) < profile.parity_batch:
         raise ExportError(f"need at least {profile.parity_batch} calibration samples, got {len(calib_x)}")
     example = torch.from_numpy(to_float(calib_x[: profile.parity_batch]))
@@ -225,13 +227,12 @@ def calibrate(session, x: np.ndarray, y: np.ndarray, head_w: np.ndarray, head_b:
         "features.var": feats_a.var(0).astype(np.float32),
         "accuracy.clean": np.array([(logits_a.argmax(1) == y).mean()], np.float32),
     }
-    try:
-        from edgeadapt.device.ood import registry as ood_registry
-        from edgeadapt.device.ood.fitting import fit_all
-    except ImportError:  # detectors not available: the bundle carries no OOD state
-        return calib
-    names = [n for n in profile.ood_detectors if n in ood_registry.all_detectors()]
-    calib.update(fit_all(feats_a, logits_a, y, head_w, head_b, names=names))
+    from edgeadapt.device.ood import all_detectors, fit_all
+
+    unknown = [n for n in profile.ood_detectors if n not in all_detectors()]
+    if unknown:
+        raise ExportError(f"unknown OOD detector(s) {unknown} in the profile; known: {sorted(all_detectors())}")
+    calib.update(fit_all(feats_a, logits_a, y, head_w, head_b, names=list(profile.ood_detectors), tpr=profile.ood_tpr))
     return calib
 
 

@@ -20,7 +20,7 @@ class ExportProfile(BaseModel, extra="forbid"):
     parity_tolerance: float = Field(1e-4, gt=0)
     parity_batch: int = Field(64, ge=1)
     calib_samples: int = Field(2048, ge=64)
-    ood_detectors: list[str] = Field(default_factory=lambda: ["msp", "maxlogit", "energy", "gen", "rmds", "vim"])
+    ood_detectors: list[str] = Field(default_factory=lambda: ["msp", "maxlogit", "energy", "gen", "mahalanobis", "rmds", "vim"])
     ood_tpr: float = Field(0.95, gt=0, lt=1)
     tensorrt_fp16: bool = False
     tensorrt_workspace_mb: int = 1024

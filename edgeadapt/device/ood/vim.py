@@ -68,6 +68,8 @@ class ViM(OODDetector):
         residual = np.linalg.norm(x @ basis, axis=1)
         denom = residual.sum()
         alpha = lg.max(axis=1).sum() / denom if denom > 0 else 1.0
+        if not np.isfinite(alpha) or alpha <= 0:  # mostly negative max logits: keep the virtual logit's sign sane
+            alpha = np.abs(lg.max(axis=1)).sum() / denom if denom > 0 else 1.0
         return cls(u, basis, alpha)
 
     def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:

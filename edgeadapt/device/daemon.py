@@ -1,0 +1,215 @@
+"""The device daemon: engine + micro-batcher + selection + persistent upload queue + uploader + updater.
+
+Everything that can fail for reasons outside the model (disk full, cloud down, a bad update) is contained:
+predictions keep flowing and the problem is reported in ``status()`` and the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.core.bundle import Bundle
+from edgeadapt.core.tensorfile import load_params, save_params
+from edgeadapt.core.wire import UploadSample, WireArray
+from edgeadapt.device.batcher import MicroBatcher
+from edgeadapt.device.config import DeviceConfig
+from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
+from edgeadapt.device.metrics import DeviceMetrics
+from edgeadapt.device.selection import SampleSelector
+from edgeadapt.device.upload_queue import UploadQueue
+from edgeadapt.device.versions import VersionStore, VersionStoreError
+
+log = logging.getLogger("edgeadapt.device")
+ADAPT_STATE = "adapt_state.safetensors"
+
+
+class DeviceDaemon:
+    def __init__(self, config: DeviceConfig):
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.errors: dict[str, str] = {}
+        self.metrics = DeviceMetrics()
+        self.bundle = Bundle(config.bundle)
+        self.manifest = self.bundle.manifest
+        self.engine = AdaptiveEngine(self.bundle, EngineConfig(
+            method=config.method, ood_detector=config.ood_detector, threads=config.threads, backend=config.backend))
+        self.selector = SampleSelector(
+            self.manifest.num_classes, budget_samples_per_s=config.upload_samples_per_s,
+            budget_bytes_per_s=config.upload_bytes_per_s, novel_budget_samples_per_s=config.novel_samples_per_s)
+        self._state_ok = self._prepare_state_dir()
+        self.versions = VersionStore(self.state_dir, self.bundle.params, keep=config.keep_versions) \
+            if self._state_ok else None
+        self.queue: UploadQueue | None = None
+        if self._state_ok:
+            try:
+                self.queue = UploadQueue(self.state_dir / "queue.sqlite", max_bytes=config.queue_max_bytes)
+            except Exception as exc:
+                self._error("queue", f"upload queue unavailable: {exc}")
+        self._restore()
+        self.uploader = None
+        self.updater = None
+        if config.cloud_url and config.token and self.queue is not None:
+            from edgeadapt.device.uploader import Uploader
+
+            self.uploader = Uploader(self.queue, config.cloud_url, config.token, self.manifest.model_name,
+                                     poll_interval=config.upload_interval_s)
+        if config.cloud_url and config.token and self.versions is not None:
+            try:
+                from edgeadapt.device.updater import Updater
+            except ImportError:  # pragma: no cover - updater module not present
+                Updater = None
+            if Updater is not None:
+                self.updater = Updater(self, config.cloud_url, config.token, poll_s=config.update_poll_s,
+                                       watch_batches=config.watch_batches)
+        self.batcher = MicroBatcher(self._process_batch, config.max_batch, config.max_wait_ms)
+        self._stop = threading.Event()
+        self._saver = threading.Thread(target=self._save_loop, name="state-saver", daemon=True)
+        self.started = time.time()
+        self.samples_seen = 0
+        self.ood_seen = 0
+
+    # -- state dir ---------------------------------------------------------------------------------
+    def _error(self, key: str, msg: str) -> None:
+        if self.errors.get(key) != msg:
+            log.error(msg)
+        self.errors[key] = msg
+
+    def _prepare_state_dir(self) -> bool:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.state_dir / ".write-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            return True
+        except OSError as exc:
+            self._error("state_dir", f"state directory {self.state_dir} is not writable ({exc}); "
+                        "running without persistence: no uploads, no saved adaptation state")
+            return False
+
+    def _restore(self) -> None:
+        if self.versions is not None:
+            v = self.versions.current()
+            if v:
+                try:
+                    self.engine.apply_params(self.versions.load(v), v)
+                except VersionStoreError as exc:
+                    self._error("versions", f"{exc}; keeping the bundle's version 0")
+        path = self.state_dir / ADAPT_STATE
+        if path.is_file():
+            try:
+                self.engine.load_state_dict(load_params(path))
+                log.info("adaptation state restored from %s", path)
+            except Exception as exc:
+                self._error("adapt_state", f"saved adaptation state unreadable ({exc}); starting fresh")
+        self.metrics.param_version.set(self.engine.param_version)
+
+    def save_state(self) -> bool:
+        if not self._state_ok:
+            return False
+        path = self.state_dir / ADAPT_STATE
+        try:
+            tmp = path.with_suffix(".tmp")
+            save_params(self.engine.state_dict(), tmp)
+            tmp.replace(path)
+            self.errors.pop("save_state", None)
+            return True
+        except Exception as exc:
+            self._error("save_state", f"could not save adaptation state: {exc}")
+            return False
+
+    def _save_loop(self) -> None:
+        while not self._stop.wait(self.config.save_state_every_s):
+            self.save_state()
+
+    # -- the hot path ------------------------------------------------------------------------------
+    def _process_batch(self, x: np.ndarray) -> list[dict]:
+        res = self.engine.process(x)
+        if self.updater is not None:
+            self.updater.observe(res)
+        n = len(x)
+        self.samples_seen += n
+        self.ood_seen += int(res.ood.sum())
+        m = self.metrics
+        m.samples.inc(n)
+        m.batch_size.observe(n)
+        m.ood.inc(int(res.ood.sum()))
+        m.ood_rate.set(float(res.ood.mean()))
+        m.mean_entropy.set(float(res.entropy.mean()))
+        self._select_and_queue(x, res)
+        labels = self.manifest.labels
+        out = []
+        for i in range(n):
+            out.append({"class": int(res.pred[i]), "label": labels[int(res.pred[i])], "probs": res.probs[i],
+                        "ood": bool(res.ood[i]), "ood_score": float(res.ood_score[i]),
+                        "entropy": float(res.entropy[i]), "param_version": res.param_version})
+        return out
+
+    def _select_and_queue(self, x: np.ndarray, res) -> None:
+        if self.queue is None:
+            return
+        sample_bytes = int(np.prod(x.shape[1:]))
+        sel = self.selector.select(res.probs, res.entropy, res.ood, sample_bytes=sample_bytes,
+                                   ood_scores=res.ood_score)
+        samples = []
+        for kind, idx in (("adapt", sel.adapt), ("novel", sel.novel)):
+            for i in idx:
+                xi = x[i]
+                xi = xi if xi.dtype == np.uint8 else np.clip(np.round(xi * 255.0), 0, 255).astype(np.uint8)
+                samples.append(UploadSample(
+                    id=uuid.uuid4().hex, input=WireArray.from_numpy(xi), logits=[float(v) for v in res.logits[i]],
+                    entropy=float(res.entropy[i]), ood_score=float(res.ood_score[i]), novel=(kind == "novel"),
+                    param_version=res.param_version))
+                self.metrics.uploads_queued.labels(kind).inc()
+        if samples:
+            try:
+                self.queue.put_many(samples)
+                self.errors.pop("queue", None)
+            except Exception as exc:  # disk full etc.: predictions go on
+                self._error("queue", f"could not queue uploads: {exc}")
+
+    def predict(self, x: np.ndarray, timeout: float = 30.0) -> list[dict]:
+        return self.batcher.submit(x).result(timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._saver.start()
+        if self.uploader is not None:
+            self.uploader.start()
+        if self.updater is not None:
+            self.updater.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.batcher.close()
+        if self.updater is not None:
+            self.updater.stop()
+        if self.uploader is not None:
+            self.uploader.stop()
+        self.save_state()
+        if self.queue is not None:
+            self.queue.close()
+
+    def status(self) -> dict:
+        q = self.queue.counters() if self.queue is not None else {}
+        up = dict(self.uploader.stats) if self.uploader is not None else {}
+        self.metrics.queue_depth.set(q.get("queued", 0))
+        self.metrics.uploads_sent.set(q.get("sent", 0))
+        self.metrics.uploads_dropped.set(sum(v for k, v in q.items() if k.startswith("dropped")))
+        self.metrics.bytes_up.set(up.get("bytes_up", 0))
+        st = {
+            "model": self.manifest.model_name, "param_version": self.engine.param_version,
+            "method": self.config.method, "ood_detector": self.config.ood_detector,
+            "uptime_s": round(time.time() - self.started, 1), "samples": self.samples_seen,
+            "ood_samples": self.ood_seen, "queue": q, "uploader": up, "errors": dict(self.errors),
+            "versions_on_disk": self.versions.versions() if self.versions else [],
+            "cloud": self.config.cloud_url,
+        }
+        if self.updater is not None:
+            st["updater"] = self.updater.status()
+        return st

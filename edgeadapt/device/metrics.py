@@ -1,0 +1,32 @@
+"""Prometheus metrics of the device daemon (own registry, so tests can run several daemons in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class DeviceMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("edgeadapt_requests", "predict requests", ["status"], registry=r)
+        self.samples = Counter("edgeadapt_samples", "samples predicted", registry=r)
+        self.latency = Histogram("edgeadapt_request_latency_seconds", "predict request latency", registry=r,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.batch_size = Histogram("edgeadapt_batch_size", "micro-batch size", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.ood = Counter("edgeadapt_ood_samples", "samples flagged out-of-distribution", registry=r)
+        self.ood_rate = Gauge("edgeadapt_ood_rate", "OOD fraction of the last batch", registry=r)
+        self.mean_entropy = Gauge("edgeadapt_mean_entropy", "mean prediction entropy of the last batch", registry=r)
+        self.uploads_queued = Counter("edgeadapt_uploads_queued", "samples put in the upload queue", ["kind"],
+                                      registry=r)
+        self.uploads_sent = Gauge("edgeadapt_uploads_sent", "samples acknowledged by the cloud", registry=r)
+        self.uploads_dropped = Gauge("edgeadapt_uploads_dropped", "samples dropped (queue bound, rejected)",
+                                     registry=r)
+        self.bytes_up = Gauge("edgeadapt_bytes_up", "request bytes sent to the cloud", registry=r)
+        self.bytes_down = Gauge("edgeadapt_bytes_down", "update bytes received from the cloud", registry=r)
+        self.queue_depth = Gauge("edgeadapt_upload_queue_items", "items waiting in the upload queue", registry=r)
+        self.param_version = Gauge("edgeadapt_param_version", "parameter version in use", registry=r)
+        self.updates = Counter("edgeadapt_updates", "update outcomes", ["outcome"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,184 @@
+"""The device's HTTP API: predict (JSON or binary), status, health, Prometheus metrics."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from edgeadapt.device.daemon import DeviceDaemon
+from edgeadapt.device.engine import InputError
+
+ALLOWED = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16}
+
+
+class ArrayIn(BaseModel):
+    dtype: str = Field(description="uint8 (0-255), float32 or float16 (0-1)")
+    shape: list[int] = Field(max_length=8)
+    data: str = Field(description="base64 of the raw little-endian bytes")
+
+
+class PredictRequest(BaseModel):
+    inputs: list[Any] | None = Field(None, description="nested lists [N,C,H,W] or [C,H,W], values 0-1 (or 0-255 ints)")
+    array: ArrayIn | None = None
+    top_k: int = Field(3, ge=1, le=1000)
+    probs: bool = Field(False, description="return the full probability vector")
+
+
+def _decode_array(a: ArrayIn, max_bytes: int) -> np.ndarray:
+    if a.dtype not in ALLOWED:
+        raise InputError(f"dtype {a.dtype!r} not supported; use one of {sorted(ALLOWED)}")
+    if any(d <= 0 for d in a.shape):
+        raise InputError(f"shape {a.shape} has a non-positive dimension")
+    dt = np.dtype(ALLOWED[a.dtype]).newbyteorder("<")
+    n = int(np.prod(a.shape, dtype=np.int64))
+    if n * dt.itemsize > max_bytes:
+        raise InputError(f"array of {n * dt.itemsize} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        raw = base64.b64decode(a.data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"data is not valid base64: {exc}") from exc
+    if len(raw) != n * dt.itemsize:
+        raise InputError(f"data has {len(raw)} bytes; shape {a.shape} of {a.dtype} needs {n * dt.itemsize}")
+    return np.frombuffer(raw, dtype=dt).reshape(a.shape).astype(dt.newbyteorder("="))
+
+
+def _from_lists(inputs: list, expected: list[int]) -> np.ndarray:
+    try:
+        arr = np.asarray(inputs)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"inputs is not a rectangular numeric array: {exc}") from exc
+    if arr.dtype == object or arr.dtype.kind not in "iuf":
+        raise InputError(f"inputs must be numbers in a rectangular array of shape [N, {expected}]")
+    if arr.dtype.kind in "iu":
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise InputError("integer inputs must be in 0..255")
+        return arr.astype(np.uint8)
+    return arr.astype(np.float32)
+
+
+def create_app(daemon: DeviceDaemon) -> FastAPI:
+    app = FastAPI(title="edgeadapt device", version="1", description="Forward-only adapting inference daemon.")
+    cfg = daemon.config
+    m = daemon.metrics
+    expected = daemon.manifest.input.shape
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > cfg.max_body_bytes
+            except ValueError:
+                return JSONResponse({"detail": "invalid Content-Length"}, status_code=400)
+            if too_big:
+                m.requests.labels("413").inc()
+                return JSONResponse({"detail": f"body of {length} bytes exceeds the {cfg.max_body_bytes}-byte limit"},
+                                    status_code=413)
+        return await call_next(request)
+
+    async def _read_body(request: Request) -> bytes:
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > cfg.max_body_bytes:
+                raise HTTPException(413, f"body exceeds the {cfg.max_body_bytes}-byte limit")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _run(x: np.ndarray, top_k: int, want_probs: bool) -> dict:
+        if x.ndim == len(expected):
+            x = x[None]
+        if x.ndim != len(expected) + 1 or list(x.shape[1:]) != list(expected):
+            raise InputError(f"input has shape {list(x.shape)}, expected [N, {', '.join(map(str, expected))}] "
+                             f"or [{', '.join(map(str, expected))}]")
+        if len(x) == 0:
+            raise InputError("empty batch")
+        if len(x) > cfg.max_request_samples:
+            raise InputError(f"{len(x)} samples in one request; the limit is {cfg.max_request_samples}")
+        if x.dtype.kind == "f":
+            if not np.isfinite(x).all():
+                raise InputError("input contains NaN or Inf")
+            x = x.astype(np.float32)
+        results = daemon.predict(x)
+        preds = []
+        for r in results:
+            p = r["probs"]
+            k = min(top_k, len(p))
+            order = np.argsort(-p)[:k]
+            item = {"class": r["class"], "label": r["label"], "ood": r["ood"], "ood_score": r["ood_score"],
+                    "entropy": r["entropy"],
+                    "top_k": [{"class": int(c), "label": daemon.manifest.labels[int(c)], "prob": float(p[c])}
+                              for c in order]}
+            if want_probs:
+                item["probs"] = [float(v) for v in p]
+            preds.append(item)
+        return {"model": daemon.manifest.model_name, "param_version": results[0]["param_version"],
+                "predictions": preds}
+
+    @app.post("/v1/predict", summary="Predict a batch (JSON: inputs or base64 array; or binary .npy / raw bytes)")
+    async def predict(request: Request):
+        t0 = time.perf_counter()
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        try:
+            body = await _read_body(request)
+            top_k, want_probs = int(request.query_params.get("top_k", 3)), False
+            if ctype in ("application/x-npy", "application/octet-stream"):
+                if ctype == "application/x-npy":
+                    try:
+                        x = np.load(io.BytesIO(body), allow_pickle=False)
+                    except Exception as exc:
+                        raise InputError(f"body is not a valid .npy array: {exc}") from exc
+                else:
+                    dtype = request.headers.get("x-dtype", "uint8")
+                    shape = request.headers.get("x-shape", "")
+                    try:
+                        dims = [int(s) for s in shape.split(",") if s.strip()]
+                    except ValueError as exc:
+                        raise InputError("X-Shape must be comma-separated integers") from exc
+                    x = _decode_array(ArrayIn(dtype=dtype, shape=dims, data=base64.b64encode(body).decode()),
+                                      cfg.max_body_bytes)
+                if x.dtype.kind not in "uif" or (x.dtype.kind in "iu" and x.dtype != np.uint8):
+                    raise InputError(f"array dtype {x.dtype} not supported; use uint8, float32 or float16")
+            else:
+                try:
+                    req = PredictRequest.model_validate_json(body)
+                except Exception as exc:
+                    raise HTTPException(422, f"invalid JSON request: {str(exc)[:500]}") from exc
+                top_k, want_probs = req.top_k, req.probs
+                if (req.inputs is None) == (req.array is None):
+                    raise InputError("give exactly one of 'inputs' (nested lists) or 'array' (base64)")
+                x = _from_lists(req.inputs, expected) if req.inputs is not None else \
+                    _decode_array(req.array, cfg.max_body_bytes)
+            out = _run(x, top_k, want_probs)
+        except InputError as exc:
+            m.requests.labels("400").inc()
+            raise HTTPException(400, str(exc)) from exc
+        except HTTPException as exc:
+            m.requests.labels(str(exc.status_code)).inc()
+            raise
+        m.requests.labels("200").inc()
+        m.latency.observe(time.perf_counter() - t0)
+        return out
+
+    @app.get("/v1/status")
+    def status():
+        return daemon.status()
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True, "param_version": daemon.engine.param_version}
+
+    @app.get("/metrics")
+    def metrics():
+        daemon.status()  # refresh gauges
+        return Response(daemon.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
