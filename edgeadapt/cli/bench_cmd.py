@@ -1,7 +1,119 @@
-"""`edgeadapt bench ...` commands."""
+"""`edgeadapt bench accuracy|runtime|update|ood --json` — benchmarks that print machine-readable results."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-app = typer.Typer(help="bench commands", no_args_is_help=True)
+from edgeadapt.cli.common import console, fail, print_json
+
+app = typer.Typer(help="Benchmarks (FMNIST-C protocol, DESIGN §10). Each prints one JSON object with --json.",
+                  no_args_is_help=True)
+
+
+def _progress_factory():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True)
+    progress.start()
+
+    def factory(name: str, total: int):
+        task = progress.add_task(name, total=total)
+        return lambda n: progress.advance(task, n)
+
+    return progress, factory
+
+
+def _assets(bundle: Path | None, stream: Path | None):
+    from edgeadapt.assets import default_bundle, default_stream
+
+    try:
+        return bundle or default_bundle(console), stream or default_stream(console)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def accuracy(
+    stream: str = typer.Option("continual", help="continual, or class-sorted (same images, batches sorted by label)"),
+    bundle: Path = typer.Option(None, help="bundle (default: the reference edge model, built and cached)"),
+    data: Path = typer.Option(None, help="FMNIST-C stream .npz (default: built and cached)"),
+    rows: str = typer.Option("source,norm_stats,device_best,tent,eata", help="comma-separated rows"),
+    method: str = typer.Option(None, help="device_best's method spec (default: the device's default)"),
+    limit: int = typer.Option(None, help="use only the first N images of each corruption (quick runs)"),
+    batch: int = typer.Option(64),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Online accuracy of source, norm statistics, the device's best forward-only method, Tent and EATA."""
+    from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD, run_accuracy_bench
+
+    b, s = _assets(bundle, data)
+    progress, factory = _progress_factory()
+    try:
+        res = run_accuracy_bench(b, s, stream=stream, batch=batch, rows=rows.split(","),
+                                 device_method=method or DEFAULT_DEVICE_METHOD, limit=limit,
+                                 progress_factory=factory)
+    except ValueError as exc:
+        fail(str(exc))
+    finally:
+        progress.stop()
+    if json_out:
+        print_json(res)
+    else:
+        for name, r in res["rows"].items():
+            console.print(f"{name:14s} acc {r['acc']:.4f}  upload {r['upload_frac']:.3f}  {r.get('img_s', 0):.0f} img/s")
+
+
+@app.command()
+def runtime(
+    bundle: Path = typer.Option(None, help="bundle (default: the reference edge model)"),
+    data: Path = typer.Option(None, help="stream .npz for realistic inputs (default: FMNIST-C)"),
+    method: str = typer.Option(None, help="adaptation method (default: the device's default)"),
+    threads: int = typer.Option(2),
+    seconds: float = typer.Option(4.0, help="measuring time per throughput figure"),
+    requests: int = typer.Option(200, help="HTTP requests for the latency figures"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Static vs adapting throughput, torch Tent step, HTTP p50/p99 latency, RSS — in one run."""
+    from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD
+    from edgeadapt.bench.runtime import run_runtime_bench
+    from edgeadapt.datasets.fmnist import load_stream
+
+    b, s = _assets(bundle, data)
+    x = load_stream(s)["x"][:4096]
+    with console.status("measuring"):
+        res = run_runtime_bench(b, x, method or DEFAULT_DEVICE_METHOD, threads=threads, min_s=seconds,
+                                http_requests=requests)
+    print_json(res) if json_out else console.print(res)
+
+
+@app.command()
+def ood(
+    json_out: bool = typer.Option(False, "--json"),
+    work: Path = typer.Option(None, help="work directory for the open-set model (default: cache)"),
+) -> None:
+    """AUROC and FPR@95%TPR per OOD detector (in-dist: FMNIST classes 0-7; near: held-out 8-9; far: synthetic)."""
+    from edgeadapt.bench.ood import run_ood_bench
+
+    with console.status("OOD benchmark"):
+        res = run_ood_bench(work)
+    print_json(res) if json_out else console.print(res)
+
+
+@app.command()
+def update(
+    json_out: bool = typer.Option(False, "--json"),
+    bundle: Path = typer.Option(None),
+    data: Path = typer.Option(None),
+) -> None:
+    """Update-package size and accuracy per compression mode (fp32, fp16, int8, ternary, bitmask)."""
+    from edgeadapt.assets import default_teacher
+    from edgeadapt.cloud.bench_update import run_update_bench
+
+    b, s = _assets(bundle, data)
+    arch, weights = default_teacher(console)
+    with console.status("training an update and compressing it"):
+        res = run_update_bench(b, arch, weights, s)
+    print_json(res) if json_out else console.print(res)

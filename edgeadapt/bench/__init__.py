@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print machine-readable results (edgeadapt bench ... --json)."""
