@@ -62,6 +62,7 @@ def run(
     import uvicorn
 
     from edgeadapt.core.bundle import BundleError
+    from edgeadapt.core.serving import GracefulServer
     from edgeadapt.device.config import ConfigError, load_config
     from edgeadapt.device.daemon import DeviceDaemon
     from edgeadapt.device.server import create_app
@@ -83,7 +84,7 @@ def run(
         fail(str(exc))
     daemon.start()
     host, _, port = cfg.listen.rpartition(":")
-    server = uvicorn.Server(uvicorn.Config(create_app(daemon), host=host, port=int(port), log_level="warning",
+    server = GracefulServer(uvicorn.Config(create_app(daemon), host=host, port=int(port), log_level="warning",
                                            access_log=False))
     stop = threading.Event()
     if cfg.source:

@@ -206,6 +206,7 @@ class DeviceDaemon:
             "model": self.manifest.model_name, "param_version": self.engine.param_version,
             "method": self.config.method, "ood_detector": self.config.ood_detector,
             "uptime_s": round(time.time() - self.started, 1), "samples": self.samples_seen,
+            "adapted_batches": self.engine.batches,
             "ood_samples": self.ood_seen, "queue": q, "uploader": up, "errors": dict(self.errors),
             "versions_on_disk": self.versions.versions() if self.versions else [],
             "cloud": self.config.cloud_url,

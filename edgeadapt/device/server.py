@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -93,7 +94,7 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _run(x: np.ndarray, top_k: int, want_probs: bool) -> dict:
+    async def _run(x: np.ndarray, top_k: int, want_probs: bool) -> dict:
         if x.ndim == len(expected):
             x = x[None]
         if x.ndim != len(expected) + 1 or list(x.shape[1:]) != list(expected):
@@ -107,7 +108,7 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
             if not np.isfinite(x).all():
                 raise InputError("input contains NaN or Inf")
             x = x.astype(np.float32)
-        results = daemon.predict(x)
+        results = await asyncio.wait_for(asyncio.wrap_future(daemon.batcher.submit(x)), 60)
         preds = []
         for r in results:
             p = r["probs"]
@@ -157,7 +158,7 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
                     raise InputError("give exactly one of 'inputs' (nested lists) or 'array' (base64)")
                 x = _from_lists(req.inputs, expected) if req.inputs is not None else \
                     _decode_array(req.array, cfg.max_body_bytes)
-            out = _run(x, top_k, want_probs)
+            out = await _run(x, top_k, want_probs)
         except InputError as exc:
             m.requests.labels("400").inc()
             raise HTTPException(400, str(exc)) from exc

@@ -1,0 +1,3 @@
+from edgeadapt.cli import main
+
+main()
