@@ -131,7 +131,7 @@ class DeviceDaemon:
     def _process_batch(self, x: np.ndarray) -> list[dict]:
         res = self.engine.process(x)
         if self.updater is not None:
-            self.updater.observe(res)
+            self.updater.observe(x, res)
         n = len(x)
         self.samples_seen += n
         self.ood_seen += int(res.ood.sum())

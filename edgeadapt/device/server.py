@@ -173,6 +173,34 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
     def status():
         return daemon.status()
 
+    class RollbackRequest(BaseModel):
+        to: int | None = Field(None, ge=0)
+
+    @app.post("/v1/admin/rollback", summary="Roll back to an earlier version on disk (loopback clients only)")
+    def admin_rollback(req: RollbackRequest, request: Request):
+        client = request.client.host if request.client else ""
+        if client not in ("127.0.0.1", "::1", "localhost", "testclient"):
+            raise HTTPException(403, "admin endpoints answer loopback clients only")
+        if daemon.versions is None:
+            raise HTTPException(409, "no writable state directory: no versions on disk")
+        cur = daemon.engine.param_version
+        to = req.to
+        if to is None:
+            older = [v for v in daemon.versions.versions() if v < cur]
+            if not older:
+                raise HTTPException(409, f"no version older than {cur} on disk")
+            to = older[-1]
+        from edgeadapt.device.versions import VersionStoreError
+
+        try:
+            params = daemon.versions.load(to)
+        except VersionStoreError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        daemon.engine.apply_params(params, to)
+        daemon.versions.set_current(to, reason=f"manual rollback from {cur}")
+        daemon.metrics.param_version.set(to)
+        return {"from": cur, "to": to}
+
     @app.get("/healthz")
     def healthz():
         return {"ok": True, "param_version": daemon.engine.param_version}
