@@ -31,13 +31,21 @@ from edgeadapt.device.ood import load_all
 
 @dataclass
 class EngineConfig:
-    method: str = "ema_stats+lame_guard"
+    method: str = "ema_stats+t3a"
     ood_detector: str = "energy"
-    reliable_entropy_factor: float = 0.4
+    reliable_entropy_factor: float = 0.8
     max_ood_fraction: float = 0.5
     stats_samples: int = 32
-    stats_every: int = 1
-    refresh_every: int = 1
+    stats_every: int = 16
+    refresh_every: int = 16
+    hybrid_batches: int = 3
+    transductive_prior: float = 16.0
+    full_batch_reliable: float = 0.75
+    input_shift: float = 0.25
+    feature_shift: float = 0.6
+    shift_ratio: float = 1.3
+    shift_margin: float = 0.15
+    entropy_momentum: float = 0.2
     threads: int = 2
     backend: str = "onnxruntime"
     device: str = "cpu"
@@ -79,6 +87,11 @@ class AdaptiveEngine:
         self.method = self._build_method(self.base_params)
         self._folded_stats_version = -1
         self.batches = 0
+        self._entropy_ema: float | None = None
+        self._hybrid_left = 0
+        self._stale = False
+        self._feat_ema: np.ndarray | None = None
+        self.shifts = 0
         self._refresh(force=True)
 
     # -- state -------------------------------------------------------------------------------------
@@ -111,6 +124,7 @@ class AdaptiveEngine:
         if force or v != self._folded_stats_version:
             self.backend.set_params(self.current_params())
             self._folded_stats_version = v
+            self._feat_ema = None  # features move with the parameters: not a domain shift
 
     def apply_params(self, params: ParamSet, version: int, keep_method_state: bool = True) -> None:
         """Install a new base parameter version (a cloud update or a rollback) between batches."""
@@ -172,41 +186,99 @@ class AdaptiveEngine:
         with self._lock:
             return self._process(xf, adapt)
 
+    def _transductive_mix(self, n: int) -> np.ndarray:
+        w = n / (self.config.transductive_prior + n)
+        return np.full(len(self.manifest.norm_layers), w, np.float32)
+
     def _process(self, x: np.ndarray, adapt: bool) -> BatchResult:
         n = len(x)
         method = self.method
+        c = self.config
         mix = method.forward_mix(n) if adapt else None
+        guard = getattr(method, "guard", None)
+        if guard is not None and getattr(method, "last_skewed", False):
+            self._hybrid_left = 0  # label-skewed stream: never normalize with a skewed batch's own statistics
+        if mix is None and adapt and method.needs_stats and self._hybrid_left > 0:
+            mix = self._transductive_mix(n)
+            self._hybrid_left -= 1
         if mix is not None:
             out = self.backend.run_adaptive(x, self.current_params(), mix)
         else:
+            if adapt and self._stale:
+                self._refresh()
+                self._stale = False
             out = self.backend.run_static(x)
+        shift = self._detect_shift(float(entropy_from_logits(out.logits).mean()), x, out.features) \
+            if adapt else False
+        if shift:
+            method.on_shift()
+            if mix is None and method.needs_stats and c.hybrid_batches > 0 and not (
+                    guard is not None and guard.detect(out.logits)):
+                # predict the shifted batch with its own statistics instead of the stale ones
+                mix = self._transductive_mix(n)
+                out = self.backend.run_adaptive(x, self.current_params(), mix)
+                self._hybrid_left = c.hybrid_batches - 1
         logits, feats = out.logits, out.features
         entropy = entropy_from_logits(logits)
         ood_score = self.detector.score(logits, feats)
         ood = ood_score > self.detector.threshold
         ood_frac = float(ood.mean())
-        excluded = ood if ood_frac <= self.config.max_ood_fraction else np.zeros_like(ood)
-        reliable = (~excluded) & (entropy < self.config.reliable_entropy_factor * math.log(self.num_classes))
-        info = BatchInfo(reliable=reliable, ood=ood, entropy=entropy)
+        excluded = ood if ood_frac <= c.max_ood_fraction else np.zeros_like(ood)
+        reliable = (~excluded) & (entropy < c.reliable_entropy_factor * math.log(self.num_classes))
+        info = BatchInfo(reliable=reliable, ood=ood, entropy=entropy, logits=logits)
         stats_run = False
         if adapt:
-            if method.needs_stats and reliable.any() and self.batches % self.config.stats_every == 0:
-                idx = np.flatnonzero(reliable)
-                if len(idx) > self.config.stats_samples:
-                    idx = np.sort(self._rng.choice(idx, self.config.stats_samples, replace=False))
-                st = self.backend.run_adaptive(x[idx], self.current_params(), None)
-                method.update_stats(st.batch_stats, len(idx), info)
-                stats_run = True
+            if method.needs_stats and reliable.any():
+                if mix is not None and out.batch_stats is not None and reliable.mean() >= c.full_batch_reliable:
+                    # the forward already computed this batch's statistics; most of it is reliable
+                    method.update_stats(out.batch_stats, int(reliable.sum()), info)
+                    stats_run = True
+                elif mix is not None or self.batches % c.stats_every == 0:
+                    idx = np.flatnonzero(reliable)
+                    if len(idx) > c.stats_samples:
+                        idx = np.sort(self._rng.choice(idx, c.stats_samples, replace=False))
+                    st = self.backend.run_adaptive(x[idx], self.current_params(), None)
+                    method.update_stats(st.batch_stats, len(idx), info)
+                    stats_run = True
             logits = method.adjust(logits, feats, info)
-            if self.batches % self.config.refresh_every == 0:
-                self._refresh()
+            if method.stats_version != self._folded_stats_version and (
+                    self.batches % c.refresh_every == 0 or mix is not None):
+                self._stale = True
         self.batches += 1
         probs = softmax(logits)
         return BatchResult(
             logits=logits, probs=probs, pred=probs.argmax(1), entropy=entropy, ood_score=ood_score, ood=ood,
             reliable=reliable, param_version=self.param_version,
-            info={"ood_fraction": ood_frac, "stats_run": stats_run, "n": n},
+            info={"ood_fraction": ood_frac, "stats_run": stats_run, "n": n, "shift": shift,
+                  "transductive": mix is not None},
         )
+
+    def _detect_shift(self, mean_entropy: float, x: np.ndarray, feats: np.ndarray) -> bool:
+        """A domain shift shows as a jump of the batch's mean entropy over its running average, or as a change
+        of the input's own first and second moments (brightness, contrast, noise) beyond batch-to-batch noise."""
+        c = self.config
+        xm, xs = float(x.mean()), float(x.std())
+        fm = feats.mean(0)
+        prev = self._entropy_ema
+        m = c.entropy_momentum
+        if prev is None:  # a new stream is a new domain until shown otherwise
+            self._entropy_ema, self._input_ema, self._feat_ema = mean_entropy, (xm, xs), fm
+            self.shifts += 1
+            return True
+        pm, ps = self._input_ema
+        pf = self._feat_ema if self._feat_ema is not None else fm  # None right after new parameters
+        feat_change = float(np.linalg.norm(fm - pf) / max(float(np.linalg.norm(pf)), 1e-6))
+        shift = (mean_entropy > prev * c.shift_ratio and mean_entropy > prev + c.shift_margin) or \
+            abs(xm - pm) > c.input_shift * ps or abs(xs / max(ps, 1e-6) - 1) > c.input_shift or \
+            feat_change > c.feature_shift
+        if shift:  # restart the running averages at the new domain
+            self._entropy_ema, self._input_ema, self._feat_ema = mean_entropy, (xm, xs), fm
+            self.shifts += 1
+            return True
+        self._entropy_ema = (1 - m) * prev + m * mean_entropy
+        self._input_ema = ((1 - m) * pm + m * xm, (1 - m) * ps + m * xs)
+        self._feat_ema = (1 - m) * pf + m * fm
+        return False
 
     # -- persistence -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -201,6 +201,22 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
         daemon.metrics.param_version.set(to)
         return {"from": cur, "to": to}
 
+    @app.post("/v1/admin/sync", summary="Upload everything queued now and check for an update (loopback only)")
+    def admin_sync(request: Request):
+        client = request.client.host if request.client else ""
+        if client not in ("127.0.0.1", "::1", "localhost", "testclient"):
+            raise HTTPException(403, "admin endpoints answer loopback clients only")
+        sent = 0
+        if daemon.uploader is not None:
+            for _ in range(10_000):
+                n = daemon.uploader.send_once()
+                sent += n
+                if n == 0:
+                    break
+        update = daemon.updater.check_once() if daemon.updater is not None else "standalone"
+        return {"uploaded": sent, "update": update, "param_version": daemon.engine.param_version,
+                "queued": len(daemon.queue) if daemon.queue is not None else 0}
+
     @app.get("/healthz")
     def healthz():
         return {"ok": True, "param_version": daemon.engine.param_version}

@@ -194,6 +194,9 @@ class AdaptationMethod:
     def update_stats(self, batch_stats: Stats, n_reliable: int, batch_info: BatchInfo | None = None) -> None:
         """Observe statistics of the batch's reliable subset. Default: no-op."""
 
+    def on_shift(self) -> None:  # noqa: B027 - optional hook
+        """The runtime saw a domain shift (a jump in mean entropy). Default: nothing."""
+
     def adjust(self, logits: np.ndarray, features: np.ndarray, batch_info: BatchInfo | None = None) -> np.ndarray:
         """Output-side adaptation; returns logits or log-probabilities [N,C]. Default: identity."""
         return logits

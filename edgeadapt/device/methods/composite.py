@@ -85,6 +85,10 @@ class CompositeMethod(AdaptationMethod):
         if batch_info is not None and batch_info.logits is not None:
             self._apply_pending(self._decide(batch_info.logits))
 
+    def on_shift(self) -> None:
+        for m in self.members:
+            m.on_shift()
+
     def adjust(self, logits: np.ndarray, features: np.ndarray, batch_info: BatchInfo | None = None) -> np.ndarray:
         if self.guard is not None:
             skewed = self._decide(logits)

@@ -21,7 +21,8 @@ per reference batch, so the statistics keep following a drifting stream). ``dua`
 w = n / (prior + n) on top of the EMA (as ``norm_stats`` does on top of the source).
 ``publish_every`` > 1 publishes the running statistics to ``forward_stats`` only every that many updates
 (fewer rebuilds of the runtime's static session); the EMA itself still sees every update.
-No reset-on-shift heuristic: the momentum floor is what keeps the statistics tracking a new domain.
+When the runtime reports a domain shift (``on_shift``), the next ``shift_updates`` updates use at least
+``shift_momentum``, so the statistics reach the new domain in a few updates instead of ~1/m_k of them.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class EmaStats(AdaptationMethod):
         "transductive": False,
         "prior": 16.0,
         "publish_every": 1,
+        "shift_momentum": 0.5,
+        "shift_updates": 3,
     }
 
     def _validate(self) -> None:
@@ -64,6 +67,7 @@ class EmaStats(AdaptationMethod):
         self._var = {k: v.copy() for k, (_, v) in self._source.items()}
         self._k = 0.0  # progress of the decay schedule, in reference batches
         self._updates = 0
+        self._boost = 0
         self._publish()
 
     def momentum(self, k: float) -> float:
@@ -80,6 +84,9 @@ class EmaStats(AdaptationMethod):
     def forward_stats(self) -> Stats:
         return self._published
 
+    def on_shift(self) -> None:
+        self._boost = int(self.options["shift_updates"])
+
     def forward_mix(self, n: int) -> np.ndarray | None:
         if not self.options["transductive"]:
             return None
@@ -92,7 +99,11 @@ class EmaStats(AdaptationMethod):
         self._check_batch_stats(batch_stats)
         step = min(1.0, n_reliable / self.options["ref_batch"])
         self._k += step
-        m = self.momentum(self._k) * step
+        m = self.momentum(self._k)
+        if self._boost > 0:
+            m = max(m, self.options["shift_momentum"])
+            self._boost -= 1
+        m *= step
         for name in self.layer_names:
             mb, vb = (np.asarray(a, np.float64) for a in batch_stats[name])
             mu, var = self._mean[name], self._var[name]
@@ -105,7 +116,8 @@ class EmaStats(AdaptationMethod):
             self._publish()
 
     def _state(self) -> dict[str, np.ndarray]:
-        state = {"k": np.array([self._k], np.float64), "updates": np.array([self._updates], np.int64)}
+        state = {"k": np.array([self._k], np.float64), "updates": np.array([self._updates], np.int64),
+                 "boost": np.array([self._boost], np.int64)}
         for name in self.layer_names:
             state[f"{name}.mean"] = self._mean[name]
             state[f"{name}.var"] = self._var[name]
@@ -114,6 +126,7 @@ class EmaStats(AdaptationMethod):
     def _set_state(self, state: dict[str, np.ndarray]) -> None:
         self._k = float(state["k"][0])
         self._updates = int(state["updates"][0])
+        self._boost = int(state["boost"][0])
         for name in self.layer_names:
             self._mean[name] = state[f"{name}.mean"]
             self._var[name] = state[f"{name}.var"]

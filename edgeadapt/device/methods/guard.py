@@ -46,7 +46,7 @@ def skew_score(logits: np.ndarray, num_classes: int | None = None) -> float:
 class LameGuard(AdaptationMethod):
     name = "lame_guard"
     is_guard = True
-    defaults = {"threshold": 0.5, "min_batch": 16, **LAME_DEFAULTS}
+    defaults = {"threshold": 0.5, "min_batch": 16, "confident_entropy": 1.0, **LAME_DEFAULTS}
 
     def _validate(self) -> None:
         self._check(0 <= self.options["threshold"] <= 1, "threshold must be in [0, 1]")
@@ -63,7 +63,14 @@ class LameGuard(AdaptationMethod):
         """Is this batch label-skewed? (no state change)"""
         if len(logits) < self.options["min_batch"]:
             return False
-        return skew_score(logits, self.ctx.num_classes) < self.options["threshold"]
+        if skew_score(logits, self.ctx.num_classes) >= self.options["threshold"]:
+            return False
+        # Collapse under a strong shift also concentrates predictions, but on uncertain ones: only a batch
+        # whose predictions are confident on average counts as label-skewed.
+        from edgeadapt.core.mathops import entropy_from_logits
+
+        mean_h = float(entropy_from_logits(logits).mean())
+        return mean_h < self.options["confident_entropy"] * float(np.log(self.ctx.num_classes))
 
     def adjust(self, logits: np.ndarray, features: np.ndarray, batch_info: BatchInfo | None = None) -> np.ndarray:
         self.last_score = skew_score(logits, self.ctx.num_classes) if len(logits) else 1.0
