@@ -38,6 +38,7 @@ class DeviceConfig(BaseModel, extra="forbid"):
     upload_samples_per_s: float | None = Field(None, ge=0)
     upload_bytes_per_s: float | None = Field(None, ge=0)
     novel_samples_per_s: float = Field(1.0, ge=0)
+    upload_all: bool = Field(False, description="upload every in-distribution sample (the benchmark's baseline)")
     upload_interval_s: float = Field(0.5, gt=0)
     update_poll_s: float = Field(2.0, gt=0)
     keep_versions: int = Field(5, ge=1)

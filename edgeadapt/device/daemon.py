@@ -154,10 +154,14 @@ class DeviceDaemon:
         if self.queue is None:
             return
         sample_bytes = int(np.prod(x.shape[1:]))
-        sel = self.selector.select(res.probs, res.entropy, res.ood, sample_bytes=sample_bytes,
-                                   ood_scores=res.ood_score)
+        if self.config.upload_all:
+            adapt_idx, novel_idx = np.flatnonzero(~res.ood), np.flatnonzero(res.ood)
+        else:
+            sel = self.selector.select(res.probs, res.entropy, res.ood, sample_bytes=sample_bytes,
+                                       ood_scores=res.ood_score)
+            adapt_idx, novel_idx = sel.adapt, sel.novel
         samples = []
-        for kind, idx in (("adapt", sel.adapt), ("novel", sel.novel)):
+        for kind, idx in (("adapt", adapt_idx), ("novel", novel_idx)):
             for i in idx:
                 xi = x[i]
                 xi = xi if xi.dtype == np.uint8 else np.clip(np.round(xi * 255.0), 0, 255).astype(np.uint8)

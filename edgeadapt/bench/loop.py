@@ -1,0 +1,165 @@
+"""The full loop benchmark: the real cloud service and the real device daemon as separate processes talking
+HTTP on loopback, the FMNIST-C stream sent to the device's /v1/predict.
+
+Lockstep mode (``sync_every`` K): every K batches the stream pauses; the device uploads what it queued, the
+cloud trains on everything that arrived and publishes (or its gate rejects the candidate), and the device
+fetches and applies the result. The numbers are then reproducible; the asynchronous mode (sync_every=0)
+lets the device's background uploader/updater and the cloud's trainer thread run on their own.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {out[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{what} did not become healthy at {url}")
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextmanager
+def loop_processes(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Path, work: Path,
+                   upload_all: bool = False, method: str | None = None, trainer_auto: bool = False,
+                   poll_s: float = 3600.0, log_dir: Path | None = None, train_every: int = 256):
+    """Start cloud + device; yields a dict with URLs, tokens and process handles; stops both on exit."""
+    from edgeadapt.cloud.admin import init_home, read_admin_token
+    from edgeadapt.core import signing
+
+    home = work / "cloud-home"
+    init_home(home)
+    for name in (signing.PRIVATE_KEY_FILE, signing.PUBLIC_KEY_FILE):  # the key the bundle trusts
+        shutil.copy2(signing_home / name, home / name)
+    admin = read_admin_token(home)
+    cport, dport = _free_port(), _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_dir = log_dir or work
+    clog = open(log_dir / "cloud.log", "wb")
+    dlog = open(log_dir / "device.log", "wb")
+    cloud_cmd = [sys.executable, "-m", "edgeadapt", "cloud", "serve", "--home", str(home), "--bundle", str(bundle),
+                 "--teacher", teacher, "--teacher-weights", str(teacher_weights), "--listen", f"127.0.0.1:{cport}",
+                 "--seed", "0"]
+    if not trainer_auto:
+        cloud_cmd.append("--no-trainer")
+    else:
+        cloud_cmd += ["--train-every", str(train_every), "--train-interval", "30"]
+    cloud = subprocess.Popen(cloud_cmd, stdout=clog, stderr=subprocess.STDOUT, env=env)
+    device = None
+    try:
+        curl = f"http://127.0.0.1:{cport}"
+        _wait_healthy(curl, cloud, "cloud")
+        r = httpx.post(f"{curl}/v1/admin/devices", json={"name": "bench-device"},
+                       headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+        r.raise_for_status()
+        token = r.json()["token"]
+        denv = {**env, "EDGEADAPT_UPLOAD_ALL": "true" if upload_all else "false",
+                "EDGEADAPT_UPDATE_POLL_S": str(poll_s), "EDGEADAPT_UPLOAD_INTERVAL_S": str(min(poll_s, 0.5))}
+        dev_cmd = [sys.executable, "-m", "edgeadapt", "device", "run", "--bundle", str(bundle), "--state-dir",
+                   str(work / "device-state"), "--cloud", curl, "--token", token, "--listen", f"127.0.0.1:{dport}"]
+        if method:
+            dev_cmd += ["--method", method]
+        device = subprocess.Popen(dev_cmd, stdout=dlog, stderr=subprocess.STDOUT, env=denv)
+        durl = f"http://127.0.0.1:{dport}"
+        _wait_healthy(durl, device, "device")
+        yield {"cloud": curl, "device": durl, "admin": admin, "token": token, "home": home,
+               "cloud_proc": cloud, "device_proc": device}
+    finally:
+        _stop(device)
+        _stop(cloud)
+        clog.close()
+        dlog.close()
+
+
+def _npy(x: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x)
+    return buf.getvalue()
+
+
+def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Path, x: np.ndarray, y: np.ndarray,
+             batch: int = 64, sync_every: int = 8, upload_all: bool = False, method: str | None = None,
+             progress: Callable[[int], None] | None = None, work: Path | None = None) -> dict:
+    own = work is None
+    work = Path(tempfile.mkdtemp(prefix="edgeadapt-loop-")) if own else work
+    work.mkdir(parents=True, exist_ok=True)
+    correct, n = 0, 0
+    versions, trains, rejected = [], 0, 0
+    t0 = time.perf_counter()
+    try:
+        with loop_processes(bundle, teacher, teacher_weights, signing_home, work, upload_all=upload_all,
+                            method=method, trainer_auto=(sync_every == 0),
+                            poll_s=3600.0 if sync_every else 1.0) as p:
+            admin = {"Authorization": f"Bearer {p['admin']}"}
+            with httpx.Client(timeout=600) as c:
+                for bi, i in enumerate(range(0, len(x), batch)):
+                    xb = x[i : i + batch]
+                    r = c.post(f"{p['device']}/v1/predict", content=_npy(xb),
+                               headers={"content-type": "application/x-npy"})
+                    r.raise_for_status()
+                    preds = np.array([q["class"] for q in r.json()["predictions"]])
+                    correct += int((preds == y[i : i + batch]).sum())
+                    n += len(xb)
+                    versions.append(r.json()["param_version"])
+                    if progress:
+                        progress(len(xb))
+                    if sync_every and (bi + 1) % sync_every == 0:
+                        c.post(f"{p['device']}/v1/admin/sync").raise_for_status()
+                        tr = c.post(f"{p['cloud']}/v1/admin/train", headers=admin)
+                        if tr.status_code == 200:
+                            st = tr.json().get("status")
+                            trains += st != "idle"
+                            rejected += st == "rejected"
+                        c.post(f"{p['device']}/v1/admin/sync").raise_for_status()
+                status = c.get(f"{p['device']}/v1/status").json()
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+    q = status.get("queue", {})
+    up = status.get("uploader", {})
+    upd = status.get("updater", {}).get("counters", {})
+    return {"acc": correct / max(n, 1), "upload_frac": q.get("sent", 0) / max(n, 1), "bytes_up": up.get("bytes_up", 0),
+            "bytes_down": upd.get("bytes_down", 0), "img_s": n / (time.perf_counter() - t0),
+            "versions_applied": upd.get("applied", 0), "rolled_back": upd.get("rolled_back", 0),
+            "updates_rejected_on_device": upd.get("rejected", 0), "trainings": trains, "gate_rejections": rejected,
+            "final_version": status.get("param_version"), "sync_every": sync_every,
+            "method": status.get("method"), "upload_all": upload_all}
