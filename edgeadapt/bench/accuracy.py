@@ -65,7 +65,8 @@ def run_device(bundle: Bundle, x: np.ndarray, y: np.ndarray, batch: int, method:
 def run_accuracy_bench(bundle_dir: str | Path, stream_path: str | Path, stream: str = "continual", batch: int = 64,
                        rows: list[str] | None = None, device_method: str = DEFAULT_DEVICE_METHOD,
                        limit: int | None = None, fisher_path: str | Path | None = None, threads: int = 2,
-                       progress_factory=None) -> dict:
+                       progress_factory=None, sync_every: int = 8, teacher: tuple[str, Path] | None = None,
+                       signing_home: Path | None = None) -> dict:
     from edgeadapt.datasets.fmnist import load_stream
 
     data = load_stream(stream_path)
@@ -101,10 +102,16 @@ def run_accuracy_bench(bundle_dir: str | Path, stream_path: str | Path, stream: 
                                         threads=threads, progress=bar)
             res = {"acc": float((preds == y).mean()), "upload_frac": 0.0, "bytes_up": 0, "bytes_down": 0,
                    "img_s": len(x) / (time.perf_counter() - t0)}
+        elif row in ("loop", "loop_upload_all"):
+            from edgeadapt.bench.loop import run_loop
+
+            if teacher is None or signing_home is None:
+                raise ValueError("the loop rows need a teacher and the cloud home whose key the bundle trusts")
+            res = run_loop(Path(bundle_dir), teacher[0], teacher[1], signing_home, x, y, batch=batch,
+                           sync_every=sync_every, upload_all=(row == "loop_upload_all"), method=device_method,
+                           progress=bar)
         else:
             raise ValueError(f"unknown row {row!r}")
-        per_domain = {}
         out["rows"][row] = res
         out["rows"][row]["seconds"] = round(time.perf_counter() - t0, 2)
-        del per_domain
     return out

@@ -40,7 +40,9 @@ def accuracy(
     stream: str = typer.Option("continual", help="continual, or class-sorted (same images, batches sorted by label)"),
     bundle: Path = typer.Option(None, help="bundle (default: the reference edge model, built and cached)"),
     data: Path = typer.Option(None, help="FMNIST-C stream .npz (default: built and cached)"),
-    rows: str = typer.Option("source,norm_stats,device_best,tent,eata", help="comma-separated rows"),
+    rows: str = typer.Option("source,norm_stats,device_best,tent,eata",
+                             help="comma-separated rows; also loop and loop_upload_all (cloud + device processes)"),
+    sync_every: int = typer.Option(8, help="loop rows: lockstep every K batches (0 = asynchronous)"),
     method: str = typer.Option(None, help="device_best's method spec (default: the device's default)"),
     limit: int = typer.Option(None, help="use only the first N images of each corruption (quick runs)"),
     batch: int = typer.Option(64),
@@ -50,11 +52,18 @@ def accuracy(
     from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD, run_accuracy_bench
 
     b, s = _assets(bundle, data)
+    row_list = [r.strip() for r in rows.split(",") if r.strip()]
+    teacher = home = None
+    if any(r.startswith("loop") for r in row_list):
+        from edgeadapt.assets import cloud_home, default_teacher
+
+        teacher, home = default_teacher(console), cloud_home(console)
     progress, factory = _progress_factory()
     try:
-        res = run_accuracy_bench(b, s, stream=stream, batch=batch, rows=rows.split(","),
+        res = run_accuracy_bench(b, s, stream=stream, batch=batch, rows=row_list,
                                  device_method=method or DEFAULT_DEVICE_METHOD, limit=limit,
-                                 progress_factory=factory)
+                                 progress_factory=factory, sync_every=sync_every, teacher=teacher,
+                                 signing_home=home)
     except ValueError as exc:
         fail(str(exc))
     finally:
