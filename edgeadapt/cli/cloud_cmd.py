@@ -1,7 +1,277 @@
-"""`edgeadapt cloud ...` commands."""
+"""`edgeadapt cloud ...` commands: init, serve, devices, push, rollouts, versions, train.
+
+Admin commands open the cloud's store directly (SQLite in WAL mode, safe while `cloud serve` runs); `train`
+talks to the running server over HTTP with the admin token from the cloud home.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from pathlib import Path
+
 import typer
 
-app = typer.Typer(help="cloud commands", no_args_is_help=True)
+from edgeadapt.cli.common import console, fail, print_json
+
+app = typer.Typer(help="The cloud service: ingest uploads, distill a teacher, push signed updates.",
+                  no_args_is_help=True)
+devices_app = typer.Typer(help="List devices (no subcommand), add or revoke them.", invoke_without_command=True)
+app.add_typer(devices_app, name="devices")
+
+HomeOpt = typer.Option(None, "--home", envvar="EDGEADAPT_CLOUD_HOME",
+                       help="cloud home directory (default ~/.edgeadapt/cloud)")
+JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+
+
+def _config(home: Path | None, overrides: dict | None = None):
+    from edgeadapt.cloud.config import ConfigError, load_config
+
+    try:
+        return load_config(home, overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def _store(home: Path | None):
+    from edgeadapt.cloud.admin import open_store, store_dir
+
+    cfg = _config(home)
+    path = store_dir(home, cfg)
+    if not (path / "cloud.db").exists():
+        fail(f"no cloud store at {path}: run `edgeadapt cloud init` and `edgeadapt cloud serve` first")
+    return open_store(home, cfg)
+
+
+def _age(iso: str | None) -> str:
+    if iso is None:
+        return "never"
+    t = time.mktime(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    s = max(0, time.time() - t)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago"
+
+
+@app.command("init")
+def init(directory: Path = typer.Argument(..., help="the cloud home to create"),
+         force: bool = typer.Option(False, "--force", help="replace an existing signing key"),
+         as_json: bool = JsonOpt) -> None:
+    """Create a cloud home: ed25519 signing key pair (private key 0600), admin token, config.toml."""
+    from edgeadapt.cloud.admin import HomeError, init_home
+
+    try:
+        info = init_home(directory, force=force)
+    except HomeError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(info)
+        return
+    console.print(f"cloud home [bold]{info['home']}[/] created")
+    console.print(f"  signing key     {info['private_key']} (fingerprint {info['fingerprint']})")
+    console.print(f"  public key      {info['public_key']}")
+    console.print(f"  admin token     {info['admin_token_file']}")
+    console.print(f"  config          {info['config']}")
+    console.print(f"export bundles for this cloud with [bold]edgeadapt export ... --cloud-key {info['home']}[/]")
+
+
+@app.command("serve")
+def serve(
+    home: Path = HomeOpt,
+    bundle: Path = typer.Option(None, "--bundle", help="the bundle the devices run"),
+    teacher: str = typer.Option(None, "--teacher", help="teacher: reference arch name or package.module:factory"),
+    teacher_weights: Path = typer.Option(None, "--teacher-weights", help=".safetensors or .pt state dict"),
+    listen: str = typer.Option(None, "--listen", help="HOST:PORT (default 127.0.0.1:8700)"),
+    update_mode: str = typer.Option(None, "--update-mode", help="fp32 | fp16 | int8 | ternary | bitmask_fp16"),
+    auto_rollout: bool = typer.Option(None, "--auto-rollout/--no-auto-rollout",
+                                      help="publish gated versions to all devices"),
+    train_every: int = typer.Option(None, "--train-every", help="train when this many uploads are pending"),
+    train_interval: float = typer.Option(None, "--train-interval", help="... or after this many seconds"),
+    no_trainer: bool = typer.Option(False, "--no-trainer", help="store uploads only; train via the admin API"),
+    seed: int = typer.Option(None, "--seed"),
+    log_level: str = typer.Option(None, "--log-level"),
+) -> None:
+    """Run the cloud service (HTTP API, trainer thread) until interrupted."""
+    from edgeadapt.cloud.config import ConfigError
+
+    trainer = {"train_every": train_every, "train_interval_s": train_interval, "seed": seed}
+    if no_trainer:
+        trainer["enabled"] = False
+    cfg = _config(home, {"bundle": str(bundle) if bundle else None, "teacher": teacher,
+                         "teacher_weights": str(teacher_weights) if teacher_weights else None, "listen": listen,
+                         "update_mode": update_mode, "auto_rollout": auto_rollout, "log_level": log_level,
+                         "trainer": trainer})
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edgeadapt.cloud.server import serve as run_server
+    from edgeadapt.cloud.service import CloudService
+
+    try:
+        service = CloudService(cfg, home)
+    except (ConfigError, ValueError, OSError) as exc:
+        fail(str(exc))
+    console.print(f"serving model [bold]{service.model_name}[/] on http://{cfg.listen} "
+                  f"(latest version {service.store.latest_version()}, updates {cfg.update_mode}, "
+                  f"trainer {'on' if service.trainer and cfg.trainer.enabled else 'off'})")
+    run_server(service, log_level=cfg.log_level)
+
+
+@devices_app.callback()
+def devices(ctx: typer.Context, home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """List devices with the version each runs, the version assigned to it, and when it was last seen."""
+    ctx.obj = {"home": home}
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgeadapt.cloud.admin import devices_info
+
+    rows = devices_info(_store(home))
+    if as_json:
+        print_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="devices")
+    for col in ("name", "version", "assigned", "last seen", "status", "revoked"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], str(r["version"] if r["version"] is not None else "-"),
+                      str(r["target_version"] if r["target_version"] is not None else "-"), _age(r["last_seen"]),
+                      r["status"] or "", "yes" if r["revoked"] else "")
+    Console().print(table)
+
+
+def _home(ctx: typer.Context, home: Path | None) -> Path | None:
+    return home or (ctx.obj or {}).get("home")
+
+
+@devices_app.command("add")
+def devices_add(ctx: typer.Context, name: str = typer.Argument(...), home: Path = HomeOpt,
+                as_json: bool = JsonOpt) -> None:
+    """Register a device and print its token (once: only its hash is stored)."""
+    from edgeadapt.cloud.store import StoreError
+
+    try:
+        token = _store(_home(ctx, home)).add_device(name)
+    except StoreError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json({"name": name, "token": token})
+    else:
+        console.print(f"device [bold]{name}[/] added; its token (shown only now):")
+        typer.echo(token)
+
+
+@devices_app.command("revoke")
+def devices_revoke(ctx: typer.Context, name: str = typer.Argument(...), home: Path = HomeOpt) -> None:
+    """Revoke a device's token: its requests get 401 from now on."""
+    from edgeadapt.cloud.store import StoreError
+
+    try:
+        _store(_home(ctx, home)).revoke_device(name)
+    except StoreError as exc:
+        fail(str(exc))
+    console.print(f"device [bold]{name}[/] revoked")
+
+
+@app.command("push")
+def push(
+    home: Path = HomeOpt,
+    version: int = typer.Option(None, "--version", help="version to roll out (default: latest)"),
+    devices: str = typer.Option(None, "--devices", help="comma-separated device names"),
+    fraction: float = typer.Option(None, "--fraction", help="a deterministic fraction of devices, e.g. 0.1"),
+    revert: bool = typer.Option(False, "--revert", help="republish an older version as a new one (roll back)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Roll a version out to some devices, a fraction of them, or (default) all."""
+    from edgeadapt.cloud.admin import push as do_push
+    from edgeadapt.cloud.store import StoreError
+
+    if devices and fraction is not None:
+        fail("use --devices or --fraction, not both")
+    names = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
+    try:
+        out = do_push(_store(home), version, names, fraction, revert)
+    except StoreError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(out)
+    else:
+        scope = ",".join(names) if names else f"{fraction:g} of devices" if fraction else "all devices"
+        console.print(f"rollout {out['rollout']}: version {out['version']} -> {scope} ({out['note']})")
+
+
+@app.command("rollouts")
+def rollouts(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """List rollouts, newest last (the newest rollout covering a device decides its version)."""
+    from edgeadapt.cloud.admin import rollouts_info
+
+    rows = rollouts_info(_store(home))
+    if as_json:
+        print_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="rollouts")
+    for col in ("id", "version", "scope", "created", "note"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["id"]), str(r["version"]), r["scope"], r["created"] or "", r["note"])
+    Console().print(table)
+
+
+@app.command("versions")
+def versions(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """List published versions and the candidates the gate rejected."""
+    from edgeadapt.cloud.admin import versions_info
+
+    info = versions_info(_store(home))
+    if as_json:
+        print_json(info)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="versions")
+    for col in ("version", "parent", "created", "note", "gate (current -> candidate)"):
+        table.add_column(col)
+    for v in info["versions"]:
+        g = v["metrics"].get("gate", {})
+        gate = f"{g['current']:.3f} -> {g['candidate']:.3f}" if g.get("current") is not None else ""
+        table.add_row(str(v["version"]), str(v["parent"] if v["parent"] is not None else "-"), v["created"] or "",
+                      v["note"], gate)
+    Console().print(table)
+    rejected = [c for c in info["candidates"] if c["status"] == "rejected"]
+    if rejected:
+        console.print(f"{len(rejected)} rejected candidate(s):")
+        for c in rejected:
+            console.print(f"  #{c['id']} (base v{c['base_version']}, {c['created']}): {c['reason']}")
+
+
+@app.command("train")
+def train(home: Path = HomeOpt, url: str = typer.Option(None, "--url", help="server URL (default: from listen)"),
+          as_json: bool = JsonOpt) -> None:
+    """Ask the running server to train on everything pending now (admin API)."""
+    import httpx
+
+    from edgeadapt.cloud.admin import HomeError, read_admin_token
+
+    cfg = _config(home)
+    try:
+        token = read_admin_token(home)
+    except HomeError as exc:
+        fail(str(exc))
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    base = url or f"http://{host}:{cfg.port}"
+    try:
+        r = httpx.post(base.rstrip("/") + "/v1/admin/train", headers={"Authorization": f"Bearer {token}"},
+                       timeout=3600)
+    except httpx.HTTPError as exc:
+        fail(f"cannot reach the cloud at {base}: {exc}")
+    if r.status_code != 200:
+        fail(f"HTTP {r.status_code}: {r.text[:500]}")
+    out = r.json()
+    if as_json:
+        print_json(out)
+    else:
+        console.print(f"{out['status']}: base v{out['base_version']} -> "
+                      f"{'v' + str(out['version']) if out['version'] is not None else '-'} "
+                      f"({out['samples']} uploads, {out['steps']} steps) {out['reason']}")

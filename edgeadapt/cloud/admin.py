@@ -1,0 +1,125 @@
+"""Cloud home directory and admin operations (shared by the CLI, which opens the store directly, and the
+server's admin endpoints).
+
+A cloud home holds::
+
+    config.toml            layered config (see edgeadapt.cloud.config)
+    signing_key.pem        ed25519 private key (0600) that signs update packages
+    signing_key.pub    its public key (PEM); `edgeadapt export --cloud-key <home>` reads it
+    admin_token            the admin bearer token (0600); EDGEADAPT_CLOUD_ADMIN_TOKEN overrides it
+    store/                 SQLite (WAL) + blobs (unless store_dir says otherwise)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from edgeadapt.cloud.config import ADMIN_TOKEN_FILE, CONFIG_FILE, DEFAULT_TOML, ENV_PREFIX, CloudConfig, resolve_home
+from edgeadapt.cloud.store import NotFound, SQLiteStore, Store, StoreError, new_token
+from edgeadapt.core import signing
+
+
+class HomeError(ValueError):
+    pass
+
+
+def init_home(home: str | Path, force: bool = False) -> dict:
+    """Create a cloud home: signing key pair, admin token, default config. Refuses to overwrite a key
+    unless ``force``."""
+    home = Path(home).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    key_path = home / signing.PRIVATE_KEY_FILE
+    if key_path.exists() and not force:
+        raise HomeError(f"{key_path} already exists (use --force to replace the signing key; devices exported with "
+                        "the old public key would then reject every update)")
+    key = signing.generate_private_key()
+    signing.save_private_key(key, key_path)
+    signing.save_public_key(key, home / signing.PUBLIC_KEY_FILE)
+    token = new_token()
+    signing._atomic_write(home / ADMIN_TOKEN_FILE, (token + "\n").encode(), 0o600)
+    cfg = home / CONFIG_FILE
+    if not cfg.exists():
+        cfg.write_text(DEFAULT_TOML)
+    (home / "store").mkdir(exist_ok=True)
+    return {"home": str(home), "public_key": signing.public_key_b64(key), "fingerprint": signing.key_fingerprint(key),
+            "private_key": str(key_path), "public_key_file": str(home / signing.PUBLIC_KEY_FILE),
+            "admin_token_file": str(home / ADMIN_TOKEN_FILE), "config": str(cfg)}
+
+
+def read_admin_token(home: str | Path | None) -> str:
+    env = os.environ.get(ENV_PREFIX + "ADMIN_TOKEN")
+    if env:
+        return env.strip()
+    path = resolve_home(home) / ADMIN_TOKEN_FILE
+    if not path.is_file():
+        raise HomeError(f"no admin token: {path} does not exist (run `edgeadapt cloud init`) and "
+                        f"{ENV_PREFIX}ADMIN_TOKEN is not set")
+    return path.read_text().strip()
+
+
+def store_dir(home: str | Path | None, config: CloudConfig) -> Path:
+    return Path(config.store_dir).expanduser() if config.store_dir else resolve_home(home) / "store"
+
+
+def open_store(home: str | Path | None, config: CloudConfig) -> SQLiteStore:
+    return SQLiteStore(store_dir(home, config))
+
+
+# ------------------------------------------------------------------------------------------------ operations
+def _iso(t: float | None) -> str | None:
+    return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def devices_info(store: Store) -> list[dict]:
+    out = []
+    for d in store.list_devices():
+        out.append({"name": d.name, "version": d.version, "target_version": store.target_version(d.name),
+                    "last_seen": _iso(d.last_seen), "status": d.status, "revoked": d.revoked is not None,
+                    "created": _iso(d.created), "counters": d.counters})
+    return out
+
+
+def versions_info(store: Store) -> dict:
+    return {
+        "versions": [{"version": v.version, "parent": v.parent, "params_hash": v.params_hash,
+                      "created": _iso(v.created), "note": v.note, "metrics": v.metrics} for v in store.list_versions()],
+        "candidates": [{"id": c.id, "status": c.status, "base_version": c.base_version, "version": c.version,
+                        "created": _iso(c.created), "reason": c.reason, "params_hash": c.params_hash,
+                        "metrics": c.metrics} for c in store.list_candidates()],
+    }
+
+
+def rollouts_info(store: Store) -> list[dict]:
+    return [{"id": r.id, "version": r.version, "scope": r.scope, "devices": r.devices, "fraction": r.fraction,
+             "created": _iso(r.created), "note": r.note} for r in store.list_rollouts()]
+
+
+def push(store: Store, version: int | None = None, devices: list[str] | None = None,
+         fraction: float | None = None, revert: bool = False) -> dict:
+    """Assign a version (default: latest) to some devices, a fraction of them, or all.
+
+    Devices never downgrade through a delta package, so to roll the fleet back to an older version use
+    ``revert=True``: its parameters are republished as a new version number and that one is rolled out."""
+    latest = store.latest_version()
+    if latest is None:
+        raise StoreError("no versions yet: start `edgeadapt cloud serve` with a bundle first")
+    version = latest if version is None else int(version)
+    try:
+        store.get_version(version)
+    except NotFound:
+        raise StoreError(f"no version {version} (latest is {latest})") from None
+    if devices:
+        known = {d.name for d in store.list_devices()}
+        unknown = sorted(set(devices) - known)
+        if unknown:
+            raise StoreError(f"unknown devices: {', '.join(unknown)}")
+    note = "push"
+    if revert:
+        params = store.get_params(version)
+        new = store.add_version(params, parent=version, note=f"revert to v{version}")
+        note = f"revert to v{version}"
+        version = new
+    rid = store.add_rollout(version, devices=list(devices) if devices else None, fraction=fraction, note=note)
+    return {"rollout": rid, "version": version, "devices": devices, "fraction": fraction, "note": note}

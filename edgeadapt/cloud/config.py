@@ -1,0 +1,211 @@
+"""Cloud configuration: flags > environment (``EDGEADAPT_CLOUD_*``) > ``<home>/config.toml`` > defaults.
+
+Environment names: ``EDGEADAPT_CLOUD_<FIELD>`` for top-level fields and ``EDGEADAPT_CLOUD_TRAINER__<FIELD>`` for
+trainer fields (e.g. ``EDGEADAPT_CLOUD_LISTEN=0.0.0.0:8700``, ``EDGEADAPT_CLOUD_TRAINER__LR=0.001``). Values
+that look like JSON objects/lists are parsed as JSON. ``EDGEADAPT_CLOUD_HOME`` names the home directory.
+Everything is validated by pydantic; errors name the field and where its value came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from edgeadapt.core.update_package import MODES
+from edgeadapt.core.wire import MAX_BODY_BYTES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_FILE = "config.toml"
+ADMIN_TOKEN_FILE = "admin_token"
+ENV_PREFIX = "EDGEADAPT_CLOUD_"
+DEFAULT_HOME = "~/.edgeadapt/cloud"
+
+
+class ConfigError(ValueError):
+    """Invalid cloud configuration (the message lists every problem)."""
+
+
+class TrainerConfig(BaseModel, extra="forbid"):
+    """CEMA distillation (DESIGN §7). Defaults are the published ones."""
+
+    enabled: bool = Field(True, description="run the background training worker in the serve process")
+    alpha: float = Field(3.0, ge=0, description="weight of the student entropy term")
+    beta: float = Field(3.0, ge=0, description="weight of the KL(teacher || student) term")
+    gamma: float = Field(1.0, ge=0, description="weight of the CE(student, teacher argmax) term")
+    tau: float = Field(1.0, gt=0, description="distillation temperature")
+    lr: float = Field(2.5e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    chunk: int = Field(32, ge=1, description="new uploads per step")
+    replay_size: int = Field(10_000, ge=0, description="FIFO replay buffer capacity")
+    replay_min: int = Field(256, ge=0, description="replay is mixed in once it holds this many")
+    replay_per_step: int = Field(96, ge=0)
+    steps_per_chunk: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over the pending uploads per training round")
+    bn_momentum: float | None = Field(None, gt=0, le=1, description="override BatchNorm momentum (None: keep)")
+    teacher_adapt: bool = Field(False, description="teacher adapts its norm affine by entropy minimization")
+    teacher_lr: float = Field(2.5e-4, gt=0)
+    train_every: int = Field(256, ge=1, description="train when this many new uploads are pending ...")
+    train_interval_s: float = Field(60.0, gt=0, description="... or when uploads have waited this long")
+    max_samples_per_round: int = Field(8192, ge=1, description="cap for background rounds (train_now: no cap)")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="uploads held back for the gate, never trained")
+    gate_samples: int = Field(2000, ge=1, description="most recent held-back uploads the gate evaluates")
+    gate_tolerance: float = Field(0.0, ge=0, le=1, description="allowed drop in teacher agreement")
+    gate_z: float = Field(1.64, ge=0, description="reject only a significant drop: paired (McNemar-style) z; 0 = any "
+                                                 "drop beyond gate_tolerance")
+    seed: int = 0
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class CloudConfig(BaseModel, extra="forbid"):
+    listen: str = Field("127.0.0.1:8700", description="HOST:PORT")
+    bundle: str | None = Field(None, description="the bundle the devices run")
+    teacher: str | None = Field(None, description="reference arch name or package.module:factory")
+    teacher_weights: str | None = Field(None, description=".safetensors (or .pt, loaded weights_only)")
+    teacher_kwargs: dict[str, Any] = Field(default_factory=dict)
+    store_dir: str | None = Field(None, description="default: <home>/store")
+    max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
+    update_mode: str = Field("int8", description=f"compression of served updates: one of {MODES}")
+    update_opts: dict[str, Any] = Field(default_factory=dict, description="mode options, e.g. {density = 0.1}")
+    auto_rollout: bool = Field(True, description="new gated versions go to all devices")
+    long_poll_max_s: float = Field(30.0, ge=0, le=600)
+    metrics_public: bool = Field(True, description="serve /metrics without a token")
+    log_level: str = "info"
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"listen must be HOST:PORT, not {v!r}")
+        return v
+
+    @field_validator("update_mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        if v not in MODES:
+            raise ValueError(f"update_mode must be one of {MODES}, not {v!r}")
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def resolve_home(home: str | Path | None) -> Path:
+    return Path(home or os.environ.get(ENV_PREFIX + "HOME") or DEFAULT_HOME).expanduser()
+
+
+def _env_layer(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "HOME" or key == ENV_PREFIX + "ADMIN_TOKEN":
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        value: Any = raw
+        if raw[:1] in "[{":
+            try:
+                value = json.loads(raw)
+            except ValueError:
+                pass
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("teacher_kwargs", "update_opts"):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _flatten(d: dict, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k == "trainer":
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def load_config(home: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                environ: dict[str, str] | None = None) -> CloudConfig:
+    """Layered config. ``overrides`` (from flags) may use ``trainer`` as a nested dict; None values are ignored."""
+    home_p = resolve_home(home)
+    layers: list[tuple[str, dict]] = []
+    path = home_p / CONFIG_FILE
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        layers.append((str(path), data.get("cloud", data)))
+    layers.append(("environment", _env_layer(dict(os.environ if environ is None else environ))))
+
+    def _drop_none(d: dict) -> dict:
+        return {k: (_drop_none(v) if isinstance(v, dict) and k == "trainer" else v) for k, v in d.items()
+                if v is not None}
+
+    layers.append(("command line", _drop_none(overrides or {})))
+    merged: dict = {}
+    origin: dict[tuple, str] = {}
+    for name, layer in layers:
+        merged = _merge(merged, layer)
+        for key in _flatten(layer):
+            origin[key] = name
+    try:
+        return CloudConfig.model_validate(merged)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            src = origin.get(loc) or origin.get(loc[:1]) or "defaults"
+            lines.append(f"  {'.'.join(loc) or '(root)'}: {err['msg']} (from {src})")
+        raise ConfigError("invalid cloud configuration:\n" + "\n".join(lines)) from None
+
+
+DEFAULT_TOML = """\
+# edgeadapt cloud configuration. Precedence: command-line flags > EDGEADAPT_CLOUD_* environment > this file.
+[cloud]
+listen = "127.0.0.1:8700"
+# bundle = "/path/to/bundle"
+# teacher = "resnet_teacher"            # or package.module:factory
+# teacher_weights = "/path/to/teacher.safetensors"
+update_mode = "int8"                    # fp32 | fp16 | int8 | int4 | ternary | bitmask_fp16
+                                        # (int8: ~0.2 pt; int4: ~9x on adapter updates; sparse modes lose more)
+auto_rollout = true                     # new gated versions go to all devices
+max_body_bytes = 16777216
+long_poll_max_s = 30
+
+[cloud.update_opts]                     # options of the update mode
+# density = 0.1                         # ternary / bitmask_fp16: fraction of entries kept
+# clip = 1.0                            # int4: quantile of |delta| that sets the scale
+
+[cloud.trainer]
+enabled = true
+train_every = 256                       # train when this many uploads are pending
+train_interval_s = 60                   # ... or when they have waited this long
+holdout_fraction = 0.1                  # uploads held back for the gate
+teacher_adapt = false
+seed = 0
+"""

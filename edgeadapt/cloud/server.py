@@ -1,0 +1,394 @@
+"""The cloud HTTP API (FastAPI + uvicorn). OpenAPI at ``/openapi.json``, docs at ``/docs``.
+
+Device endpoints (``Authorization: Bearer <device token>``):
+
+- ``POST /v1/samples`` — a ``SampleBatch``; answers ``SampleBatchResult``. Bodies over ``max_body_bytes`` get
+  413 (from Content-Length before anything is read, or while the body streams in). Invalid batches get 422
+  with a message. Idempotent: a sample id is stored once per device, and a byte-identical retried batch gets
+  the byte-identical answer.
+- ``GET /v1/updates?model=M&have=V[&wait=S][&mode=MODE][&have_hash=H]`` — 204 when the device is at (or past)
+  its assigned version; else 200 with the update package (``application/octet-stream``; headers
+  ``X-Edgeadapt-Version``, ``X-Edgeadapt-Base-Version``, ``X-Edgeadapt-Mode``, ``X-Edgeadapt-Target-Hash``).
+  ``wait`` long-polls up to ``long_poll_max_s``. ``GET /v1/updates/info`` answers ``UpdateInfo`` JSON instead.
+  409 when the cloud does not know the device's base version.
+- ``POST /v1/heartbeat`` — a ``Heartbeat``; answers ``{"target_version", "latest_version"}``.
+- ``GET /v1/devices/{name}`` — the device's own record (another device's: 403).
+
+Admin endpoints (``Authorization: Bearer <admin token>``; a device token gets 403): ``GET/POST
+/v1/admin/devices``, ``POST /v1/admin/devices/{name}/revoke``, ``GET /v1/admin/versions``, ``GET/POST
+/v1/admin/rollouts``, ``POST /v1/admin/train`` (train on everything pending now; returns the result),
+``GET /v1/admin/status``. Unauthenticated: ``GET /healthz``, ``GET /metrics`` (unless ``metrics_public`` is off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import socket
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import HTTPException
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
+
+from edgeadapt.cloud import admin as A
+from edgeadapt.cloud.service import CloudService, ServiceError
+from edgeadapt.cloud.store import Device, StoreError
+from edgeadapt.core.wire import Heartbeat, SampleBatch, SampleBatchResult, UpdateInfo
+
+log = logging.getLogger(__name__)
+
+SMALL_BODY_BYTES = 64 * 1024
+POLL_INTERVAL_S = 0.25
+
+
+class TooLarge(Exception):
+    pass
+
+
+def _problem(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:10]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    more = len(exc.errors()) - 10
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+class BodyLimitMiddleware:
+    """Refuse a request whose declared Content-Length exceeds the limit before any of it is read."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", []):
+                if name == b"content-length":
+                    try:
+                        n = int(value)
+                    except ValueError:
+                        n = -1
+                    if n < 0 or n > self.limit:
+                        msg = "invalid Content-Length" if n < 0 else \
+                            f"request body of {n} bytes exceeds the {self.limit}-byte limit"
+                        resp = _problem(400 if n < 0 else 413, msg, {"Connection": "close"})
+                        await resp(scope, receive, send)
+                        return
+        await self.app(scope, receive, send)
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise TooLarge(f"request body exceeds the {limit}-byte limit")
+    return bytes(buf)
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class NewDevice(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class PushRequest(BaseModel):
+    version: int | None = None
+    devices: list[str] | None = None
+    fraction: float | None = Field(None, gt=0, le=1)
+    revert: bool = False
+
+
+def create_app(service: CloudService) -> FastAPI:
+    """The FastAPI app for a service. Starting it (lifespan) starts the trainer thread; stopping stops it."""
+
+    cfg = service.config
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.stop)
+
+    app = FastAPI(title="edgeadapt cloud", version="1", lifespan=lifespan,
+                  description="Ingest uploads from edge devices, distill a teacher into the devices' adaptable "
+                              "tensors, serve signed, compressed update packages.")
+    app.add_middleware(BodyLimitMiddleware, limit=cfg.max_body_bytes)
+    app.state.service = service
+    metrics = service.metrics
+
+    unauthorized = HTTPException(401, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def device_auth(request: Request) -> Device:
+        token = _bearer(request)
+        device = await run_in_threadpool(service.device_for, token) if token else None
+        if device is None:
+            if token and service.is_admin(token):
+                raise HTTPException(403, "this endpoint is for devices; the admin token is not a device token")
+            metrics.requests_rejected.labels(reason="auth").inc()
+            raise unauthorized
+        return device
+
+    async def admin_auth(request: Request) -> None:
+        token = _bearer(request)
+        if token and service.is_admin(token):
+            return
+        if token and await run_in_threadpool(service.device_for, token) is not None:
+            raise HTTPException(403, "admin token required")
+        metrics.requests_rejected.labels(reason="auth").inc()
+        raise unauthorized
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        metrics.requests_rejected.labels(reason=str(exc.status)).inc()
+        return _problem(exc.status, exc.message)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError):
+        return _problem(404 if exc.__class__.__name__ == "NotFound" else 409, str(exc))
+
+    @app.exception_handler(TooLarge)
+    async def _too_large(request: Request, exc: TooLarge):
+        metrics.requests_rejected.labels(reason="413").inc()
+        return _problem(413, str(exc), {"Connection": "close"})
+
+    # ------------------------------------------------------------------ unauthenticated
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict:
+        return {"ok": True, "model": service.model_name, "latest_version": service.store.latest_version(),
+                "trainer": None if service.trainer is None else service.trainer.running}
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics_endpoint(request: Request):
+        if not cfg.metrics_public:
+            await admin_auth(request)
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    # ------------------------------------------------------------------ devices
+    @app.post("/v1/samples", response_model=SampleBatchResult, tags=["device"],
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/SampleBatch"}}}}})
+    async def post_samples(request: Request, device: Device = Depends(device_auth)):
+        body = await read_limited(request, cfg.max_body_bytes)
+        metrics.bytes_in.inc(len(body))
+        sha = hashlib.sha256(body).hexdigest()
+        cached = await run_in_threadpool(service.store.get_batch_response, device.id, sha)
+        if cached is not None:  # a byte-identical retry: every sample in it is a duplicate by now
+            metrics.samples_duplicate.inc(len(json.loads(cached).get("ids", [])))
+            return Response(cached, media_type="application/json")
+        try:
+            batch = SampleBatch.model_validate_json(body)
+        except ValidationError as exc:
+            metrics.requests_rejected.labels(reason="422").inc()
+            return _problem(422, _validation_message(exc))
+        result = await run_in_threadpool(service.ingest, device, batch)
+        text = result.model_dump_json()
+        await run_in_threadpool(service.store.put_batch_response, device.id, sha, text)
+        return Response(text, media_type="application/json")
+
+    @app.post("/v1/heartbeat", tags=["device"])
+    async def post_heartbeat(request: Request, device: Device = Depends(device_auth)) -> dict:
+        body = await read_limited(request, SMALL_BODY_BYTES)
+        try:
+            hb = Heartbeat.model_validate_json(body)
+        except ValidationError as exc:
+            return _problem(422, _validation_message(exc))
+        return await run_in_threadpool(service.heartbeat, device, hb.model, hb.param_version, hb.counters, hb.status)
+
+    async def _find_update(device: Device, model: str, have: int, wait: float, mode: str | None,
+                           have_hash: str | None, record: bool):
+        deadline = time.monotonic() + min(max(wait, 0.0), cfg.long_poll_max_s)
+        first = True
+        while True:
+            pkg = await run_in_threadpool(service.update_for, device, model, have, have_hash, mode, record,
+                                          record and first)
+            first = False
+            remaining = deadline - time.monotonic()
+            if pkg is not None or remaining <= 0:
+                return pkg
+            await asyncio.sleep(min(POLL_INTERVAL_S, remaining))
+
+    @app.get("/v1/updates", tags=["device"], responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the update package"},
+        204: {"description": "up to date"}})
+    async def get_updates(model: str = Query(...), have: int = Query(..., ge=0),
+                          wait: float = Query(0.0, ge=0, description="long-poll seconds"),
+                          mode: str | None = Query(None), have_hash: str | None = Query(None, max_length=64),
+                          device: Device = Depends(device_auth)):
+        pkg = await _find_update(device, model, have, wait, mode, have_hash, True)
+        if pkg is None:
+            return Response(status_code=204)
+        return Response(pkg.data, media_type="application/octet-stream", headers={
+            "X-Edgeadapt-Version": str(pkg.info.version), "X-Edgeadapt-Base-Version": str(pkg.info.base_version),
+            "X-Edgeadapt-Mode": pkg.info.mode, "X-Edgeadapt-Target-Hash": pkg.target_hash,
+            "Content-Disposition": f'attachment; filename="{model}-v{pkg.info.base_version}-v{pkg.info.version}.eaup"'})
+
+    @app.get("/v1/updates/info", tags=["device"], response_model=UpdateInfo, responses={204: {}})
+    async def get_update_info(model: str = Query(...), have: int = Query(..., ge=0), mode: str | None = Query(None),
+                              have_hash: str | None = Query(None, max_length=64),
+                              device: Device = Depends(device_auth)):
+        pkg = await _find_update(device, model, have, 0.0, mode, have_hash, False)
+        if pkg is None:
+            return Response(status_code=204)
+        return pkg.info
+
+    @app.get("/v1/devices/{name}", tags=["device"])
+    def get_device(name: str, device: Device = Depends(device_auth)) -> dict:
+        if name != device.name:
+            raise HTTPException(403, "a device may only read its own record")
+        info = next(d for d in A.devices_info(service.store) if d["name"] == name)
+        return info
+
+    # ------------------------------------------------------------------ admin
+    admin = [Depends(admin_auth)]
+
+    @app.get("/v1/admin/status", tags=["admin"], dependencies=admin)
+    def admin_status() -> dict:
+        s = service.store
+        t = service.trainer
+        return {"model": service.model_name, "latest_version": s.latest_version(),
+                "samples": {"train": s.count_samples("train"), "holdout": s.count_samples("holdout"),
+                            "novel": s.count_samples("novel"), "pending": s.count_samples("train", consumed=False)},
+                "trainer": None if t is None else {"running": t.running, "version": t.version,
+                                                   "last_result": t.last_result.to_dict() if t.last_result else None},
+                "update_mode": cfg.update_mode, "auto_rollout": cfg.auto_rollout,
+                "public_key": service.public_key_b64}
+
+    @app.get("/v1/admin/devices", tags=["admin"], dependencies=admin)
+    def admin_devices() -> list[dict]:
+        return A.devices_info(service.store)
+
+    @app.post("/v1/admin/devices", tags=["admin"], dependencies=admin, status_code=201)
+    def admin_add_device(req: NewDevice) -> dict:
+        token = service.store.add_device(req.name)
+        return {"name": req.name, "token": token}
+
+    @app.post("/v1/admin/devices/{name}/revoke", tags=["admin"], dependencies=admin)
+    def admin_revoke_device(name: str) -> dict:
+        service.store.revoke_device(name)
+        return {"name": name, "revoked": True}
+
+    @app.get("/v1/admin/versions", tags=["admin"], dependencies=admin)
+    def admin_versions() -> dict:
+        return A.versions_info(service.store)
+
+    @app.get("/v1/admin/rollouts", tags=["admin"], dependencies=admin)
+    def admin_rollouts() -> list[dict]:
+        return A.rollouts_info(service.store)
+
+    @app.post("/v1/admin/rollouts", tags=["admin"], dependencies=admin, status_code=201)
+    def admin_push(req: PushRequest) -> dict:
+        out = A.push(service.store, req.version, req.devices, req.fraction, req.revert)
+        service._bump()
+        return out
+
+    @app.post("/v1/admin/train", tags=["admin"], dependencies=admin)
+    def admin_train() -> dict[str, Any]:
+        if service.trainer is None:
+            raise HTTPException(409, "no trainer: the service runs without a teacher")
+        return service.trainer.train_now().to_dict()
+
+    def openapi() -> dict:
+        # the bodies read by hand (to limit their size while streaming) are documented explicitly
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (SampleBatch, Heartbeat):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(js.pop("$defs", {}))
+                comps[model.__name__] = js
+            hb = schema["paths"]["/v1/heartbeat"]["post"]
+            hb["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Heartbeat"}}}}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+def create_app_from_home(home: str | Path | None = None, overrides: dict | None = None, **service_kwargs) -> FastAPI:
+    from edgeadapt.cloud.config import load_config
+
+    config = load_config(home, overrides)
+    return create_app(CloudService(config, home, **service_kwargs))
+
+
+class ServerThread:
+    """Run an app with uvicorn in a background thread on an already-bound socket (port 0 = any free port)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
+                                access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="edgeadapt-cloud-http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the cloud server failed to start")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the cloud server did not start in time")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        self.sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(service: CloudService, log_level: str = "info") -> None:
+    """Run the service in the foreground until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(service), host=service.config.host, port=service.config.port, log_level=log_level,
+                timeout_graceful_shutdown=10)

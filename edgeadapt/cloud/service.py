@@ -1,0 +1,251 @@
+"""The cloud service's logic, independent of HTTP: ingest, update packages per device, heartbeats.
+
+Which parameters a device holds: a device that got version V through a lossy package holds the reconstruction
+the cloud computed when it built that package, not V's exact parameters. The cloud remembers, per device and
+version, the hash of what it served (``served``), keeps every reconstruction it served (``param_sets``) and
+builds the next delta against exactly that, so errors never accumulate and the base hash always verifies. A
+device may also name its parameters' hash (``have_hash``) explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.cloud.admin import open_store, read_admin_token
+from edgeadapt.cloud.config import CloudConfig, ConfigError, resolve_home
+from edgeadapt.cloud.metrics import CloudMetrics
+from edgeadapt.cloud.store import Device, NewSample, NotFound, Store, hash_token, register_bundle, token_matches
+from edgeadapt.core import signing
+from edgeadapt.core.tensorfile import ParamSet
+from edgeadapt.core.update_package import MODES, build_package_full
+from edgeadapt.core.wire import MAX_SAMPLE_BYTES, SampleBatch, SampleBatchResult, UpdateInfo
+
+log = logging.getLogger(__name__)
+
+MODE_OPTS = {"ternary": ("density", "threshold", "zstd_level"), "bitmask_fp16": ("density", "threshold", "zstd_level"),
+             "int4": ("clip", "zstd_level")}
+
+
+class ServiceError(Exception):
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class Invalid(ServiceError):
+    status = 422
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class Missing(ServiceError):
+    status = 404
+
+
+@dataclass
+class Package:
+    data: bytes
+    info: UpdateInfo
+    target_hash: str
+    base_hash: str
+
+
+def sample_split(device_name: str, sample_id: str, novel: bool, holdout_fraction: float, seed: int = 0) -> str:
+    """train | holdout | novel — deterministic per (device, sample id, seed)."""
+    if novel:
+        return "novel"
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{device_name}:{sample_id}".encode()).digest()[:8], "big")
+    return "holdout" if h / 2**64 < holdout_fraction else "train"
+
+
+class CloudService:
+    """Everything the HTTP layer calls. ``teacher``: a torch module (or None: build from config; no teacher
+    configured = no trainer, uploads are stored only)."""
+
+    def __init__(self, config: CloudConfig, home: str | Path | None = None, *, store: Store | None = None,
+                 teacher=None, private_key=None, admin_token: str | None = None):
+        self.config = config
+        self.home = resolve_home(home)
+        if not config.bundle:
+            raise ConfigError("no bundle configured (--bundle or `bundle` in config.toml)")
+        self.bundle_dir = Path(config.bundle).expanduser()
+        self.store = store or open_store(self.home, config)
+        self.manifest = register_bundle(self.store, self.bundle_dir)
+        self.model_name = self.manifest.model_name
+        self.private_key = private_key or signing.load_private_key(self.home)
+        self.public_key_b64 = signing.public_key_b64(self.private_key)
+        if self.manifest.cloud_public_key is None:
+            log.warning("bundle %s carries no cloud public key: devices cannot verify updates from this cloud",
+                        self.bundle_dir)
+        elif self.manifest.cloud_public_key != self.public_key_b64:
+            raise ConfigError(f"bundle {self.bundle_dir} was exported for another cloud key "
+                              f"({self.manifest.cloud_public_key[:12]}…, this cloud signs with "
+                              f"{self.public_key_b64[:12]}…): devices would reject every update")
+        token = admin_token if admin_token is not None else read_admin_token(self.home)
+        self._admin_hash = hash_token(token)
+        self.metrics = CloudMetrics()
+        self.generation = 0
+        self._gen_lock = threading.Lock()
+        self._build_lock = threading.Lock()
+        self.trainer = None
+        if teacher is None and config.teacher:
+            from edgeadapt.cloud.edge_model import load_teacher
+
+            teacher = load_teacher(config.teacher, config.teacher_weights, **config.teacher_kwargs)
+        if teacher is not None:
+            from edgeadapt.cloud.trainer import Trainer
+
+            self.trainer = Trainer(self.bundle_dir, self.store, teacher, config.trainer,
+                                   auto_rollout=config.auto_rollout, metrics=self.metrics, on_publish=self._bump)
+        latest = self.store.latest_version()
+        self.metrics.latest_version.set(latest or 0)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self.trainer is not None and self.config.trainer.enabled:
+            self.trainer.start()
+
+    def stop(self) -> None:
+        if self.trainer is not None:
+            self.trainer.stop()
+
+    def _bump(self, *_: object) -> None:
+        with self._gen_lock:
+            self.generation += 1
+
+    # ------------------------------------------------------------------ auth
+    def is_admin(self, token: str) -> bool:
+        return bool(token) and token_matches(token, self._admin_hash)
+
+    def device_for(self, token: str) -> Device | None:
+        return self.store.authenticate(token)
+
+    # ------------------------------------------------------------------ ingest
+    def ingest(self, device: Device, batch: SampleBatch) -> SampleBatchResult:
+        if batch.model != self.model_name:
+            raise Invalid(f"model {batch.model!r} is not served here (this cloud serves {self.model_name!r})")
+        shape = list(self.manifest.input.shape)
+        c = self.manifest.num_classes
+        tcfg = self.config.trainer
+        new: list[NewSample] = []
+        for i, s in enumerate(batch.samples):
+            where = f"samples[{i}] (id {s.id})"
+            try:
+                arr = s.input.to_numpy(MAX_SAMPLE_BYTES)
+            except ValueError as exc:
+                raise Invalid(f"{where}: input: {exc}") from None
+            if list(arr.shape) != shape:
+                raise Invalid(f"{where}: input shape {list(arr.shape)}, the model takes {shape}")
+            if arr.dtype == np.float16 and not np.all(np.isfinite(arr)):
+                raise Invalid(f"{where}: input has non-finite values")
+            if len(s.logits) != c:
+                raise Invalid(f"{where}: {len(s.logits)} logits, the model has {c} classes")
+            values = [*s.logits, s.entropy, s.ood_score]
+            if not all(math.isfinite(v) for v in values):
+                raise Invalid(f"{where}: logits/entropy/ood_score must be finite")
+            new.append(NewSample(sample_id=s.id, input=arr, logits=np.asarray(s.logits, np.float32),
+                                 entropy=s.entropy, ood_score=s.ood_score, novel=s.novel,
+                                 param_version=s.param_version,
+                                 split=sample_split(device.name, s.id, s.novel, tcfg.holdout_fraction, tcfg.seed)))
+        new_ids, dups = self.store.add_samples(device.id, new)
+        self.metrics.samples_received.inc(len(new_ids))
+        self.metrics.samples_duplicate.inc(len(dups))
+        self.store.touch_device(device.id)
+        if new_ids and self.trainer is not None:
+            self.trainer.notify()
+        seen, ids = set(), []
+        for s in batch.samples:
+            if s.id not in seen:
+                seen.add(s.id)
+                ids.append(s.id)
+        return SampleBatchResult(accepted=len(new_ids), duplicates=len(dups), ids=ids)
+
+    # ------------------------------------------------------------------ heartbeat
+    def heartbeat(self, device: Device, model: str, version: int, counters: dict, status: str) -> dict:
+        if model != self.model_name:
+            raise Invalid(f"model {model!r} is not served here (this cloud serves {self.model_name!r})")
+        clean = {str(k)[:64]: float(v) for k, v in list(counters.items())[:256] if math.isfinite(float(v))}
+        self.store.touch_device(device.id, version=version, status=status, counters=clean)
+        self.metrics.heartbeats.inc()
+        return {"ok": True, "target_version": self.store.target_version(device.name),
+                "latest_version": self.store.latest_version()}
+
+    # ------------------------------------------------------------------ updates
+    def _mode_opts(self, mode: str) -> dict:
+        allowed = MODE_OPTS.get(mode, ("zstd_level",))
+        return {k: v for k, v in self.config.update_opts.items() if k in allowed}
+
+    def _device_base(self, device: Device, have: int, have_hash: str | None) -> tuple[ParamSet, str]:
+        if have_hash:
+            found = self.store.get_param_set(have_hash)
+            if found is None or found[0] != have:
+                raise Conflict(f"unknown parameters {have_hash[:16]}… for version {have}: this cloud never served "
+                               "them")
+            return found[1], have_hash
+        served = self.store.served_hash(device.id, have)
+        if served is not None:
+            found = self.store.get_param_set(served)
+            if found is not None:
+                return found[1], served
+        try:
+            rec = self.store.get_version(have)
+        except NotFound:
+            raise Conflict(f"version {have} is unknown to this cloud (latest is {self.store.latest_version()})") \
+                from None
+        return self.store.get_params(have), rec.params_hash
+
+    def target_for(self, device: Device) -> int | None:
+        return self.store.target_version(device.name)
+
+    def update_for(self, device: Device, model: str, have: int, have_hash: str | None = None,
+                   mode: str | None = None, record: bool = True, touch: bool | None = None) -> Package | None:
+        """The package that takes this device from ``have`` to its assigned version, or None (up to date, or
+        no newer version assigned: devices never downgrade through a delta). ``record``: count it as served;
+        ``touch`` (default: ``record``): note the device's version and last-seen time."""
+        if model != self.model_name:
+            raise Missing(f"model {model!r} is not served here (this cloud serves {self.model_name!r})")
+        mode = mode or self.config.update_mode
+        if mode not in MODES:
+            raise Invalid(f"unknown update mode {mode!r}; use one of {MODES}")
+        if record if touch is None else touch:
+            self.store.touch_device(device.id, version=have)
+        target = self.target_for(device)
+        if target is None or target <= have:
+            return None
+        base_params, base_hash = self._device_base(device, have, have_hash)
+        opts = self._mode_opts(mode)
+        key = f"{base_hash}:{have}:{target}:{mode}:{json.dumps(opts, sort_keys=True)}"
+        with self._build_lock:
+            cached = self.store.get_package(key)
+            if cached is None:
+                built = build_package_full(self.model_name, have, base_params, target, self.store.get_params(target),
+                                           mode, self.private_key, **opts)
+                target_hash = built.header["target"]["params_hash"]
+                if target_hash != built.header["target"]["exact_hash"]:
+                    self.store.put_param_set(target, built.params)
+                info = {"target_hash": target_hash, "base_hash": base_hash}
+                self.store.put_package(key, built.data, info)
+                data = built.data
+            else:
+                data, info = cached
+                target_hash = info["target_hash"]
+        if record:
+            self.store.record_served(device.id, target, target_hash)
+            self.metrics.updates_served.labels(mode=mode).inc()
+            self.metrics.update_bytes_out.inc(len(data))
+        upd = UpdateInfo(model=self.model_name, version=target, base_version=have, mode=mode, size=len(data))
+        return Package(data, upd, target_hash, info["base_hash"])

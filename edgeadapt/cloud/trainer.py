@@ -1,0 +1,441 @@
+"""The distillation trainer (CEMA, DESIGN §7): uploads -> new versions of the adaptable tensors.
+
+Per step, a batch of ``chunk`` (32) new uploads plus, once the replay FIFO holds ``replay_min`` (256),
+``replay_per_step`` (96) replayed ones goes through the teacher (soft labels) and the student, and the student
+minimizes
+
+    L = α·mean(w_s·H(p_s)) + β·mean(w_t·τ²·KL(p_t ‖ p_s)) + γ·mean(w_t·CE(z_s, argmax z_t)),
+    w = exp(E_max − H) (detached), E_max = 0.4·ln C, w_s from the student's entropy, w_t from the teacher's,
+
+with SGD (lr 2.5e-3, momentum 0.9) on the bundle's adaptable tensors only: norm affine parameters and adapter
+weights train as parameters; everything else is frozen.
+
+Normalization statistics (choice): the BatchNorm layers whose statistics are adaptable run in train mode, so
+each step normalizes with the batch's statistics (as Tent / CEMA do) and updates ``running_mean/var`` with the
+layer's momentum (PyTorch's 0.1 unless ``bn_momentum`` overrides it). The published ``norm_stats`` are these
+running statistics: an exponential average over the recent mix of new and replayed uploads, i.e. the
+target-domain statistics the new affine parameters were trained under.
+
+Held-back uploads (``holdout_fraction``, decided at ingest, never trained on) feed the gate: a candidate
+whose argmax agrees with the teacher's less often than the current version's (minus ``gate_tolerance``) is
+rejected (when the drop is significant, paired per sample: see ``Trainer.gate``), recorded in the store and not
+published; the student then restarts from the published version. OOD-flagged ("novel") uploads are stored only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeadapt.cloud.config import TrainerConfig
+from edgeadapt.cloud.edge_model import apply_params, extract_params, rebuild_edge_model
+from edgeadapt.cloud.store import Store, register_bundle
+from edgeadapt.core import bundle as B
+from edgeadapt.core.tensorfile import ParamSet, params_hash
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH = 256
+LOSS_EVAL_MAX = 2048
+
+
+def cema_loss(z_s: torch.Tensor, z_t: torch.Tensor, alpha: float = 3.0, beta: float = 3.0, gamma: float = 1.0,
+              tau: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """CEMA's student loss for student logits ``z_s`` and teacher logits ``z_t`` (teacher is not differentiated)."""
+    z_t = z_t.detach()
+    c = z_s.shape[1]
+    e_max = 0.4 * math.log(c)
+    logp_s = F.log_softmax(z_s, dim=1)
+    h_s = -(logp_s.exp() * logp_s).sum(1)
+    logp_t = F.log_softmax(z_t, dim=1)
+    h_t = -(logp_t.exp() * logp_t).sum(1)
+    w_s = torch.exp(e_max - h_s).detach()
+    w_t = torch.exp(e_max - h_t).detach()
+    lt_tau = F.log_softmax(z_t / tau, dim=1)
+    kl = (lt_tau.exp() * (lt_tau - F.log_softmax(z_s / tau, dim=1))).sum(1) * tau * tau
+    ce = F.cross_entropy(z_s, z_t.argmax(1), reduction="none")
+    per = alpha * w_s * h_s + beta * w_t * kl + gamma * w_t * ce
+    return per.mean() if reduction == "mean" else per
+
+
+def to_float_batch(arrays: list[np.ndarray], manifest: B.BundleManifest) -> torch.Tensor:
+    """Uploaded inputs (uint8 / float16, mixed) -> normalized float32 [N, *shape]."""
+    spec = manifest.input
+    xs = [a.astype(np.float32) * spec.uint8_scale if a.dtype == np.uint8 else a.astype(np.float32) for a in arrays]
+    x = np.stack(xs)
+    bshape = (1, -1) + (1,) * (x.ndim - 2)
+    x = (x - np.asarray(spec.mean, np.float32).reshape(bshape)) / np.asarray(spec.std, np.float32).reshape(bshape)
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+class SGD:
+    """Plain SGD with momentum, same update as ``torch.optim.SGD`` (dampening 0, no Nesterov, no weight decay).
+
+    Own implementation because constructing a torch optimizer imports torch's compiler stack (seconds per process)."""
+
+    def __init__(self, params: list[nn.Parameter], lr: float, momentum: float = 0.0):
+        self.params = list(params)
+        self.lr, self.momentum = lr, momentum
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            d = p.grad
+            if self.momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = d.detach().clone()
+                else:
+                    buf.mul_(self.momentum).add_(d)
+                d = buf
+            p.add_(d, alpha=-self.lr)
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    current: float | None
+    candidate: float | None
+    n: int
+    reason: str = ""
+
+
+@dataclass
+class TrainResult:
+    status: str  # published | rejected | idle
+    base_version: int
+    version: int | None = None
+    candidate_id: int | None = None
+    samples: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    loss_before: float | None = None
+    loss_after: float | None = None
+    gate: dict = field(default_factory=dict)
+    reason: str = ""
+    params_hash: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Trainer:
+    """Owns the student (at the latest published version), the teacher and the replay buffer.
+
+    ``train_now()`` trains on everything pending and gates/publishes synchronously; ``start()`` runs a background
+    thread that calls it when ``train_every`` uploads are pending or the oldest has waited ``train_interval_s``.
+    ``on_publish(version)`` is called after a version is published (the server uses it to wake long-polls).
+    """
+
+    def __init__(self, bundle_dir: str | Path, store: Store, teacher: nn.Module, config: TrainerConfig | None = None,
+                 *, auto_rollout: bool = True, metrics=None, on_publish: Callable[[int], None] | None = None):
+        self.cfg = config or TrainerConfig()
+        self.bundle_dir = Path(bundle_dir)
+        self.store = store
+        self.metrics = metrics
+        self.auto_rollout = auto_rollout
+        self.on_publish = on_publish
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
+        self.manifest = register_bundle(store, bundle_dir)
+        self.num_classes = self.manifest.num_classes
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_result: TrainResult | None = None
+        torch.manual_seed(self.cfg.seed)
+        self.rng = np.random.default_rng(self.cfg.seed)
+
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher_opt = None
+        if self.cfg.teacher_adapt:
+            affine = [m for m in self.teacher.modules() if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm))]
+            params = [p for m in affine for p in (m.weight, m.bias) if p is not None]
+            for p in params:
+                p.requires_grad_(True)
+            if params:
+                self.teacher_opt = SGD(params, lr=self.cfg.teacher_lr, momentum=self.cfg.momentum)
+
+        self.version = int(store.latest_version())
+        self.student = rebuild_edge_model(self.bundle_dir, store.get_params(self.version))
+        self.trainable = self._configure_student(self.student)
+        self.optimizer = self._new_optimizer()
+        self.evaluator = rebuild_edge_model(self.bundle_dir, store.get_params(self.version)).eval()
+        self.replay: deque[np.ndarray] = deque(maxlen=max(1, self.cfg.replay_size))
+        if self.cfg.replay_size > 0:
+            old = store.recent_samples("train", self.cfg.replay_size, consumed=True)
+            self.replay.extend(store.load_inputs(old))
+
+    # ------------------------------------------------------------------ setup
+    def _configure_student(self, model: nn.Module) -> list[nn.Parameter]:
+        names = {t.name: t.kind for t in self.manifest.adaptable}
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        trainable = []
+        for pname, p in model.named_parameters():
+            if names.get(pname) in ("norm_affine", "adapter"):
+                p.requires_grad_(True)
+                trainable.append(p)
+        self._stat_modules = []
+        for mname, m in model.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and names.get(f"{mname}.running_mean") == "norm_stats":
+                if self.cfg.bn_momentum is not None:
+                    m.momentum = self.cfg.bn_momentum
+                self._stat_modules.append(m)
+        return trainable
+
+    def _train_mode(self) -> None:
+        self.student.eval()
+        for m in self._stat_modules:
+            m.train()
+
+    def _new_optimizer(self) -> SGD | None:
+        if not self.trainable:
+            return None
+        return SGD(self.trainable, lr=self.cfg.lr, momentum=self.cfg.momentum)
+
+    # ------------------------------------------------------------------ pieces
+    def _teacher_logits(self, x: torch.Tensor, adapt: bool = False) -> torch.Tensor:
+        if adapt and self.teacher_opt is not None:
+            z = self.teacher(x)
+            logp = F.log_softmax(z, 1)
+            ent = -(logp.exp() * logp).sum(1).mean()
+            self.teacher_opt.zero_grad(set_to_none=True)
+            ent.backward()
+            self.teacher_opt.step()
+            return z.detach()
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def _step(self, batch: list[np.ndarray]) -> float:
+        x = to_float_batch(batch, self.manifest)
+        z_t = self._teacher_logits(x, adapt=True)
+        self._train_mode()
+        z_s = self.student(x)
+        loss = cema_loss(z_s, z_t, self.cfg.alpha, self.cfg.beta, self.cfg.gamma, self.cfg.tau)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        else:  # statistics only
+            loss = loss.detach()
+        self.student.eval()
+        return float(loss.detach())
+
+    def _logits(self, model: nn.Module, inputs: list[np.ndarray]) -> torch.Tensor:
+        model.eval()
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(inputs), EVAL_BATCH):
+                outs.append(model(to_float_batch(inputs[i : i + EVAL_BATCH], self.manifest)))
+        return torch.cat(outs) if outs else torch.zeros(0, self.num_classes)
+
+    def distill_loss(self, params: ParamSet, inputs: list[np.ndarray]) -> float:
+        """The CEMA loss of the student with ``params`` (eval mode) against the current teacher on ``inputs``."""
+        if not inputs:
+            return float("nan")
+        apply_params(self.evaluator, params)
+        z_s = self._logits(self.evaluator, inputs)
+        z_t = self._logits(self.teacher, inputs)
+        return float(cema_loss(z_s, z_t, self.cfg.alpha, self.cfg.beta, self.cfg.gamma, self.cfg.tau))
+
+    def _agrees(self, params: ParamSet, inputs: list[np.ndarray], teacher_pred: torch.Tensor) -> np.ndarray:
+        apply_params(self.evaluator, params)
+        return (self._logits(self.evaluator, inputs).argmax(1) == teacher_pred).numpy()
+
+    def agreement(self, params: ParamSet, inputs: list[np.ndarray], teacher_pred: torch.Tensor | None = None) -> float:
+        """Fraction of ``inputs`` on which the student with ``params`` (eval mode) predicts the teacher's class."""
+        if teacher_pred is None:
+            teacher_pred = self._logits(self.teacher, inputs).argmax(1)
+        return float(self._agrees(params, inputs, teacher_pred).mean()) if inputs else float("nan")
+
+    def gate(self, candidate: ParamSet, current: ParamSet | None = None) -> GateResult:
+        """Teacher agreement of candidate vs current (latest published) on held-back uploads.
+
+        Rejects when the candidate agrees less by more than ``gate_tolerance`` and, paired per sample, the drop
+        is significant: (b − c) > gate_z·sqrt(b + c), b / c = samples only the current / only the candidate
+        gets right (with gate_z = 0 any drop beyond the tolerance rejects)."""
+        held = self.store.recent_samples("holdout", self.cfg.gate_samples)
+        if not held:
+            return GateResult(True, None, None, 0, "no held-back samples yet: gate skipped")
+        inputs = self.store.load_inputs(held)
+        if current is None:
+            current = self.store.get_params(self.version)
+        t_pred = self._logits(self.teacher, inputs).argmax(1)
+        a_cur = self._agrees(current, inputs, t_pred)
+        a_cand = self._agrees(candidate, inputs, t_pred)
+        n = len(inputs)
+        cur, cand = float(a_cur.mean()), float(a_cand.mean())
+        b, c = int((a_cur & ~a_cand).sum()), int((a_cand & ~a_cur).sum())
+        worse = (b - c) > self.cfg.gate_tolerance * n and (b - c) > self.cfg.gate_z * math.sqrt(b + c)
+        if worse:
+            return GateResult(False, cur, cand, n,
+                              f"teacher agreement on {n} held-back uploads fell from {cur:.4f} to {cand:.4f} "
+                              f"({b} samples lost, {c} gained)")
+        return GateResult(True, cur, cand, n, "")
+
+    # ------------------------------------------------------------------ public
+    def train_now(self, limit: int | None = None) -> TrainResult:
+        """Train on every pending upload (up to ``limit``), then gate and publish or reject. Synchronous."""
+        with self._lock:
+            t0 = time.perf_counter()
+            self._follow_store()
+            pending = self.store.pending_samples(limit)
+            base = self.version
+            if not pending:
+                return TrainResult("idle", base, reason="no pending uploads")
+            inputs = self.store.load_inputs(pending)
+            base_params = self.store.get_params(base)
+            probe = inputs[-LOSS_EVAL_MAX:]
+            loss_before = self.distill_loss(base_params, probe)
+            steps = 0
+            losses = []
+            chunk = self.cfg.chunk
+            for epoch in range(self.cfg.epochs):
+                for i in range(0, len(inputs), chunk):
+                    new = inputs[i : i + chunk]
+                    for _ in range(self.cfg.steps_per_chunk):
+                        batch = list(new)
+                        if self.cfg.replay_size > 0 and len(self.replay) >= max(1, self.cfg.replay_min) \
+                                and self.cfg.replay_per_step > 0:
+                            idx = self.rng.choice(len(self.replay), size=min(self.cfg.replay_per_step, len(self.replay)),
+                                                  replace=False)
+                            batch += [self.replay[j] for j in idx]
+                        losses.append(self._step(batch))
+                        steps += 1
+                    if epoch == 0 and self.cfg.replay_size > 0:
+                        self.replay.extend(new)
+            self.store.mark_consumed([s.seq for s in pending])
+            candidate = extract_params(self.student, self.manifest)
+            loss_after = self.distill_loss(candidate, probe)
+            metrics = {"samples": len(pending), "steps": steps, "loss_before": loss_before, "loss_after": loss_after,
+                       "train_loss_first": losses[0], "train_loss_last": losses[-1]}
+            result = self._decide(candidate, base, metrics)
+            result.samples, result.steps = len(pending), steps
+            result.loss_before, result.loss_after = loss_before, loss_after
+            result.seconds = time.perf_counter() - t0
+            if self.metrics is not None:
+                self.metrics.train_seconds.observe(result.seconds)
+                self.metrics.train_samples.inc(len(pending))
+            self.last_result = result
+            log.info("training round: %s (base v%d, %d uploads, %d steps, loss %.4f -> %.4f, %.1fs)%s", result.status,
+                     base, len(pending), steps, loss_before, loss_after, result.seconds,
+                     f" -> v{result.version}" if result.version is not None else f": {result.reason}")
+            return result
+
+    def submit_candidate(self, params: ParamSet, note: str = "submitted") -> TrainResult:
+        """Gate an externally made candidate against the latest version and publish or reject it."""
+        with self._lock:
+            self._follow_store()
+            return self._decide({k: np.asarray(v, np.float32) for k, v in params.items()}, self.version,
+                                {"note": note})
+
+    def _decide(self, candidate: ParamSet, base: int, metrics: dict) -> TrainResult:
+        phash = params_hash(candidate)
+        if not all(np.all(np.isfinite(v)) for v in candidate.values()):
+            g = GateResult(False, None, None, 0, "candidate has non-finite values")
+        else:
+            g = self.gate(candidate, self.store.get_params(base))
+        metrics = {**metrics, "gate": asdict(g)}
+        if not g.passed:
+            cid = self.store.add_candidate(base, "rejected", None, phash, g.reason, metrics)
+            log.warning("candidate %d rejected by the gate: %s", cid, g.reason)
+            if self.metrics is not None:
+                self.metrics.versions_rejected.inc()
+            self._reset_student()
+            return TrainResult("rejected", base, None, cid, gate=asdict(g), reason=g.reason, params_hash=phash)
+        version = self.store.add_version(candidate, parent=base, note=metrics.get("note", "trained"), metrics=metrics)
+        cid = self.store.add_candidate(base, "published", version, phash, "", metrics)
+        if self.auto_rollout:
+            self.store.add_rollout(version, note="auto")
+        self.version = version
+        apply_params(self.student, candidate)
+        if self.metrics is not None:
+            self.metrics.versions_published.inc()
+            self.metrics.latest_version.set(version)
+        if self.on_publish is not None:
+            try:
+                self.on_publish(version)
+            except Exception:  # a listener must not break training
+                log.exception("on_publish callback failed")
+        return TrainResult("published", base, version, cid, gate=asdict(g), params_hash=phash)
+
+    def _follow_store(self) -> None:
+        """Continue from the newest version if another process published one (e.g. `cloud push --revert`)."""
+        latest = self.store.latest_version()
+        if latest is not None and latest > self.version:
+            log.info("store has version %d (trainer was at %d): continuing from it", latest, self.version)
+            self.version = int(latest)
+            self._reset_student()
+
+    def _reset_student(self) -> None:
+        apply_params(self.student, self.store.get_params(self.version))
+        self.optimizer = self._new_optimizer()
+
+    # ------------------------------------------------------------------ background worker
+    def notify(self) -> None:
+        self._wake.set()
+
+    def due(self) -> bool:
+        pending = self.store.count_samples("train", consumed=False)
+        if self.metrics is not None:
+            self.metrics.pending_samples.set(pending)
+        if pending == 0:
+            return False
+        if pending >= self.cfg.train_every:
+            return True
+        oldest = self.store.oldest_pending_time()
+        return oldest is not None and time.time() - oldest >= self.cfg.train_interval_s
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=min(1.0, self.cfg.train_interval_s))
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                if self.due():
+                    self.train_now(limit=self.cfg.max_samples_per_round)
+            except Exception:
+                log.exception("training round failed; retrying later")
+                self._stop.wait(5.0)
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="edgeadapt-trainer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()

@@ -1,0 +1,441 @@
+"""Update packages: a signed, compressed delta between two parameter sets (DESIGN §8). Torch-free; both sides.
+
+File layout (integers big-endian)::
+
+    b"EAUP1\\n" | u32 header length | header | u64 payload length | payload | 64-byte ed25519 signature
+
+The signature covers every byte before it and is checked before anything else is parsed. The header is JSON
+(utf-8), stored zstd-compressed when that is smaller (readers accept both; ``read_header`` returns the dict):
+format, model, base {version, params_hash}, target {version, params_hash, exact_hash, lossless},
+compression, mode_opts, tensors [{name, shape, dtype, encoding, nnz}], payload {codec, raw_bytes}, created.
+The payload is zstd-compressed safetensors (never pickle) with one array per part (``value``, ``delta``,
+``q``, ``scale``, ``mask``, ``sign``, ``values``), each the concatenation over all tensors in header order.
+
+Compression modes (Δ = target − base, per tensor):
+
+- ``fp32``: the raw float32 target values (lossless).
+- ``fp16``: Δ in float16.
+- ``int8``: Δ quantized symmetric per tensor: ``q = round(Δ / s)``, ``s = max|Δ| / 127``.
+- ``int4``: the same with 4-bit codes (``s = max|Δ| / 7``, or the ``clip`` quantile of |Δ| instead of the
+  max), two codes per byte: for updates of thousands of parameters (adapters), ~9x at ~0.2 points.
+- ``ternary``: sparse ternary (ComPEFT): the top ``density`` fraction of |Δ| per tensor kept as sign × one
+  scale per tensor (the mean |Δ| of the kept entries): a packed bitmask of kept entries + packed signs.
+- ``bitmask_fp16``: (AMS) a packed bitmask of the changed entries (the top ``density`` fraction of |Δ| per
+  tensor, or all entries with |Δ| > ``threshold`` when given) + their Δ in float16.
+
+The device reconstructs ``base + decode(Δ)`` in float32 (the same numpy code on both sides, so the result is
+bit-identical); ``target.params_hash`` is the hash of that reconstruction, which the cloud computes by applying
+its own package, so the device verifies every mode. ``target.exact_hash`` is the hash of the uncompressed
+target (equal to ``params_hash`` for ``fp32``). Sizes are bounded before decompression (header ≤ 4 MiB,
+payload ≤ the size the header's tensor list implies, no decompression bombs).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from edgeadapt.core import signing
+from edgeadapt.core.tensorfile import ParamSet, params_hash
+
+MAGIC = b"EAUP1\n"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+FORMAT_VERSION = 1
+MODES = ("fp32", "fp16", "int8", "int4", "ternary", "bitmask_fp16")
+LOSSLESS_MODES = ("fp32",)
+SIG_BYTES = 64
+MAX_HEADER_BYTES = 4 << 20
+MAX_PAYLOAD_BYTES = 512 << 20
+MAX_DECOMPRESSED_BYTES = 1 << 30
+MAX_TENSORS = 100_000
+MAX_TENSOR_ELEMENTS = 1 << 28
+DEFAULT_DENSITY = 0.10
+_SEP = "::"
+
+
+class UpdateRejected(Exception):
+    """A package the device must not apply; ``reason`` says why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class BuiltPackage:
+    data: bytes
+    header: dict
+    params: ParamSet  # what the device reconstructs (== target for fp32)
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+# --------------------------------------------------------------------------------------------- encoding
+# The payload holds one array per part, each the concatenation over all tensors in header order (sorted
+# names); tensor boundaries come from the header's shapes and ``nnz`` counts. (One safetensors entry per
+# tensor would cost ~70 bytes of safetensors header per tensor: more than a small model's whole update.)
+PARTS = {
+    "fp32": {"value": "float32"},
+    "fp16": {"delta": "float16"},
+    "int8": {"q": "int8", "scale": "float32"},
+    "int4": {"q": "uint8", "scale": "float32"},
+    "ternary": {"mask": "uint8", "sign": "uint8", "scale": "float32"},
+    "bitmask_fp16": {"mask": "uint8", "values": "float16"},
+}
+SPARSE_MODES = ("ternary", "bitmask_fp16")
+
+
+def _topk_mask(absd: np.ndarray, density: float, threshold: float | None) -> np.ndarray:
+    if threshold is not None:
+        return absd > threshold
+    n = absd.size
+    k = min(n, max(1, int(math.ceil(density * n)))) if n else 0
+    mask = np.zeros(n, dtype=bool)
+    if k == 0:
+        return mask
+    if k < n:
+        idx = np.argpartition(-absd, k - 1)[:k]
+    else:
+        idx = np.arange(n)
+    mask[idx] = True
+    mask &= absd > 0  # never "keep" an unchanged entry
+    return mask
+
+
+def _pack(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask.astype(np.uint8), bitorder="little")
+
+
+def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
+    return np.unpackbits(packed, count=n, bitorder="little").astype(bool)
+
+
+def _encode(names: list[str], base: ParamSet, target: ParamSet, mode: str, opts: dict) -> tuple[dict, list[dict]]:
+    """-> (payload arrays, header tensor entries)."""
+    entries = [{"name": n, "shape": list(base[n].shape), "dtype": "float32", "encoding": mode} for n in names]
+    if mode == "fp32":
+        flat = [target[n].reshape(-1) for n in names]
+        return {"value": np.concatenate(flat) if flat else np.zeros(0, np.float32)}, entries
+    deltas = [(target[n] - base[n]).reshape(-1).astype(np.float32) for n in names]
+    cat = np.concatenate(deltas) if deltas else np.zeros(0, np.float32)
+    if mode == "fp16":
+        return {"delta": cat.astype(np.float16)}, entries
+    if mode == "int8":
+        scales = np.array([np.abs(d).max() / 127.0 if d.size else 0.0 for d in deltas], np.float32)
+        q = [np.zeros(d.size, np.int8) if sc == 0 else np.clip(np.rint(d / sc), -127, 127).astype(np.int8)
+             for d, sc in zip(deltas, scales, strict=True)]
+        return {"q": np.concatenate(q) if q else np.zeros(0, np.int8), "scale": scales}, entries
+    if mode == "int4":  # codes -7..7 stored as 1..15, two per byte (low nibble first)
+        clip = float(opts.get("clip", 1.0))
+        if not 0 < clip <= 1:
+            raise ValueError(f"clip must be in (0, 1], not {clip}")
+        amax = [float(np.quantile(np.abs(d), clip)) if d.size and clip < 1 else float(np.abs(d).max()) if d.size
+                else 0.0 for d in deltas]
+        scales = np.array([a / 7.0 for a in amax], np.float32)
+        q = [np.zeros(d.size, np.int8) if sc == 0 else np.clip(np.rint(d / sc), -7, 7).astype(np.int8)
+             for d, sc in zip(deltas, scales, strict=True)]
+        codes = (np.concatenate(q) if q else np.zeros(0, np.int8)).astype(np.int16) + 8
+        if codes.size % 2:
+            codes = np.append(codes, 0)
+        packed = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+        return {"q": packed, "scale": scales}, entries
+    if mode in SPARSE_MODES:
+        density = float(opts.get("density", DEFAULT_DENSITY))
+        threshold = opts.get("threshold")
+        if not 0 < density <= 1:
+            raise ValueError(f"density must be in (0, 1], not {density}")
+        masks = [_topk_mask(np.abs(d), density, None if threshold is None else float(threshold)) for d in deltas]
+        for e, m in zip(entries, masks, strict=True):
+            e["nnz"] = int(m.sum())
+        mask_all = np.concatenate(masks) if masks else np.zeros(0, bool)
+        kept = cat[mask_all]
+        if mode == "bitmask_fp16":
+            return {"mask": _pack(mask_all), "values": kept.astype(np.float16)}, entries
+        scales = np.array([np.abs(d[m]).mean() if m.any() else 0.0 for d, m in zip(deltas, masks, strict=True)],
+                          np.float32)
+        return {"mask": _pack(mask_all), "sign": _pack(kept < 0), "scale": scales}, entries
+    raise ValueError(f"unknown compression mode {mode!r}; use one of {MODES}")
+
+
+def _expected_parts(mode: str, entries: list[dict]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Payload array name -> (dtype, shape) for a header's tensor list."""
+    sizes = [int(np.prod(e["shape"], dtype=np.int64)) if e["shape"] else 1 for e in entries]
+    n, t = sum(sizes), len(entries)
+    nnz = 0
+    if mode in SPARSE_MODES:
+        for e, size in zip(entries, sizes, strict=True):
+            k = e.get("nnz")
+            if not isinstance(k, int) or not 0 <= k <= size:
+                raise UpdateRejected(f"tensor {e['name']}: bad nnz {k!r}")
+            nnz += k
+    shapes = {"fp32": {"value": (n,)}, "fp16": {"delta": (n,)}, "int8": {"q": (n,), "scale": (t,)},
+              "int4": {"q": ((n + 1) // 2,), "scale": (t,)},
+              "ternary": {"mask": ((n + 7) // 8,), "sign": ((nnz + 7) // 8,), "scale": (t,)},
+              "bitmask_fp16": {"mask": ((n + 7) // 8,), "values": (nnz,)}}[mode]
+    return {k: (PARTS[mode][k], shp) for k, shp in shapes.items()}
+
+
+def _decode(mode: str, entries: list[dict], base: ParamSet, arrays: dict[str, np.ndarray]) -> ParamSet:
+    sizes = [int(np.prod(e["shape"], dtype=np.int64)) if e["shape"] else 1 for e in entries]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(offsets[-1])
+    out: ParamSet = {}
+    if mode == "fp32":
+        for i, e in enumerate(entries):
+            out[e["name"]] = arrays["value"][offsets[i] : offsets[i + 1]].astype(np.float32).reshape(e["shape"])
+        return out
+    if mode == "fp16":
+        delta = arrays["delta"].astype(np.float32)
+    elif mode == "int8":
+        scale = np.repeat(arrays["scale"].astype(np.float32), sizes)
+        delta = arrays["q"].astype(np.float32) * scale
+    elif mode == "int4":
+        packed = arrays["q"]
+        codes = np.empty(packed.size * 2, np.int16)
+        codes[0::2], codes[1::2] = packed & 0x0F, packed >> 4
+        codes = codes[:n]
+        if codes.size and (codes.min() < 1 or codes.max() > 15):
+            raise UpdateRejected("invalid int4 code in the payload")
+        scale = np.repeat(arrays["scale"].astype(np.float32), sizes)
+        delta = (codes - 8).astype(np.float32) * scale
+    else:
+        mask = _unpack(arrays["mask"], n)
+        for i, e in enumerate(entries):
+            got = int(mask[offsets[i] : offsets[i + 1]].sum())
+            if got != e["nnz"]:
+                raise UpdateRejected(f"tensor {e['name']}: bitmask has {got} entries, header says {e['nnz']}")
+        delta = np.zeros(n, np.float32)
+        if mode == "bitmask_fp16":
+            delta[mask] = arrays["values"].astype(np.float32)
+        else:
+            nnz = int(mask.sum())
+            signs = _unpack(arrays["sign"], nnz)
+            per_entry_scale = np.repeat(arrays["scale"].astype(np.float32), [e["nnz"] for e in entries])
+            delta[mask] = np.where(signs, -per_entry_scale, per_entry_scale).astype(np.float32)
+    for i, e in enumerate(entries):
+        b = np.asarray(base[e["name"]], np.float32).reshape(-1)
+        out[e["name"]] = (b + delta[offsets[i] : offsets[i + 1]]).reshape(e["shape"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- building
+def _check_param_sets(base: ParamSet, target: ParamSet) -> None:
+    if set(base) != set(target):
+        missing, extra = sorted(set(base) - set(target)), sorted(set(target) - set(base))
+        raise ValueError(f"base and target name different tensors (only in base: {missing[:5]}, only in target: "
+                         f"{extra[:5]})")
+    for name in base:
+        if tuple(base[name].shape) != tuple(target[name].shape):
+            raise ValueError(f"{name}: base shape {list(base[name].shape)} != target shape {list(target[name].shape)}")
+        if not np.all(np.isfinite(target[name])):
+            raise ValueError(f"{name}: target has non-finite values")
+
+
+def _frame(header: dict, payload: bytes, private_key) -> bytes:
+    hjson = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    zh = zstandard.ZstdCompressor(level=19).compress(hjson)
+    hbytes = zh if len(zh) < len(hjson) else hjson  # the reader accepts both
+    body = MAGIC + struct.pack(">I", len(hbytes)) + hbytes + struct.pack(">Q", len(payload)) + payload
+    return body + signing.sign(private_key, body)
+
+
+def build_package_full(model: str, base_version: int, base_params: ParamSet, target_version: int,
+                       target_params: ParamSet, mode: str, private_key, **mode_opts) -> BuiltPackage:
+    """Build a signed package and also return its header and the parameters the device will reconstruct."""
+    if mode not in MODES:
+        raise ValueError(f"unknown compression mode {mode!r}; use one of {MODES}")
+    if int(target_version) <= int(base_version):
+        raise ValueError(f"target version {target_version} must be newer than base version {base_version}")
+    _check_param_sets(base_params, target_params)
+    names = sorted(base_params)
+    base = {n: np.ascontiguousarray(base_params[n], dtype=np.float32) for n in names}
+    target = {n: np.ascontiguousarray(target_params[n], dtype=np.float32) for n in names}
+    arrays, entries = _encode(names, base, target, mode, mode_opts)
+    recon = _decode(mode, entries, base, arrays)
+    raw = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    payload = zstandard.ZstdCompressor(level=int(mode_opts.get("zstd_level", 19))).compress(raw)
+    header = {
+        "format": FORMAT_VERSION,
+        "model": model,
+        "base": {"version": int(base_version), "params_hash": params_hash(base)},
+        "target": {"version": int(target_version), "params_hash": params_hash(recon),
+                   "exact_hash": params_hash(target), "lossless": mode in LOSSLESS_MODES},
+        "compression": mode,
+        "mode_opts": {k: v for k, v in sorted(mode_opts.items()) if k != "zstd_level"},
+        "tensors": entries,
+        "payload": {"codec": "zstd+safetensors", "raw_bytes": len(raw)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return BuiltPackage(_frame(header, payload, private_key), header, recon)
+
+
+def build_package(model: str, base_version: int, base_params: ParamSet, target_version: int, target_params: ParamSet,
+                  mode: str, private_key, **mode_opts) -> bytes:
+    """The package file bytes (see the module doc). ``mode_opts``: ``density`` (ternary, bitmask_fp16; default
+    0.1), ``threshold`` (keep |Δ| > threshold instead of the top ``density``), ``clip`` (int4), ``zstd_level``."""
+    return build_package_full(model, base_version, base_params, target_version, target_params, mode, private_key,
+                              **mode_opts).data
+
+
+# --------------------------------------------------------------------------------------------- reading
+def split_package(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """-> (header bytes, payload, signature); raises UpdateRejected on bad framing."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise UpdateRejected("package must be bytes")
+    data = bytes(data)
+    if len(data) < len(MAGIC) + 4 or data[: len(MAGIC)] != MAGIC:
+        raise UpdateRejected("bad magic: not an edgeadapt update package")
+    pos = len(MAGIC)
+    (hlen,) = struct.unpack(">I", data[pos : pos + 4])
+    pos += 4
+    if hlen > MAX_HEADER_BYTES:
+        raise UpdateRejected(f"header of {hlen} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if len(data) < pos + hlen + 8:
+        raise UpdateRejected("truncated package (header)")
+    hjson = data[pos : pos + hlen]
+    pos += hlen
+    (plen,) = struct.unpack(">Q", data[pos : pos + 8])
+    pos += 8
+    if plen > MAX_PAYLOAD_BYTES:
+        raise UpdateRejected(f"payload of {plen} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
+    if len(data) < pos + plen + SIG_BYTES:
+        raise UpdateRejected("truncated package (payload or signature)")
+    if len(data) != pos + plen + SIG_BYTES:
+        raise UpdateRejected("trailing bytes after the signature")
+    return hjson, data[pos : pos + plen], data[pos + plen :]
+
+
+def _parse_header(hbytes: bytes) -> dict:
+    """Header bytes (JSON, or zstd-compressed JSON) -> dict."""
+    if hbytes[:4] == ZSTD_MAGIC:
+        hbytes = _decompress(hbytes, MAX_HEADER_BYTES, what="header")
+    try:
+        return json.loads(hbytes)
+    except ValueError as exc:
+        raise UpdateRejected(f"header is not valid JSON: {exc}") from exc
+
+
+def read_header(data: bytes) -> dict:
+    """The header, parsed but NOT verified (for display only)."""
+    hbytes, _, _ = split_package(data)
+    return _parse_header(hbytes)
+
+
+def _decompress(payload: bytes, cap: int, what: str = "payload") -> bytes:
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload))
+    out = bytearray()
+    try:
+        while True:
+            chunk = reader.read(1 << 16)
+            if not chunk:
+                break
+            out += chunk
+            if len(out) > cap:
+                raise UpdateRejected(f"{what} decompresses to more than {cap} bytes (decompression bomb?)")
+    except zstandard.ZstdError as exc:
+        raise UpdateRejected(f"{what} does not decompress: {exc}") from exc
+    return bytes(out)
+
+
+def _validate_header(header: dict) -> None:
+    if not isinstance(header, dict):
+        raise UpdateRejected("header is not a JSON object")
+    try:
+        if header["format"] != FORMAT_VERSION:
+            raise UpdateRejected(f"unsupported package format {header['format']!r}")
+        int(header["base"]["version"]), int(header["target"]["version"])
+        str(header["base"]["params_hash"]), str(header["target"]["params_hash"])
+        tensors = header["tensors"]
+        mode = header["compression"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UpdateRejected(f"malformed header: {exc!r}") from exc
+    if mode not in MODES:
+        raise UpdateRejected(f"unknown compression {mode!r}")
+    if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
+        raise UpdateRejected("malformed header: bad tensor list")
+    for t in tensors:
+        if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list)
+                and all(isinstance(d, int) and 0 <= d for d in t["shape"]) and t.get("dtype") == "float32"):
+            raise UpdateRejected(f"malformed tensor entry {str(t)[:200]}")
+        if t.get("encoding") != mode:
+            raise UpdateRejected(f"tensor {t['name']}: encoding {t.get('encoding')!r} differs from {mode!r}")
+        if len(t["shape"]) > 8 or int(np.prod(t["shape"], dtype=np.int64)) > MAX_TENSOR_ELEMENTS:
+            raise UpdateRejected(f"tensor {t['name']}: too large")
+
+
+def verify_and_apply(data: bytes, public_key, model: str, base_version: int,
+                     base_params: ParamSet) -> tuple[int, ParamSet, dict]:
+    """Verify a package against the device's current state and reconstruct the new parameters.
+
+    ``public_key``: an Ed25519PublicKey, 32 raw bytes or the manifest's base64 string. Returns
+    ``(target_version, new_params, header)``; raises ``UpdateRejected(reason)``. Nothing is applied here: the
+    caller swaps the returned dict in."""
+    if public_key is None:
+        raise UpdateRejected("no cloud public key configured: cannot verify the update")
+    try:
+        key = signing.load_public_key(public_key)
+    except (signing.SigningKeyError, ValueError) as exc:
+        raise UpdateRejected(f"invalid public key: {exc}") from exc
+    hbytes, payload, sig = split_package(data)
+    if not signing.verify(key, sig, bytes(data[: len(data) - SIG_BYTES])):
+        raise UpdateRejected("bad signature")
+    header = _parse_header(hbytes)
+    _validate_header(header)
+    if header.get("model") != model:
+        raise UpdateRejected(f"wrong model: package is for {header.get('model')!r}, this device runs {model!r}")
+    hb, ht = header["base"], header["target"]
+    if int(hb["version"]) != int(base_version):
+        raise UpdateRejected(f"base version mismatch: package is against version {hb['version']}, device has "
+                             f"{base_version}")
+    if int(ht["version"]) <= int(base_version):
+        raise UpdateRejected(f"downgrade: target version {ht['version']} is not newer than {base_version}")
+    entries = header["tensors"]
+    names = [t["name"] for t in entries]
+    if len(set(names)) != len(names) or set(names) != set(base_params) or names != sorted(names):
+        raise UpdateRejected("tensor set mismatch between package and device parameters")
+    for t in entries:
+        if tuple(t["shape"]) != tuple(np.shape(base_params[t["name"]])):
+            raise UpdateRejected(f"shape mismatch for {t['name']}: package {t['shape']}, device "
+                                 f"{list(np.shape(base_params[t['name']]))}")
+    if hb["params_hash"] != params_hash(base_params):
+        raise UpdateRejected("base params hash mismatch: the device's parameters are not the package's base")
+    mode = header["compression"]
+    expected = _expected_parts(mode, entries)
+    cap = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for d, s in expected.values())
+    cap = min(MAX_DECOMPRESSED_BYTES, cap + 1024)
+    raw = _decompress(payload, cap)
+    try:
+        arrays = st_load(raw)
+    except Exception as exc:  # safetensors raises its own error types
+        raise UpdateRejected(f"payload is not valid safetensors: {exc}") from exc
+    if set(arrays) != set(expected):
+        raise UpdateRejected("payload arrays do not match the header's tensor list")
+    for k, (dt, shape) in expected.items():
+        if str(arrays[k].dtype) != dt or tuple(arrays[k].shape) != shape:
+            raise UpdateRejected(f"payload array {k}: {arrays[k].dtype}{list(arrays[k].shape)}, expected "
+                                 f"{dt}{list(shape)}")
+        if arrays[k].dtype.kind == "f" and not np.all(np.isfinite(arrays[k])):
+            raise UpdateRejected(f"non-finite values in the payload ({k})")
+    new_params = _decode(mode, entries, base_params, arrays)
+    for name, arr in new_params.items():
+        if not np.all(np.isfinite(arr)):
+            raise UpdateRejected(f"non-finite values in reconstructed {name}")
+    if params_hash(new_params) != ht["params_hash"]:
+        raise UpdateRejected("target params hash mismatch after reconstruction")
+    return int(ht["version"]), new_params, header
+
+
+def raw_fp32_bytes(params: ParamSet) -> int:
+    """Size of the parameter set as raw float32 (the reference for compression ratios)."""
+    return int(sum(np.asarray(v).size * 4 for v in params.values()))

@@ -1,0 +1,163 @@
+"""The distillation trainer and the gate, driven through the real server (admin endpoint) where it matters."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from edgeadapt.cloud.edge_model import extract_params, load_teacher, rebuild_edge_model
+from edgeadapt.cloud.trainer import cema_loss, to_float_batch
+from edgeadapt.core.bundle import read_manifest
+from edgeadapt.core.tensorfile import params_hash
+
+pytest_plugins = ["tests.cloud_fixtures"]  # the cloud fixtures (cloud_env, live_cloud)
+pytestmark = pytest.mark.timeout(120)
+
+
+def _upload(cloud, token, xs, **kw):
+    from tests.cloud_fixtures import batch_body  # registered as a plugin by now
+
+    with cloud.client(token) as c:
+        for i in range(0, len(xs), 64):
+            r = c.post("/v1/samples", json=batch_body(xs[i : i + 64], **kw))
+            assert r.status_code == 200, r.text
+
+
+def _loss(bundle, teacher, params, xs) -> float:
+    manifest = read_manifest(bundle)
+    model = rebuild_edge_model(bundle, params)
+    x = to_float_batch(list(xs), manifest)
+    with torch.no_grad():
+        return float(cema_loss(model(x), teacher(x)))
+
+
+def test_rebuild_and_extract_round_trip(cloud_env):
+    manifest = read_manifest(cloud_env.bundle)
+    model = rebuild_edge_model(cloud_env.bundle)
+    from edgeadapt.core.tensorfile import load_params
+
+    params = extract_params(model, manifest)
+    assert params_hash(params) == params_hash(load_params(cloud_env.bundle / "params.safetensors"))
+    calib = load_params(cloud_env.bundle / "calib.safetensors")
+    with torch.no_grad():
+        logits = model(torch.from_numpy(calib["parity.input"])).numpy()
+    assert np.abs(logits - calib["parity.logits"]).max() < 1e-4
+
+
+def test_trainer_lowers_distillation_loss(live_cloud, cloud_env, kit):
+    cloud = live_cloud(trainer={"holdout_fraction": 0.0})  # the published hyper-parameters
+    tok = cloud.add_device("cam")
+    xs = kit.synthetic_images(192, seed=21, shift=kit.TEST_SHIFT)  # a "corrupted" stream
+    _upload(cloud, tok, xs)
+    _upload(cloud, tok, kit.synthetic_images(8, seed=22), novel=True)  # stored, never trained on
+    with cloud.client(cloud.admin, timeout=120) as c:
+        r = c.post("/v1/admin/train")
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["status"] == "published" and res["version"] == 1 and res["samples"] == 192
+    assert res["steps"] == 192 // 32
+    assert res["loss_after"] < res["loss_before"]
+    store = cloud.service.store
+    assert store.count_samples("train", consumed=False) == 0 and store.count_samples("novel") == 8
+    # independent check with a freshly rebuilt student and teacher
+    teacher = load_teacher("resnet_edge", cloud_env.teacher_weights)
+    before = _loss(cloud_env.bundle, teacher, store.get_params(0), xs)
+    after = _loss(cloud_env.bundle, teacher, store.get_params(1), xs)
+    assert after < before - 1e-3, (before, after)
+    # only adaptable tensors changed, and statistics moved (BN in train mode during distillation)
+    p0, p1 = store.get_params(0), store.get_params(1)
+    kinds = {t.name: t.kind for t in read_manifest(cloud_env.bundle).adaptable}
+    moved = {kinds[n] for n in p0 if not np.array_equal(p0[n], p1[n])}
+    assert moved == {"norm_affine", "norm_stats"}
+    with cloud.client(cloud.admin) as c:
+        assert c.post("/v1/admin/train").json()["status"] == "idle"
+        versions = c.get("/v1/admin/versions").json()
+    assert [v["version"] for v in versions["versions"]] == [0, 1]
+    metrics = cloud.client().get("/metrics").text
+    assert "edgeadapt_cloud_versions_published_total 1.0" in metrics
+    assert "edgeadapt_cloud_train_seconds_count 1.0" in metrics
+
+
+def test_gate_rejects_bad_candidate(live_cloud, cloud_env, kit):
+    cloud = live_cloud(trainer={"holdout_fraction": 0.5})
+    tok = cloud.add_device("cam")
+    _upload(cloud, tok, kit.synthetic_images(256, seed=31, shift=kit.TEST_SHIFT))
+    store = cloud.service.store
+    assert store.count_samples("holdout") > 80
+    with cloud.client(cloud.admin, timeout=120) as c:
+        good = c.post("/v1/admin/train").json()
+    assert good["status"] == "published" and good["version"] == 1
+    assert good["gate"]["candidate"] > good["gate"]["current"]  # distillation raised teacher agreement
+    p1 = store.get_params(1)
+    bad = {k: (-v if k.endswith(".weight") else v) for k, v in p1.items()}  # flip every norm scale
+    res = cloud.service.trainer.submit_candidate(bad, note="deliberately bad")
+    assert res.status == "rejected" and res.version is None
+    assert res.gate["candidate"] < res.gate["current"]
+    assert store.latest_version() == 1
+    rejected = [c_ for c_ in store.list_candidates() if c_.status == "rejected"]
+    assert len(rejected) == 1 and "agreement" in rejected[0].reason and rejected[0].params_hash == params_hash(bad)
+    with cloud.client(tok) as c:
+        assert c.get("/v1/updates", params={"model": "fmnist-edge", "have": 1}).status_code == 204
+    nan = {k: np.full_like(v, np.nan) for k, v in p1.items()}
+    assert cloud.service.trainer.submit_candidate(nan).status == "rejected"
+    # a candidate as good as the current one passes; every decision is listed
+    assert cloud.service.trainer.submit_candidate({k: v.copy() for k, v in p1.items()}).status == "published"
+    with cloud.client(cloud.admin) as c:
+        cands = c.get("/v1/admin/versions").json()["candidates"]
+    assert [c_["status"] for c_ in cands] == ["published", "rejected", "rejected", "published"]
+    assert "edgeadapt_cloud_versions_rejected_total 2.0" in cloud.client().get("/metrics").text
+
+
+def test_training_is_seeded(cloud_env, tmp_path, kit):
+    hashes = []
+    for run in range(2):
+        service = kit.make_service(cloud_env, tmp_path / f"s{run}", trainer={"holdout_fraction": 0.0, "replay_min": 32,
+                                                                         "replay_per_step": 16})
+        dev = service.store.add_device("cam")
+        device = service.store.authenticate(dev)
+        from edgeadapt.core.wire import SampleBatch
+
+        service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(96, seed=41),
+                                                                     ids=[f"sample-{i:04d}" for i in range(96)])))
+        res = service.trainer.train_now()
+        assert res.status == "published" and res.steps == 3
+        assert len(service.trainer.replay) == 96
+        hashes.append(res.params_hash)
+        service.store.close()
+    assert hashes[0] == hashes[1]
+
+
+def test_background_trainer_triggers(live_cloud, kit):
+    cloud = live_cloud(trainer={"enabled": True, "holdout_fraction": 0.0, "train_every": 64,
+                                "train_interval_s": 3600})
+    tok = cloud.add_device("cam")
+    _upload(cloud, tok, kit.synthetic_images(32, seed=51))
+    time.sleep(1.5)
+    assert cloud.service.store.latest_version() == 0  # below the trigger
+    _upload(cloud, tok, kit.synthetic_images(40, seed=52))
+    deadline = time.monotonic() + 30
+    while cloud.service.store.latest_version() == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cloud.service.store.latest_version() == 1
+    assert cloud.service.store.count_samples("train", consumed=False) == 0
+    with cloud.client(tok) as c:
+        r = c.get("/v1/updates", params={"model": "fmnist-edge", "have": 0})
+        assert r.status_code == 200 and r.headers["x-edgeadapt-version"] == "1"
+
+
+def test_teacher_adaptation_option(cloud_env, tmp_path, kit):
+    service = kit.make_service(cloud_env, tmp_path / "s", trainer={"holdout_fraction": 0.0, "teacher_adapt": True})
+    before = {k: v.clone() for k, v in service.trainer.teacher.state_dict().items()}
+    dev = service.store.authenticate(service.store.add_device("cam"))
+    from edgeadapt.core.wire import SampleBatch
+
+    service.ingest(dev, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(64, seed=61, shift=kit.TEST_SHIFT))))
+    assert service.trainer.train_now().steps == 2
+    after = service.trainer.teacher.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith((".weight", ".bias")) for k in changed)
+    assert all(after[k].ndim == 1 for k in changed)  # norm affine only
+    service.store.close()
