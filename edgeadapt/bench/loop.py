@@ -151,9 +151,12 @@ def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Pa
                             rejected += st == "rejected"
                         c.post(f"{p['device']}/v1/admin/sync").raise_for_status()
                 status = c.get(f"{p['device']}/v1/status").json()
-    finally:
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
+    except Exception:
+        if own:  # keep the logs of a failed run
+            raise RuntimeError(f"loop run failed; logs kept in {work}") from None
+        raise
+    if own:
+        shutil.rmtree(work, ignore_errors=True)
     q = status.get("queue", {})
     up = status.get("uploader", {})
     upd = status.get("updater", {}).get("counters", {})

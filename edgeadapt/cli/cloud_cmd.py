@@ -102,10 +102,11 @@ def serve(
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edgeadapt.cloud.server import serve as run_server
     from edgeadapt.cloud.service import CloudService
+    from edgeadapt.core.bundle import BundleError
 
     try:
         service = CloudService(cfg, home)
-    except (ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, BundleError, ValueError, OSError) as exc:
         fail(str(exc))
     console.print(f"serving model [bold]{service.model_name}[/] on http://{cfg.listen} "
                   f"(latest version {service.store.latest_version()}, updates {cfg.update_mode}, "

@@ -31,8 +31,8 @@ import numpy as np
 from edgeadapt.core.tensorfile import ParamSet, params_from_bytes, params_hash, params_to_bytes
 
 
-class StoreError(Exception):
-    pass
+class StoreError(ValueError):
+    """A store operation was refused (the message says why)."""
 
 
 class NotFound(StoreError):
@@ -627,20 +627,19 @@ class SQLiteStore(Store):
                     version: int | None = None) -> int:
         phash = params_hash(params)
         data = params_to_bytes({k: np.asarray(v, np.float32) for k, v in params.items()})
-        with self._write_lock:
-            if version is None:
-                latest = self.latest_version()
+        key = f"params/{phash[:32]}.safetensors"  # content-addressed: written before the row that names it
+        self.blobs.put(key, data)
+        with self._write_lock, self._tx() as c:  # the number is taken inside the write transaction (other
+            if version is None:                  # processes, e.g. `cloud push --revert`, may add versions too)
+                latest = c.execute("SELECT MAX(version) FROM versions").fetchone()[0]
                 version = 0 if latest is None else latest + 1
-            key = f"params/v{version}-{phash[:16]}.safetensors"
-            self.blobs.put(key, data)
-            with self._tx() as c:
-                if c.execute("SELECT 1 FROM versions WHERE version=?", (version,)).fetchone():
-                    raise StoreError(f"version {version} already exists")
-                c.execute("INSERT INTO versions(version, params_hash, parent, created, note, metrics, blob) "
-                          "VALUES(?,?,?,?,?,?,?)",
-                          (version, phash, parent, time.time(), note, json.dumps(metrics or {}), key))
-                c.execute("INSERT OR IGNORE INTO param_sets(params_hash, version, blob, created) VALUES(?,?,?,?)",
-                          (phash, version, key, time.time()))
+            elif c.execute("SELECT 1 FROM versions WHERE version=?", (version,)).fetchone():
+                raise StoreError(f"version {version} already exists")
+            c.execute("INSERT INTO versions(version, params_hash, parent, created, note, metrics, blob) "
+                      "VALUES(?,?,?,?,?,?,?)",
+                      (version, phash, parent, time.time(), note, json.dumps(metrics or {}, default=float), key))
+            c.execute("INSERT OR IGNORE INTO param_sets(params_hash, version, blob, created) VALUES(?,?,?,?)",
+                      (phash, version, key, time.time()))
         return version
 
     @staticmethod

@@ -59,7 +59,6 @@ MAX_DECOMPRESSED_BYTES = 1 << 30
 MAX_TENSORS = 100_000
 MAX_TENSOR_ELEMENTS = 1 << 28
 DEFAULT_DENSITY = 0.10
-_SEP = "::"
 
 
 class UpdateRejected(Exception):

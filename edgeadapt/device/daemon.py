@@ -131,7 +131,11 @@ class DeviceDaemon:
     def _process_batch(self, x: np.ndarray) -> list[dict]:
         res = self.engine.process(x)
         if self.updater is not None:
-            self.updater.observe(x, res)
+            try:
+                self.updater.observe(x, res)
+            except Exception as exc:  # watching an update must never fail a prediction
+                log.exception("update watch failed: %s", exc)
+                self._error("updater", f"update watch failed: {exc}")
         n = len(x)
         self.samples_seen += n
         self.ood_seen += int(res.ood.sum())

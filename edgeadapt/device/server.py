@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import io
+import logging
 import time
 from typing import Any
 
@@ -165,6 +166,10 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
         except HTTPException as exc:
             m.requests.labels(str(exc.status_code)).inc()
             raise
+        except Exception as exc:
+            m.requests.labels("500").inc()
+            logging.getLogger("edgeadapt.device").exception("predict failed: %s", exc)
+            raise HTTPException(500, f"internal error: {type(exc).__name__}: {exc}") from exc
         m.requests.labels("200").inc()
         m.latency.observe(time.perf_counter() - t0)
         return out
