@@ -76,9 +76,10 @@ def public_key_file(home: Path) -> Path:
     return pubs[0]
 
 
-def default_bundle(console=None) -> Path:
-    """The reference edge model exported with the default profile, trusting the default cloud home's key."""
-    out = cache_dir() / "bundles" / BUNDLE_NAME
+def default_bundle(console=None, adapters: int = 0) -> Path:
+    """The reference edge model exported with the default profile, trusting the default cloud home's key
+    (``adapters`` > 0: with zero-initialized low-rank conv adapters of that rank as adaptable tensors)."""
+    out = cache_dir() / "bundles" / (BUNDLE_NAME + (f"-adapters{adapters}" if adapters else ""))
     if (out / "manifest.json").is_file():
         return out
     import numpy as np
@@ -95,11 +96,16 @@ def default_bundle(console=None) -> Path:
     _say(console, "exporting the edge bundle")
     model = build_arch(EDGE_ARCH)
     load_state(model, weights)
+    adapter_cfg: dict = {}
+    if adapters:
+        from edgeadapt.models.adapters import insert_adapters
+
+        adapter_cfg = {"rank": adapters, "patterns": None, "targets": insert_adapters(model, adapters)}
     profile = ExportProfile()
     x, y = load_fmnist("train")
     idx = np.random.default_rng(0).choice(len(x), profile.calib_samples, replace=False)
     export_bundle(model, ExportSpec(arch=EDGE_ARCH, model_name=BUNDLE_NAME, labels=FMNIST_LABELS,
-                                    input_shape=[1, 32, 32],
+                                    input_shape=[1, 32, 32], adapters=adapter_cfg,
                                     cloud_public_key=load_public_key_b64(public_key_file(home))),
                   x[idx], y[idx], out, profile)
     return out

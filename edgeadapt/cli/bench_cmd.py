@@ -114,13 +114,16 @@ def ood(
 @app.command()
 def update(
     json_out: bool = typer.Option(False, "--json"),
-    bundle: Path = typer.Option(None),
+    bundle: Path = typer.Option(None, help="bundle (default: the reference edge model with rank-4 adapters)"),
+    adapters: int = typer.Option(4, help="adapter rank of the default bundle (0 = BatchNorm parameters only)"),
     data: Path = typer.Option(None),
 ) -> None:
-    """Update-package size and accuracy per compression mode (fp32, fp16, int8, ternary, bitmask)."""
-    from edgeadapt.assets import default_teacher
+    """Update-package size and accuracy per compression mode (fp32, fp16, int8, int4, ternary, bitmask)."""
+    from edgeadapt.assets import default_bundle, default_teacher
     from edgeadapt.cloud.bench_update import run_update_bench
 
+    if bundle is None:
+        bundle = default_bundle(console, adapters=adapters)
     b, s = _assets(bundle, data)
     arch, weights = default_teacher(console)
     with console.status("training an update and compressing it"):

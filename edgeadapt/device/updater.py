@@ -167,10 +167,15 @@ class Updater:
             return
         w.entropy.append(ent)
         w.ood.append(ood)
-        if w.previous_session is not None:
+        current = getattr(self.engine.backend, "_static", None)
+        if w.previous_session is not None and current is not None:
             try:
-                prev = w.previous_session.run(["logits"], {"input": self.engine.prepare(x)})[0].argmax(1)
-                w.agree.append(float((prev == res.pred).mean()))
+                # both versions through the same fast path and the same input: only the parameters differ
+                # (the served prediction may come from a transductive batch or an output-side method)
+                xp = self.engine.prepare(x)
+                prev = w.previous_session.run(["logits"], {"input": xp})[0].argmax(1)
+                cur = current.run(["logits"], {"input": xp})[0].argmax(1)
+                w.agree.append(float((prev == cur).mean()))
             except Exception as exc:  # a comparison failure must not hurt serving
                 log.warning("agreement check failed: %s", exc)
         if len(w.entropy) >= self.watch_batches:
