@@ -165,3 +165,36 @@ def test_cli_weights_mismatch(cli_files):
                             "--calib", str(d / "calib.npz"), "--profile", str(d / "profile.toml"),
                             "--out", str(d / "bad2")])
     assert r.exit_code != 0 and "do not match" in r.output
+
+
+def test_tensorrt_profile_fails_clearly_without_gpu(cli_files):
+    from edgeadapt.export.tensorrt_engine import tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    if reason is None:
+        pytest.skip("tensorrt and a GPU are present: the engine build test covers this machine")
+    d = cli_files
+    r = runner.invoke(app, ["export", "--arch", "resnet_edge", "--weights", str(d / "w.safetensors"),
+                            "--calib", str(d / "calib.npz"), "--profile", "export/tensorrt-fp16.toml",
+                            "--out", str(d / "trt")])
+    assert r.exit_code != 0
+    assert "TensorRT" in r.output and reason.split()[0] in r.output
+    assert not (d / "trt").exists()
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_builds_with_refit(cli_files):
+    from edgeadapt.export.tensorrt_engine import tensorrt_unavailable_reason
+
+    if tensorrt_unavailable_reason():
+        pytest.skip(tensorrt_unavailable_reason())
+    d = cli_files
+    r = runner.invoke(app, ["export", "--arch", "resnet_edge", "--weights", str(d / "w.safetensors"),
+                            "--calib", str(d / "calib.npz"), "--profile", "export/tensorrt-fp16.toml",
+                            "--out", str(d / "trt")])
+    assert r.exit_code == 0, r.output
+    import tensorrt as trt
+
+    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine((d / "trt" / "engine.plan").read_bytes())
+    assert engine.refittable
+    assert runner.invoke(app, ["bundle", "verify", str(d / "trt")]).exit_code == 0

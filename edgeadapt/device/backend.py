@@ -128,7 +128,6 @@ def make_backend(bundle: B.Bundle, kind: str = "onnxruntime", threads: int = 2, 
     if kind in ("onnxruntime", "ort"):
         return OrtBackend(bundle, threads=threads, device=device)
     if kind == "tensorrt":
-        from edgeadapt.device.backend_tensorrt import TensorRTBackend
-
-        return TensorRTBackend(bundle)
+        raise ValueError("the TensorRT backend is not available in this release: the bundle's engine.plan is "
+                         "built with REFIT (export profile tensorrt-fp16), but the device runs ONNX Runtime")
     raise ValueError(f"unknown backend {kind!r}: use onnxruntime or tensorrt")
