@@ -32,7 +32,7 @@ class WatchPolicy:
 
     max_entropy_increase: float = 0.25  # relative increase of mean entropy
     max_ood_increase: float = 0.20  # absolute increase of the OOD rate
-    min_agreement: float = 0.5  # agreement of predictions with the previous version
+    min_agreement: float = 0.25  # agreement of predictions with the previous version (same fast path)
 
 
 @dataclass
