@@ -89,13 +89,13 @@ def default_bundle(console=None, adapters: int = 0) -> Path:
     from edgeadapt.export.exporter import ExportSpec, export_bundle
     from edgeadapt.export.profile import ExportProfile
     from edgeadapt.models.reference import FMNIST_LABELS, build_arch
-    from edgeadapt.models.weights import load_state
+    from edgeadapt.models.training import load_weights
 
     weights = _ensure_model(EDGE_ARCH, console)
     home = cloud_home(console)
     _say(console, "exporting the edge bundle")
     model = build_arch(EDGE_ARCH)
-    load_state(model, weights)
+    load_weights(model, weights)
     adapter_cfg: dict = {}
     if adapters:
         from edgeadapt.models.adapters import insert_adapters

@@ -164,7 +164,7 @@ def test_cli_weights_mismatch(cli_files):
     r = runner.invoke(app, ["export", "--arch", "mobilenet_tiny", "--weights", str(d / "w.safetensors"),
                             "--calib", str(d / "calib.npz"), "--profile", str(d / "profile.toml"),
                             "--out", str(d / "bad2")])
-    assert r.exit_code != 0 and "do not match" in r.output
+    assert r.exit_code != 0 and "does not fit" in r.output
 
 
 def test_tensorrt_profile_fails_clearly_without_gpu(cli_files):

@@ -35,8 +35,7 @@ def run_ood_bench(work: Path | None = None, per_set: int = 2000, epochs: float =
     from edgeadapt.export.exporter import ExportSpec, export_bundle
     from edgeadapt.export.profile import ExportProfile
     from edgeadapt.models.reference import FMNIST_LABELS, build_arch
-    from edgeadapt.models.training import train_model
-    from edgeadapt.models.weights import load_state
+    from edgeadapt.models.training import load_weights, train_model
 
     work = Path(work) if work else cache_dir() / "ood-bench"
     work.mkdir(parents=True, exist_ok=True)
@@ -50,7 +49,7 @@ def run_ood_bench(work: Path | None = None, per_set: int = 2000, epochs: float =
     bundle_dir = work / "bundle-open8"
     if not (bundle_dir / "manifest.json").is_file():
         model = build_arch("resnet_edge")
-        load_state(model, weights)
+        load_weights(model, weights)
         idx = np.random.default_rng(0).choice(np.flatnonzero(known_tr), 2048, replace=False)
         export_bundle(model, ExportSpec(arch="resnet_edge", model_name="fmnist-open8", labels=FMNIST_LABELS,
                                         input_shape=[1, 32, 32]), xtr[idx], ytr[idx], bundle_dir, ExportProfile())

@@ -18,23 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeadapt.core import bundle as B
-
-
-def rebuild_torch_model(bundle_dir: str | Path) -> nn.Module:
-    """The edge model as torch, from the bundle's arch + adapters + full source weights."""
-    from safetensors.torch import load_file
-
-    from edgeadapt.models.adapters import insert_adapters
-    from edgeadapt.models.reference import build_arch
-
-    manifest = B.read_manifest(bundle_dir)
-    model = build_arch(manifest.arch, **manifest.arch_kwargs)
-    if manifest.adapters:
-        insert_adapters(model, manifest.adapters["rank"], manifest.adapters.get("patterns"))
-    state = load_file(str(Path(bundle_dir) / B.SOURCE_WEIGHTS))
-    model.load_state_dict(state, strict=False)
-    return model.eval()
+from edgeadapt.cloud.edge_model import rebuild_edge_model as rebuild_torch_model
 
 
 def _configure_bn(model: nn.Module) -> list[nn.Parameter]:

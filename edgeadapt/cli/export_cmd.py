@@ -56,12 +56,12 @@ def export(
     except ValueError as exc:
         fail(str(exc))
     if weights is not None:
-        from edgeadapt.models.weights import load_state
+        from edgeadapt.models.training import load_weights
 
         if not weights.is_file():
             fail(f"weights file {weights} does not exist")
         try:
-            load_state(net, weights)
+            load_weights(net, weights)
         except Exception as exc:
             fail(f"cannot load {weights}: {exc}")
     adapter_cfg: dict = {}

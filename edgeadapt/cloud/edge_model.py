@@ -87,30 +87,13 @@ def preprocess(x: np.ndarray, manifest: B.BundleManifest) -> torch.Tensor:
 
 
 def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
-    """safetensors, or a ``.pt``/``.pth`` state dict loaded with ``torch.load(weights_only=True)``."""
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise ModelError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """safetensors, or a ``.pt``/``.pth`` state dict (``torch.load(weights_only=True)``); errors as ModelError."""
+    from edgeadapt.models import training
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(state, dict):
-            for key in ("state_dict", "model", "model_state_dict"):
-                if isinstance(state.get(key), dict):
-                    state = state[key]
-                    break
-        if not isinstance(state, dict):
-            raise ModelError(f"{path}: expected a state dict, got {type(state).__name__}")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ModelError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)
-    return model
+    try:
+        return training.load_weights(model, weights)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ModelError(str(exc)) from exc
 
 
 def load_teacher(arch: str, weights: str | Path | None = None, **kwargs) -> nn.Module:

@@ -208,8 +208,8 @@ class AdaptiveEngine:
                 self._refresh()
                 self._stale = False
             out = self.backend.run_static(x)
-        shift = self._detect_shift(float(entropy_from_logits(out.logits).mean()), x, out.features) \
-            if adapt else False
+        entropy = entropy_from_logits(out.logits)
+        shift = self._detect_shift(float(entropy.mean()), x, out.features) if adapt else False
         if shift:
             method.on_shift()
             if mix is None and method.needs_stats and c.hybrid_batches > 0 and not (
@@ -217,9 +217,9 @@ class AdaptiveEngine:
                 # predict the shifted batch with its own statistics instead of the stale ones
                 mix = self._transductive_mix(n)
                 out = self.backend.run_adaptive(x, self.current_params(), mix)
+                entropy = entropy_from_logits(out.logits)
                 self._hybrid_left = c.hybrid_batches - 1
         logits, feats = out.logits, out.features
-        entropy = entropy_from_logits(logits)
         ood_score = self.detector.score(logits, feats)
         ood = ood_score > self.detector.threshold
         ood_frac = float(ood.mean())
