@@ -68,6 +68,7 @@ def run(
     from edgeadapt.device.server import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per poll hides errors
     flags = dict(bundle=bundle, state_dir=state_dir, cloud_url=cloud, token=token, listen=listen, source=source,
                  method=method, ood_detector=ood_detector, threads=threads)
     try:

@@ -301,6 +301,24 @@ class Store(SampleStore):
     @abstractmethod
     def list_candidates(self) -> list[CandidateRecord]: ...
 
+    def finish_round(self, base_version: int, params_hash_: str, metrics: dict, consumed: list[int],
+                     params: ParamSet | None = None, reason: str = "", note: str = "",
+                     rollout: bool = False) -> tuple[int, int | None]:
+        """Record a training round's outcome: publish ``params`` as a new version (rolled out to all devices when
+        ``rollout``) or, with ``params=None``, a rejected candidate; and mark the uploads it trained on consumed.
+        -> (candidate id, new version or None). Implementations should make this one transaction, so that a
+        crash never leaves uploads marked consumed by a round that left no record (or a version without its
+        rollout); this default is not atomic."""
+        version = None
+        if params is not None:
+            version = self.add_version(params, parent=base_version, note=note, metrics=metrics)
+            if rollout:
+                self.add_rollout(version, note="auto")
+        cid = self.add_candidate(base_version, "published" if params is not None else "rejected", version,
+                                 params_hash_, reason, metrics)
+        self.mark_consumed(consumed)
+        return cid, version
+
     # parameter sets a device may hold (exact versions and lossy reconstructions)
     @abstractmethod
     def put_param_set(self, version: int, params: ParamSet) -> str: ...
@@ -623,24 +641,56 @@ class SQLiteStore(Store):
             self._params_cache[key] = params
         return {k: v.copy() for k, v in params.items()}
 
+    def _put_params_blob(self, params: ParamSet) -> tuple[str, str]:
+        """Write a version's parameters (content-addressed, before any row names them) -> (hash, blob key)."""
+        phash = params_hash(params)
+        key = f"params/{phash[:32]}.safetensors"
+        self.blobs.put(key, params_to_bytes({k: np.asarray(v, np.float32) for k, v in params.items()}))
+        return phash, key
+
+    @staticmethod
+    def _insert_version(c: sqlite3.Connection, phash: str, key: str, parent: int | None, note: str,
+                        metrics: dict | None, version: int | None) -> int:
+        """Inside a write transaction: the number is taken there (other processes, e.g. `cloud push --revert`,
+        may add versions too)."""
+        if version is None:
+            latest = c.execute("SELECT MAX(version) FROM versions").fetchone()[0]
+            version = 0 if latest is None else latest + 1
+        elif c.execute("SELECT 1 FROM versions WHERE version=?", (version,)).fetchone():
+            raise StoreError(f"version {version} already exists")
+        c.execute("INSERT INTO versions(version, params_hash, parent, created, note, metrics, blob) "
+                  "VALUES(?,?,?,?,?,?,?)",
+                  (version, phash, parent, time.time(), note, json.dumps(metrics or {}, default=float), key))
+        c.execute("INSERT OR IGNORE INTO param_sets(params_hash, version, blob, created) VALUES(?,?,?,?)",
+                  (phash, version, key, time.time()))
+        return version
+
     def add_version(self, params: ParamSet, parent: int | None, note: str = "", metrics: dict | None = None,
                     version: int | None = None) -> int:
-        phash = params_hash(params)
-        data = params_to_bytes({k: np.asarray(v, np.float32) for k, v in params.items()})
-        key = f"params/{phash[:32]}.safetensors"  # content-addressed: written before the row that names it
-        self.blobs.put(key, data)
-        with self._write_lock, self._tx() as c:  # the number is taken inside the write transaction (other
-            if version is None:                  # processes, e.g. `cloud push --revert`, may add versions too)
-                latest = c.execute("SELECT MAX(version) FROM versions").fetchone()[0]
-                version = 0 if latest is None else latest + 1
-            elif c.execute("SELECT 1 FROM versions WHERE version=?", (version,)).fetchone():
-                raise StoreError(f"version {version} already exists")
-            c.execute("INSERT INTO versions(version, params_hash, parent, created, note, metrics, blob) "
-                      "VALUES(?,?,?,?,?,?,?)",
-                      (version, phash, parent, time.time(), note, json.dumps(metrics or {}, default=float), key))
-            c.execute("INSERT OR IGNORE INTO param_sets(params_hash, version, blob, created) VALUES(?,?,?,?)",
-                      (phash, version, key, time.time()))
-        return version
+        phash, key = self._put_params_blob(params)
+        with self._write_lock, self._tx() as c:
+            return self._insert_version(c, phash, key, parent, note, metrics, version)
+
+    def finish_round(self, base_version: int, params_hash_: str, metrics: dict, consumed: list[int],
+                     params: ParamSet | None = None, reason: str = "", note: str = "",
+                     rollout: bool = False) -> tuple[int, int | None]:
+        """One transaction: version + its rollout + candidate record + uploads marked consumed (see Store)."""
+        blob = self._put_params_blob(params) if params is not None else None
+        with self._write_lock, self._tx() as c:
+            version = None
+            if blob is not None:
+                version = self._insert_version(c, blob[0], blob[1], base_version, note, metrics, None)
+                if rollout:
+                    c.execute("INSERT INTO rollouts(version, devices, fraction, created, note) VALUES(?,?,?,?,?)",
+                              (version, None, None, time.time(), "auto"))
+            cur = c.execute("INSERT INTO candidates(created, base_version, status, version, params_hash, reason, "
+                            "metrics) VALUES(?,?,?,?,?,?,?)",
+                            (time.time(), base_version, "published" if blob is not None else "rejected", version,
+                             params_hash_, reason, json.dumps(metrics, default=float)))
+            for i in range(0, len(consumed), 500):
+                part = consumed[i : i + 500]
+                c.execute(f"UPDATE samples SET consumed=1 WHERE seq IN ({','.join('?' * len(part))})", part)
+            return int(cur.lastrowid), version
 
     @staticmethod
     def _version(row: sqlite3.Row) -> VersionRecord:

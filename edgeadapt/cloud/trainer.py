@@ -327,12 +327,12 @@ class Trainer:
                         steps += 1
                     if epoch == 0 and self.cfg.replay_size > 0:
                         self.replay.extend(new)
-            self.store.mark_consumed([s.seq for s in pending])
             candidate = extract_params(self.student, self.manifest)
             loss_after = self.distill_loss(candidate, probe)
             metrics = {"samples": len(pending), "steps": steps, "loss_before": loss_before, "loss_after": loss_after,
                        "train_loss_first": losses[0], "train_loss_last": losses[-1]}
-            result = self._decide(candidate, base, metrics)
+            # the uploads are marked consumed in the same transaction that records the round's outcome
+            result = self._decide(candidate, base, metrics, consumed=[s.seq for s in pending])
             result.samples, result.steps = len(pending), steps
             result.loss_before, result.loss_after = loss_before, loss_after
             result.seconds = time.perf_counter() - t0
@@ -352,7 +352,7 @@ class Trainer:
             return self._decide({k: np.asarray(v, np.float32) for k, v in params.items()}, self.version,
                                 {"note": note})
 
-    def _decide(self, candidate: ParamSet, base: int, metrics: dict) -> TrainResult:
+    def _decide(self, candidate: ParamSet, base: int, metrics: dict, consumed: list[int] | None = None) -> TrainResult:
         phash = params_hash(candidate)
         if not all(np.all(np.isfinite(v)) for v in candidate.values()):
             g = GateResult(False, None, None, 0, "candidate has non-finite values")
@@ -360,16 +360,15 @@ class Trainer:
             g = self.gate(candidate, self.store.get_params(base))
         metrics = {**metrics, "gate": asdict(g)}
         if not g.passed:
-            cid = self.store.add_candidate(base, "rejected", None, phash, g.reason, metrics)
+            cid, _ = self.store.finish_round(base, phash, metrics, consumed or [], reason=g.reason)
             log.warning("candidate %d rejected by the gate: %s", cid, g.reason)
             if self.metrics is not None:
                 self.metrics.versions_rejected.inc()
             self._reset_student()
             return TrainResult("rejected", base, None, cid, gate=asdict(g), reason=g.reason, params_hash=phash)
-        version = self.store.add_version(candidate, parent=base, note=metrics.get("note", "trained"), metrics=metrics)
-        cid = self.store.add_candidate(base, "published", version, phash, "", metrics)
-        if self.auto_rollout:
-            self.store.add_rollout(version, note="auto")
+        # one transaction: a crash leaves either no trace of this round or all of it (version, rollout, record)
+        cid, version = self.store.finish_round(base, phash, metrics, consumed or [], params=candidate,
+                                               note=metrics.get("note", "trained"), rollout=self.auto_rollout)
         self.version = version
         apply_params(self.student, candidate)
         if self.metrics is not None:

@@ -7,6 +7,7 @@ predictions keep flowing and the problem is reported in ``status()`` and the log
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -29,11 +30,18 @@ log = logging.getLogger("edgeadapt.device")
 ADAPT_STATE = "adapt_state.safetensors"
 
 
+def _describe(exc: BaseException) -> str:
+    """The error with SQLite's extended code name (SQLITE_FULL, SQLITE_IOERR_WRITE, ...) when it has one."""
+    name = getattr(exc, "sqlite_errorname", None)
+    return f"{exc} [{name}]" if name else f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+
+
 class DeviceDaemon:
     def __init__(self, config: DeviceConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.errors: dict[str, str] = {}
+        self._logged_at: dict[str, float] = {}
         self.metrics = DeviceMetrics()
         self.bundle = Bundle(config.bundle)
         self.manifest = self.bundle.manifest
@@ -76,8 +84,12 @@ class DeviceDaemon:
 
     # -- state dir ---------------------------------------------------------------------------------
     def _error(self, key: str, msg: str) -> None:
-        if self.errors.get(key) != msg:
+        """Record a problem for status(); log it when it is new, or changed and not logged in the last minute
+        (a persisting error, e.g. a full disk hit by every batch, must not flood the log)."""
+        now = time.monotonic()
+        if key not in self.errors or (self.errors[key] != msg and now - self._logged_at.get(key, 0.0) > 60):
             log.error(msg)
+            self._logged_at[key] = now
         self.errors[key] = msg
 
     def _prepare_state_dir(self) -> bool:
@@ -88,18 +100,15 @@ class DeviceDaemon:
             probe.unlink()
             return True
         except OSError as exc:
-            self._error("state_dir", f"state directory {self.state_dir} is not writable ({exc}); "
+            why = "it exists and is not a directory" if self.state_dir.exists() and not self.state_dir.is_dir() \
+                else str(exc)
+            self._error("state_dir", f"state directory {self.state_dir} is not writable ({why}); "
                         "running without persistence: no uploads, no saved adaptation state")
             return False
 
     def _restore(self) -> None:
         if self.versions is not None:
-            v = self.versions.current()
-            if v:
-                try:
-                    self.engine.apply_params(self.versions.load(v), v)
-                except VersionStoreError as exc:
-                    self._error("versions", f"{exc}; keeping the bundle's version 0")
+            self._restore_version()
         path = self.state_dir / ADAPT_STATE
         if path.is_file():
             try:
@@ -108,6 +117,44 @@ class DeviceDaemon:
             except Exception as exc:
                 self._error("adapt_state", f"saved adaptation state unreadable ({exc}); starting fresh")
         self.metrics.param_version.set(self.engine.param_version)
+
+    def _restore_version(self) -> None:
+        """Run the recorded version; if its file is missing or corrupt, the newest earlier version in the pointer's
+        history that still verifies (the previous good state), else the bundle's version 0. The fallback is
+        recorded as the version in use, so the updater asks the cloud for the newer one again and re-stores it."""
+        ptr = self.versions.read_pointer()
+        if ptr.get("error"):
+            self._error("versions", ptr["error"])
+        v = int(ptr.get("version", 0))
+        if not v:
+            return
+        try:
+            self.engine.apply_params(self.versions.load(v), v)
+            return
+        except VersionStoreError as exc:
+            problem = str(exc)
+        seen = {v}
+        for entry in reversed(ptr.get("history", [])):
+            older = int(entry.get("version", 0))
+            if older in seen or older == 0:
+                continue
+            seen.add(older)
+            try:
+                self.engine.apply_params(self.versions.load(older), older)
+            except VersionStoreError as exc:
+                problem += f"; {exc}"
+                continue
+            self._error("versions", f"{problem}; running the previous good version {older}")
+            self._record_fallback(older, problem)
+            return
+        self._error("versions", f"{problem}; running the bundle's version 0")
+        self._record_fallback(0, problem)
+
+    def _record_fallback(self, version: int, problem: str) -> None:
+        try:
+            self.versions.set_current(version, reason=f"fallback at start: {problem}")
+        except OSError as exc:
+            self._error("versions_pointer", f"cannot record the version in use: {exc}")
 
     def save_state(self) -> bool:
         if not self._state_ok:
@@ -120,8 +167,25 @@ class DeviceDaemon:
             self.errors.pop("save_state", None)
             return True
         except Exception as exc:
-            self._error("save_state", f"could not save adaptation state: {exc}")
+            self._error("save_state", f"could not save adaptation state: {_describe(exc)} ({self._disk_hint()})")
             return False
+
+    def _disk_hint(self) -> str:
+        """Free space and the process's file-size limit: what an operator needs to read a write error."""
+        parts = []
+        try:
+            parts.append(f"{shutil.disk_usage(self.state_dir).free / 2**20:.1f} MiB free in {self.state_dir}")
+        except OSError as exc:
+            parts.append(f"state directory {self.state_dir}: {exc}")
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+            if soft != resource.RLIM_INFINITY:
+                parts.append(f"file size limit (RLIMIT_FSIZE) {soft} bytes")
+        except (ImportError, OSError, ValueError):  # pragma: no cover - not on this platform
+            pass
+        return "; ".join(parts)
 
     def _save_loop(self) -> None:
         while not self._stop.wait(self.config.save_state_every_s):
@@ -179,7 +243,7 @@ class DeviceDaemon:
                 self.queue.put_many(samples)
                 self.errors.pop("queue", None)
             except Exception as exc:  # disk full etc.: predictions go on
-                self._error("queue", f"could not queue uploads: {exc}")
+                self._error("queue", f"could not queue uploads: {_describe(exc)} ({self._disk_hint()})")
 
     def predict(self, x: np.ndarray, timeout: float = 30.0) -> list[dict]:
         return self.batcher.submit(x).result(timeout)
@@ -206,6 +270,8 @@ class DeviceDaemon:
     def status(self) -> dict:
         q = self.queue.counters() if self.queue is not None else {}
         up = dict(self.uploader.stats) if self.uploader is not None else {}
+        if self.uploader is not None:  # why uploads are failing, e.g. the cloud is down: visible without the logs
+            up.update(last_status=self.uploader.last_status, last_error=self.uploader.last_error)
         self.metrics.queue_depth.set(q.get("queued", 0))
         self.metrics.uploads_sent.set(q.get("sent", 0))
         self.metrics.uploads_dropped.set(sum(v for k, v in q.items() if k.startswith("dropped")))

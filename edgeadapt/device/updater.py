@@ -22,6 +22,7 @@ import numpy as np
 
 from edgeadapt.core import update_package as UP
 from edgeadapt.core.wire import Heartbeat
+from edgeadapt.device.versions import VersionStoreError
 
 log = logging.getLogger("edgeadapt.device.updater")
 
@@ -200,7 +201,11 @@ class Updater:
             self._event("kept", version=w.version, entropy=ent, ood=ood, agreement=agree)
 
     def rollback(self, to: int, reason: str, bad_version: int | None = None) -> None:
-        params = self.versions.load(to)
+        try:
+            params = self.versions.load(to)
+        except VersionStoreError as exc:  # the bad version must go even when the way back is damaged on disk
+            self.daemon._error("versions", f"{exc}; rolling back to the bundle's version 0 instead")
+            reason, to, params = f"{reason}; {exc}", 0, self.versions.load(0)
         self.engine.apply_params(params, to)
         self.versions.set_current(to, reason=f"rollback: {reason}")
         if bad_version is not None:

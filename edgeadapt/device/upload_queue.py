@@ -217,6 +217,14 @@ class UploadQueue:
             self._bump("retries", n)
         return n
 
+    def retry_now(self, now: float | None = None) -> int:
+        """Make every backed-off item ready at once (attempt counts kept): once the cloud answers again, a long
+        outage's backoff (up to ``backoff_cap_s``) must not hold the backlog back. Returns how many were due later."""
+        now = time.time() if now is None else now
+        with self._tx():
+            cur = self._conn.execute("UPDATE items SET next_attempt_at = ? WHERE next_attempt_at > ?", (now, now))
+        return int(cur.rowcount)
+
     def next_ready_at(self) -> float | None:
         """Earliest next_attempt_at of any queued item (None when empty)."""
         with self._lock:

@@ -57,6 +57,7 @@ class Uploader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._send_lock = threading.Lock()
+        self._failing = False  # the last send failed for a reason on the cloud's side or the network's
 
     # ------------------------------------------------------------------ one round
     def _body(self, items: list[tuple[str, bytes]]) -> bytes:
@@ -91,6 +92,7 @@ class Uploader:
             self.stats["errors"] += 1
             self.last_status, self.last_error = None, f"{type(e).__name__}: {e}"
             log.warning("upload of %d samples failed (%s); will retry", len(ids), self.last_error)
+            self._failing = True
             self.stats["retried"] += self.queue.nack(ids, now)
             return 0
         code = resp.status_code
@@ -99,6 +101,11 @@ class Uploader:
             self.last_error = None
             n = self.queue.ack(ids)
             self.stats["acked"] += n
+            if self._failing:  # the cloud is back: send the backlog now, not after each item's backoff
+                self._failing = False
+                ready = self.queue.retry_now()
+                if ready:
+                    log.info("cloud reachable again; %d backed-off samples are due now", ready)
             return n
         msg = resp.text[:500]
         self.last_error = f"HTTP {code}: {msg}"
@@ -109,6 +116,7 @@ class Uploader:
         if code in (401, 403):
             self.stats["auth_errors"] += 1
             log.error("cloud refused the device token (HTTP %d: %s); samples kept, will retry", code, msg)
+            self._failing = True
             self.stats["retried"] += self.queue.nack(ids, now)
             return 0
         if 400 <= code < 500 and code not in (408, 429):
@@ -118,6 +126,7 @@ class Uploader:
             return 0
         self.stats["errors"] += 1
         log.warning("upload of %d samples got HTTP %d (%s); will retry", len(ids), code, msg)
+        self._failing = True
         self.stats["retried"] += self.queue.nack(ids, now)
         return 0
 
