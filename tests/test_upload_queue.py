@@ -184,3 +184,15 @@ def test_thread_safe_puts(tmp_path):
     assert len(q) == 80 and q.counters()["put"] == 80
     q.close()
     assert len(UploadQueue(tmp_path / "q.sqlite", max_bytes=100_000_000)) == 80
+
+
+def test_retry_now_makes_backed_off_items_ready(tmp_path):
+    """When the cloud answers again the uploader calls retry_now: the backlog goes at once, attempts are kept."""
+    with UploadQueue(tmp_path / "q.sqlite", max_bytes=1 << 20, backoff_base_s=30, backoff_cap_s=60) as q:
+        q.put_many([sample(i) for i in range(3)], now=1000.0)
+        ids = [i for i, _ in q.peek_raw(10, now=1000.0)]
+        q.nack(ids, now=1000.0)
+        assert q.peek_raw(10, now=1001.0) == []
+        assert q.retry_now(now=1001.0) == 3
+        assert len(q.peek_raw(10, now=1001.0)) == 3
+        assert q.retry_now(now=1001.0) == 0
