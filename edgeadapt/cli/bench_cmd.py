@@ -1,4 +1,4 @@
-"""`edgeadapt bench accuracy|runtime|update|ood --json` — benchmarks that print machine-readable results."""
+"""`edgeadapt bench accuracy|runtime|update|ood|load --json` — benchmarks that print machine-readable results."""
 
 from __future__ import annotations
 
@@ -129,3 +129,43 @@ def update(
     with console.status("training an update and compressing it"):
         res = run_update_bench(b, arch, weights, s)
     print_json(res) if json_out else console.print(res)
+
+
+@app.command()
+def load(
+    target: str = typer.Option(..., help="device (POST /v1/predict) or cloud (POST /v1/samples)"),
+    clients: int = typer.Option(50, help="concurrent clients, each with its own connection"),
+    seconds: float = typer.Option(60.0, help="how long to keep them busy"),
+    max_requests: int = typer.Option(None, help="stop after this many requests in all"),
+    url: str = typer.Option(None, help="a running daemon/cloud on loopback (default: start one)"),
+    bundle: Path = typer.Option(None, help="bundle (input shape, model; default: the reference edge model)"),
+    home: Path = typer.Option(None, help="cloud: the home that signs for the bundle (a copy is used; "
+                                         "default: the benchmarks' cloud home)"),
+    admin_token: str = typer.Option(None, help="cloud with --url: admin token to register the load's devices"),
+    batch: int = typer.Option(None, help="images per predict (default 1) or samples per upload (default 8)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """N concurrent clients for S seconds on loopback: requests, errors, p50/p99 latency, requests/s."""
+    from edgeadapt.bench.load import run_load_bench
+
+    if target not in ("device", "cloud"):
+        fail(f"--target must be device or cloud, not {target!r}")
+    if bundle is None:
+        from edgeadapt.assets import default_bundle
+
+        bundle = default_bundle(console)
+    if target == "cloud" and url is None and home is None:
+        from edgeadapt.assets import cloud_home
+
+        home = cloud_home(console)
+    with console.status(f"{clients} clients for {seconds:g} s against the {target}"):
+        try:
+            res = run_load_bench(target, bundle, clients=clients, seconds=seconds, max_requests=max_requests,
+                                 url=url, home=home, admin_token=admin_token, batch=batch)
+        except (ValueError, RuntimeError) as exc:
+            fail(str(exc))
+    if json_out:
+        print_json(res)
+    else:
+        console.print(f"{res['requests']} requests, {res['errors']} errors, p50 {res['p50_ms']} ms, "
+                      f"p99 {res['p99_ms']} ms, {res['req_s']} req/s")

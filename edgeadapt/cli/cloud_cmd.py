@@ -145,18 +145,25 @@ def _home(ctx: typer.Context, home: Path | None) -> Path | None:
 
 @devices_app.command("add")
 def devices_add(ctx: typer.Context, name: str = typer.Argument(...), home: Path = HomeOpt,
+                expires_days: float = typer.Option(None, "--expires-days",
+                                                   help="the token stops working after this many days "
+                                                        "(default: until revoked)"),
                 as_json: bool = JsonOpt) -> None:
     """Register a device and print its token (once: only its hash is stored)."""
+    from edgeadapt.cloud.admin import _iso
     from edgeadapt.cloud.store import StoreError
 
+    store = _store(_home(ctx, home))
     try:
-        token = _store(_home(ctx, home)).add_device(name)
+        token = store.add_device(name, None if expires_days is None else expires_days * 86400)
     except StoreError as exc:
         fail(str(exc))
+    expires = _iso(store.get_device(name).expires)
     if as_json:
-        print_json({"name": name, "token": token})
+        print_json({"name": name, "token": token, "expires": expires})
     else:
-        console.print(f"device [bold]{name}[/] added; its token (shown only now):")
+        console.print(f"device [bold]{name}[/] added; its token (shown only now"
+                      f"{f', valid until {expires}' if expires else ''}):")
         typer.echo(token)
 
 

@@ -77,7 +77,8 @@ def devices_info(store: Store) -> list[dict]:
     for d in store.list_devices():
         out.append({"name": d.name, "version": d.version, "target_version": store.target_version(d.name),
                     "last_seen": _iso(d.last_seen), "status": d.status, "revoked": d.revoked is not None,
-                    "created": _iso(d.created), "counters": d.counters})
+                    "created": _iso(d.created), "expires": _iso(d.expires),
+                    "expired": d.expires is not None and d.expires <= time.time(), "counters": d.counters})
     return out
 
 

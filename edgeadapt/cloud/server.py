@@ -1,6 +1,8 @@
 """The cloud HTTP API (FastAPI + uvicorn). OpenAPI at ``/openapi.json``, docs at ``/docs``.
 
-Device endpoints (``Authorization: Bearer <device token>``):
+Device endpoints (``Authorization: Bearer <device token>``; a missing, unknown, revoked or expired token gets
+401, the same answer for each so that it tells an attacker nothing; tokens are stored as SHA-256 hashes, looked
+up by hash and compared with ``hmac.compare_digest``):
 
 - ``POST /v1/samples`` — a ``SampleBatch``; answers ``SampleBatchResult``. Bodies over ``max_body_bytes`` get
   413 (from Content-Length before anything is read, or while the body streams in). Invalid batches get 422
@@ -42,7 +44,7 @@ from pydantic import BaseModel, Field, ValidationError
 from edgeadapt.cloud import admin as A
 from edgeadapt.cloud.service import CloudService, ServiceError
 from edgeadapt.cloud.store import Device, StoreError
-from edgeadapt.core.wire import Heartbeat, SampleBatch, SampleBatchResult, UpdateInfo
+from edgeadapt.core.wire import MAX_VERSION, Heartbeat, SampleBatch, SampleBatchResult, UpdateInfo
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +115,11 @@ def _bearer(request: Request) -> str | None:
 
 class NewDevice(BaseModel):
     name: str = Field(min_length=1, max_length=64)
+    expires_days: float | None = Field(None, gt=0, le=36500, description="token lifetime (default: until revoked)")
 
 
 class PushRequest(BaseModel):
-    version: int | None = None
+    version: int | None = Field(None, ge=0, le=MAX_VERSION)
     devices: list[str] | None = None
     fraction: float | None = Field(None, gt=0, le=1)
     revert: bool = False
@@ -236,7 +239,7 @@ def create_app(service: CloudService) -> FastAPI:
     @app.get("/v1/updates", tags=["device"], responses={
         200: {"content": {"application/octet-stream": {}}, "description": "the update package"},
         204: {"description": "up to date"}})
-    async def get_updates(model: str = Query(...), have: int = Query(..., ge=0),
+    async def get_updates(model: str = Query(...), have: int = Query(..., ge=0, le=MAX_VERSION),
                           wait: float = Query(0.0, ge=0, description="long-poll seconds"),
                           mode: str | None = Query(None), have_hash: str | None = Query(None, max_length=64),
                           device: Device = Depends(device_auth)):
@@ -249,7 +252,8 @@ def create_app(service: CloudService) -> FastAPI:
             "Content-Disposition": f'attachment; filename="{model}-v{pkg.info.base_version}-v{pkg.info.version}.eaup"'})
 
     @app.get("/v1/updates/info", tags=["device"], response_model=UpdateInfo, responses={204: {}})
-    async def get_update_info(model: str = Query(...), have: int = Query(..., ge=0), mode: str | None = Query(None),
+    async def get_update_info(model: str = Query(...), have: int = Query(..., ge=0, le=MAX_VERSION),
+                              mode: str | None = Query(None),
                               have_hash: str | None = Query(None, max_length=64),
                               device: Device = Depends(device_auth)):
         pkg = await _find_update(device, model, have, 0.0, mode, have_hash, False)
@@ -285,8 +289,8 @@ def create_app(service: CloudService) -> FastAPI:
 
     @app.post("/v1/admin/devices", tags=["admin"], dependencies=admin, status_code=201)
     def admin_add_device(req: NewDevice) -> dict:
-        token = service.store.add_device(req.name)
-        return {"name": req.name, "token": token}
+        token = service.store.add_device(req.name, None if req.expires_days is None else req.expires_days * 86400)
+        return {"name": req.name, "token": token, "expires": A._iso(service.store.get_device(req.name).expires)}
 
     @app.post("/v1/admin/devices/{name}/revoke", tags=["admin"], dependencies=admin)
     def admin_revoke_device(name: str) -> dict:

@@ -59,6 +59,7 @@ class Device:
     created: float
     revoked: float | None = None
     last_seen: float | None = None
+    expires: float | None = None  # unix time after which the token is refused (None: never)
     version: int | None = None
     status: str | None = None
     counters: dict = field(default_factory=dict)
@@ -257,8 +258,9 @@ class Store(SampleStore):
 
     # devices
     @abstractmethod
-    def add_device(self, name: str) -> str:
-        """Register a device; returns its token (shown once, stored hashed)."""
+    def add_device(self, name: str, expires_in_s: float | None = None) -> str:
+        """Register a device; returns its token (shown once, stored hashed), valid for ``expires_in_s`` seconds
+        (None: until revoked)."""
 
     @abstractmethod
     def revoke_device(self, name: str) -> None: ...
@@ -271,7 +273,7 @@ class Store(SampleStore):
 
     @abstractmethod
     def authenticate(self, token: str) -> Device | None:
-        """The non-revoked device holding this token, else None."""
+        """The device holding this token, unless revoked or expired; else None."""
 
     @abstractmethod
     def touch_device(self, device_id: int, version: int | None = None, status: str | None = None,
@@ -363,7 +365,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices(
   id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL, token_hash TEXT UNIQUE NOT NULL,
-  created REAL NOT NULL, revoked REAL, last_seen REAL, version INTEGER, status TEXT, counters TEXT);
+  created REAL NOT NULL, revoked REAL, last_seen REAL, version INTEGER, status TEXT, counters TEXT, expires REAL);
 CREATE TABLE IF NOT EXISTS samples(
   seq INTEGER PRIMARY KEY AUTOINCREMENT, device_id INTEGER NOT NULL, sample_id TEXT NOT NULL,
   received REAL NOT NULL, split TEXT NOT NULL, consumed INTEGER NOT NULL DEFAULT 0, novel INTEGER NOT NULL,
@@ -405,6 +407,13 @@ class SQLiteStore(Store):
         self._params_cache: dict[str, ParamSet] = {}
         with self._write_lock:
             self._conn().executescript(SCHEMA)
+            cols = {r[1] for r in self._conn().execute("PRAGMA table_info(devices)")}
+            if "expires" not in cols:  # a store made before token expiry existed
+                try:
+                    self._conn().execute("ALTER TABLE devices ADD COLUMN expires REAL")
+                except sqlite3.OperationalError:  # another process added it first
+                    if "expires" not in {r[1] for r in self._conn().execute("PRAGMA table_info(devices)")}:
+                        raise
 
     # -- connections
     def _conn(self) -> sqlite3.Connection:
@@ -464,17 +473,20 @@ class SQLiteStore(Store):
     def _device(row: sqlite3.Row) -> Device:
         return Device(id=row["id"], name=row["name"], created=row["created"], revoked=row["revoked"],
                       last_seen=row["last_seen"], version=row["version"], status=row["status"],
-                      counters=json.loads(row["counters"]) if row["counters"] else {})
+                      counters=json.loads(row["counters"]) if row["counters"] else {}, expires=row["expires"])
 
-    def add_device(self, name: str) -> str:
+    def add_device(self, name: str, expires_in_s: float | None = None) -> str:
+        if expires_in_s is not None and not expires_in_s > 0:
+            raise StoreError(f"expiry must be a positive number of seconds, not {expires_in_s!r}")
         if not name or len(name) > 64 or not all(ch.isalnum() or ch in "-_." for ch in name):
             raise StoreError(f"device name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
         token = new_token()
         with self._tx() as c:
             if c.execute("SELECT 1 FROM devices WHERE name=?", (name,)).fetchone():
                 raise StoreError(f"device {name!r} already exists")
-            c.execute("INSERT INTO devices(name, token_hash, created) VALUES(?, ?, ?)",
-                      (name, hash_token(token), time.time()))
+            now = time.time()
+            c.execute("INSERT INTO devices(name, token_hash, created, expires) VALUES(?, ?, ?, ?)",
+                      (name, hash_token(token), now, None if expires_in_s is None else now + expires_in_s))
         return token
 
     def revoke_device(self, name: str) -> None:
@@ -498,6 +510,8 @@ class SQLiteStore(Store):
         digest = hash_token(token)
         row = self._conn().execute("SELECT * FROM devices WHERE token_hash=?", (digest,)).fetchone()
         if row is None or not hmac.compare_digest(row["token_hash"], digest) or row["revoked"] is not None:
+            return None
+        if row["expires"] is not None and row["expires"] <= time.time():
             return None
         return self._device(row)
 

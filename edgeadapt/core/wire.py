@@ -7,6 +7,7 @@ ever unpickles anything.
 from __future__ import annotations
 
 import base64
+import math
 from typing import Literal
 
 import numpy as np
@@ -16,6 +17,7 @@ MAX_SAMPLES_PER_BATCH = 512
 MAX_SAMPLE_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 ALLOWED_INPUT_DTYPES = ("uint8", "float16")
+MAX_VERSION = 2**62  # versions are SQLite INTEGERs (64-bit): a larger number would be a 500, not a 422
 
 
 class WireArray(BaseModel):
@@ -32,7 +34,7 @@ class WireArray(BaseModel):
         if any(d < 0 for d in self.shape):
             raise ValueError("negative dimension")
         dtype = np.dtype(self.dtype).newbyteorder("<")
-        n = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        n = math.prod(self.shape)  # Python ints: a hostile shape cannot overflow into a small product
         if n * dtype.itemsize > max_bytes:
             raise ValueError(f"array of {n * dtype.itemsize} bytes exceeds the {max_bytes}-byte limit")
         raw = base64.b64decode(self.data, validate=True)
@@ -48,7 +50,7 @@ class UploadSample(BaseModel):
     entropy: float
     ood_score: float = 0.0
     novel: bool = Field(False, description="flagged out-of-distribution: not adaptation data")
-    param_version: int = 0
+    param_version: int = Field(0, ge=0, le=MAX_VERSION)
 
     @field_validator("input")
     @classmethod
@@ -71,7 +73,7 @@ class SampleBatchResult(BaseModel):
 
 class Heartbeat(BaseModel):
     model: str
-    param_version: int
+    param_version: int = Field(ge=0, le=MAX_VERSION)
     counters: dict[str, float] = Field(default_factory=dict)
     status: str = "ok"
 

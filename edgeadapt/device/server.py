@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import logging
+import math
 import time
 from typing import Any
 
@@ -34,13 +35,19 @@ class PredictRequest(BaseModel):
     probs: bool = Field(False, description="return the full probability vector")
 
 
+class RollbackRequest(BaseModel):
+    # module level: a model defined inside create_app is a forward reference FastAPI cannot resolve, and
+    # /openapi.json answered 500
+    to: int | None = Field(None, ge=0)
+
+
 def _decode_array(a: ArrayIn, max_bytes: int) -> np.ndarray:
     if a.dtype not in ALLOWED:
         raise InputError(f"dtype {a.dtype!r} not supported; use one of {sorted(ALLOWED)}")
     if any(d <= 0 for d in a.shape):
         raise InputError(f"shape {a.shape} has a non-positive dimension")
     dt = np.dtype(ALLOWED[a.dtype]).newbyteorder("<")
-    n = int(np.prod(a.shape, dtype=np.int64))
+    n = math.prod(a.shape)  # Python ints: a hostile shape cannot overflow into a small product
     if n * dt.itemsize > max_bytes:
         raise InputError(f"array of {n * dt.itemsize} bytes exceeds the {max_bytes}-byte limit")
     try:
@@ -50,6 +57,44 @@ def _decode_array(a: ArrayIn, max_bytes: int) -> np.ndarray:
     if len(raw) != n * dt.itemsize:
         raise InputError(f"data has {len(raw)} bytes; shape {a.shape} of {a.dtype} needs {n * dt.itemsize}")
     return np.frombuffer(raw, dtype=dt).reshape(a.shape).astype(dt.newbyteorder("="))
+
+
+def _load_npy(body: bytes, max_bytes: int) -> np.ndarray:
+    """np.load, but the header is checked first: a header may declare far more data than the body holds, and
+    np.load allocates what the header says before it finds the body short."""
+    f = io.BytesIO(body)
+    try:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, _, dtype = read(f)
+    except Exception as exc:
+        raise InputError(f"body is not a valid .npy array: {exc}") from exc
+    if dtype.hasobject:
+        raise InputError("object arrays are not accepted")
+    need = math.prod(shape) * dtype.itemsize
+    if need > max_bytes or need != len(body) - f.tell():
+        raise InputError(f"the .npy header declares {list(shape)} of {dtype} ({need} bytes); the body holds "
+                         f"{len(body) - f.tell()} bytes of data (limit {max_bytes})")
+    try:
+        return np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as exc:
+        raise InputError(f"body is not a valid .npy array: {exc}") from exc
+
+
+def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise InputError(f"query parameter {name} must be an integer, not {raw[:50]!r}") from None
+    if not lo <= v <= hi:
+        raise InputError(f"query parameter {name} must be in {lo}..{hi}")
+    return v
 
 
 def _from_lists(inputs: list, expected: list[int]) -> np.ndarray:
@@ -125,28 +170,39 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
         return {"model": daemon.manifest.model_name, "param_version": results[0]["param_version"],
                 "predictions": preds}
 
-    @app.post("/v1/predict", summary="Predict a batch (JSON: inputs or base64 array; or binary .npy / raw bytes)")
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    predict_doc = {
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+            "application/x-npy": binary, "application/octet-stream": binary}},
+        "parameters": [
+            {"name": "top_k", "in": "query", "required": False, "description": "binary bodies: top classes to list",
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            {"name": "X-Dtype", "in": "header", "required": False, "description": "octet-stream bodies",
+             "schema": {"type": "string", "enum": sorted(ALLOWED)}},
+            {"name": "X-Shape", "in": "header", "required": False,
+             "description": "octet-stream bodies: comma-separated dimensions", "schema": {"type": "string"}}]}
+
+    @app.post("/v1/predict", summary="Predict a batch (JSON: inputs or base64 array; or binary .npy / raw bytes)",
+              openapi_extra=predict_doc)
     async def predict(request: Request):
         t0 = time.perf_counter()
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         try:
             body = await _read_body(request)
-            top_k, want_probs = int(request.query_params.get("top_k", 3)), False
+            top_k, want_probs = _query_int(request, "top_k", 3, 1, 1000), False
             if ctype in ("application/x-npy", "application/octet-stream"):
                 if ctype == "application/x-npy":
-                    try:
-                        x = np.load(io.BytesIO(body), allow_pickle=False)
-                    except Exception as exc:
-                        raise InputError(f"body is not a valid .npy array: {exc}") from exc
+                    x = _load_npy(body, cfg.max_body_bytes)
                 else:
                     dtype = request.headers.get("x-dtype", "uint8")
                     shape = request.headers.get("x-shape", "")
                     try:
                         dims = [int(s) for s in shape.split(",") if s.strip()]
-                    except ValueError as exc:
-                        raise InputError("X-Shape must be comma-separated integers") from exc
-                    x = _decode_array(ArrayIn(dtype=dtype, shape=dims, data=base64.b64encode(body).decode()),
-                                      cfg.max_body_bytes)
+                        arr_in = ArrayIn(dtype=dtype, shape=dims, data=base64.b64encode(body).decode())
+                    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+                        raise InputError(f"X-Shape must be at most 8 comma-separated integers: {exc}") from exc
+                    x = _decode_array(arr_in, cfg.max_body_bytes)
                 if x.dtype.kind not in "uif" or (x.dtype.kind in "iu" and x.dtype != np.uint8):
                     raise InputError(f"array dtype {x.dtype} not supported; use uint8, float32 or float16")
             else:
@@ -177,9 +233,6 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
     @app.get("/v1/status")
     def status():
         return daemon.status()
-
-    class RollbackRequest(BaseModel):
-        to: int | None = Field(None, ge=0)
 
     @app.post("/v1/admin/rollback", summary="Roll back to an earlier version on disk (loopback clients only)")
     def admin_rollback(req: RollbackRequest, request: Request):
@@ -231,4 +284,19 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
         daemon.status()  # refresh gauges
         return Response(daemon.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def openapi() -> dict:
+        # /v1/predict reads its body by hand (to limit its size while streaming): its schema is added here
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            js = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(js.pop("$defs", {}))
+            comps["PredictRequest"] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
