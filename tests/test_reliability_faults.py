@@ -223,6 +223,8 @@ def _upload(cloud: Proc, token: str, n: int, seed: int, until: threading.Event |
             except httpx.HTTPError:
                 failed.extend(ids)
             i += 64
+            if i > n and until is not None:
+                until.wait(0.2)  # a device's pace, not a flood: the round after the restart stays short
     return acked, failed
 
 
