@@ -17,7 +17,7 @@ from edgeadapt.core.wire import UploadSample, WireArray
 from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 from edgeadapt.device.selection import SampleSelector
 
-DEFAULT_DEVICE_METHOD = "ema_stats+t3a"
+DEFAULT_DEVICE_METHOD = "ema_stats"
 
 
 def class_sorted(x: np.ndarray, y: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

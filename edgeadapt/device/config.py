@@ -26,7 +26,7 @@ class DeviceConfig(BaseModel, extra="forbid"):
     listen: str = "127.0.0.1:8470"
     source: str | None = Field(None, description="npz:PATH streams a file through the device instead of HTTP only")
     source_batch: int = Field(64, ge=1, le=4096)
-    method: str = "ema_stats+t3a"
+    method: str = "ema_stats"
     ood_detector: str = "energy"
     threads: int = Field(2, ge=1, le=256)
     backend: str = "onnxruntime"

@@ -31,21 +31,25 @@ from edgeadapt.device.ood import load_all
 
 @dataclass
 class EngineConfig:
-    method: str = "ema_stats+t3a"
+    method: str = "ema_stats"
     ood_detector: str = "energy"
     reliable_entropy_factor: float = 0.8
     max_ood_fraction: float = 0.5
     stats_samples: int = 32
     stats_every: int = 16
     refresh_every: int = 16
-    hybrid_batches: int = 3
+    refresh_tol: float = 0.02
+    hybrid_batches: int = 1
     transductive_prior: float = 16.0
     full_batch_reliable: float = 0.75
-    input_shift: float = 0.25
+    input_shift: float = 0.15
     feature_shift: float = 0.6
     shift_ratio: float = 1.3
     shift_margin: float = 0.15
     entropy_momentum: float = 0.2
+    rerun_on_shift: bool = True
+    shift_full_batch: bool = True
+    post_shift_stats: int = 0
     threads: int = 2
     backend: str = "onnxruntime"
     device: str = "cpu"
@@ -87,11 +91,14 @@ class AdaptiveEngine:
         self.method = self._build_method(self.base_params)
         self._folded_stats_version = -1
         self.batches = 0
-        self._entropy_ema: float | None = None
+        self._input_ema: tuple[float, float] | None = None
+        self._model_ref: tuple[float, np.ndarray] | None = None  # (entropy, feature mean) on the current session
         self._hybrid_left = 0
         self._stale = False
-        self._feat_ema: np.ndarray | None = None
+        self._folded_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.shifts = 0
+        self.refreshes = 0
+        self._post_shift_left = 0
         self._refresh(force=True)
 
     # -- state -------------------------------------------------------------------------------------
@@ -124,7 +131,24 @@ class AdaptiveEngine:
         if force or v != self._folded_stats_version:
             self.backend.set_params(self.current_params())
             self._folded_stats_version = v
-            self._feat_ema = None  # features move with the parameters: not a domain shift
+            self._folded_stats = dict(self.method.forward_stats())
+            self._model_ref = None  # outputs move with the parameters: not a domain shift
+            self.refreshes += 1
+
+    def _stats_moved(self) -> float:
+        """How far the adapted statistics moved since they were last folded: the largest over layers of the
+        channel-averaged |mean change| / std plus |variance ratio - 1|. Small moves are not worth a session
+        rebuild (a few ms), so the fast path refolds only past ``refresh_tol``."""
+        folded = self._folded_stats
+        worst = 0.0
+        for layer, (mean, var) in self.method.forward_stats().items():
+            if layer not in folded:
+                return float("inf")
+            m0, v0 = folded[layer]
+            sd = np.sqrt(v0 + 1e-5)
+            moved = float(np.mean(np.abs(mean - m0) / sd) + np.mean(np.abs((var + 1e-5) / (v0 + 1e-5) - 1)))
+            worst = max(worst, moved)
+        return worst
 
     def apply_params(self, params: ParamSet, version: int, keep_method_state: bool = True) -> None:
         """Install a new base parameter version (a cloud update or a rollback) between batches."""
@@ -147,6 +171,8 @@ class AdaptiveEngine:
             if session is not None:
                 self.backend.swap_static(session)
                 self._folded_stats_version = method.stats_version
+                self._folded_stats = dict(method.forward_stats())
+                self._model_ref = None
             else:
                 self._refresh(force=True)
 
@@ -198,6 +224,11 @@ class AdaptiveEngine:
         guard = getattr(method, "guard", None)
         if guard is not None and getattr(method, "last_skewed", False):
             self._hybrid_left = 0  # label-skewed stream: never normalize with a skewed batch's own statistics
+        # a change of the input's own moments is visible before the forward: the shifted batch goes straight
+        # to the adaptive graph instead of running twice
+        shift = adapt and self._input_shifted(x)
+        if shift:
+            self._on_shift(method)
         if mix is None and adapt and method.needs_stats and self._hybrid_left > 0:
             mix = self._transductive_mix(n)
             self._hybrid_left -= 1
@@ -205,20 +236,21 @@ class AdaptiveEngine:
             out = self.backend.run_adaptive(x, self.current_params(), mix)
         else:
             if adapt and self._stale:
-                self._refresh()
                 self._stale = False
+                if self._stats_moved() > c.refresh_tol:
+                    self._refresh()
             out = self.backend.run_static(x)
         entropy = entropy_from_logits(out.logits)
-        shift = self._detect_shift(float(entropy.mean()), x, out.features) if adapt else False
-        if shift:
-            method.on_shift()
-            if mix is None and method.needs_stats and c.hybrid_batches > 0 and not (
+        if adapt and mix is None and not shift and self._output_shifted(float(entropy.mean()), out.features):
+            shift = True
+            self._on_shift(method)
+            if method.needs_stats and self._hybrid_left > 0 and c.rerun_on_shift and not (
                     guard is not None and guard.detect(out.logits)):
                 # predict the shifted batch with its own statistics instead of the stale ones
                 mix = self._transductive_mix(n)
                 out = self.backend.run_adaptive(x, self.current_params(), mix)
                 entropy = entropy_from_logits(out.logits)
-                self._hybrid_left = c.hybrid_batches - 1
+                self._hybrid_left -= 1
         logits, feats = out.logits, out.features
         ood_score = self.detector.score(logits, feats)
         ood = ood_score > self.detector.threshold
@@ -228,18 +260,27 @@ class AdaptiveEngine:
         info = BatchInfo(reliable=reliable, ood=ood, entropy=entropy, logits=logits)
         stats_run = False
         if adapt:
-            if method.needs_stats and reliable.any():
+            if method.needs_stats and shift and mix is not None and out.batch_stats is not None \
+                    and c.shift_full_batch and ood_frac <= c.max_ood_fraction:
+                # the first batch of a new domain: its own statistics (all of it, as the transductive forward
+                # used them) are the best estimate there is; the reliability filter would leave a handful
+                method.update_stats(out.batch_stats, n, info)
+                stats_run = True
+            elif method.needs_stats and reliable.any():
                 if mix is not None and out.batch_stats is not None and reliable.mean() >= c.full_batch_reliable:
                     # the forward already computed this batch's statistics; most of it is reliable
                     method.update_stats(out.batch_stats, int(reliable.sum()), info)
                     stats_run = True
-                elif mix is not None or self.batches % c.stats_every == 0:
+                elif mix is not None or self.batches % c.stats_every == 0 or self._post_shift_left > 0:
                     idx = np.flatnonzero(reliable)
                     if len(idx) > c.stats_samples:
                         idx = np.sort(self._rng.choice(idx, c.stats_samples, replace=False))
                     st = self.backend.run_adaptive(x[idx], self.current_params(), None)
                     method.update_stats(st.batch_stats, len(idx), info)
                     stats_run = True
+            if not shift and self._post_shift_left > 0:
+                self._post_shift_left -= 1
+                self._stale = True
             logits = method.adjust(logits, feats, info)
             if method.stats_version != self._folded_stats_version and (
                     self.batches % c.refresh_every == 0 or mix is not None):
@@ -253,31 +294,48 @@ class AdaptiveEngine:
                   "transductive": mix is not None},
         )
 
-    def _detect_shift(self, mean_entropy: float, x: np.ndarray, feats: np.ndarray) -> bool:
-        """A domain shift shows as a jump of the batch's mean entropy over its running average, or as a change
-        of the input's own first and second moments (brightness, contrast, noise) beyond batch-to-batch noise."""
+    def _on_shift(self, method: AdaptationMethod) -> None:
+        self.shifts += 1
+        method.on_shift()
+        self._model_ref = None  # the new domain's outputs become the reference once it runs on the fast path
+        self._post_shift_left = self.config.post_shift_stats
+        guard = getattr(method, "guard", None)
+        if method.needs_stats and not (guard is not None and getattr(method, "last_skewed", False)):
+            self._hybrid_left = self.config.hybrid_batches
+
+    def _input_shifted(self, x: np.ndarray) -> bool:
+        """A change of the input's first or second moment (brightness, contrast, noise) beyond batch-to-batch
+        noise, against a running average. Computed on every 4th value: the moments of 64 images barely move."""
         c = self.config
-        xm, xs = float(x.mean()), float(x.std())
-        fm = feats.mean(0)
-        prev = self._entropy_ema
-        m = c.entropy_momentum
-        if prev is None:  # a new stream is a new domain until shown otherwise
-            self._entropy_ema, self._input_ema, self._feat_ema = mean_entropy, (xm, xs), fm
-            self.shifts += 1
+        sub = x.reshape(-1)[::4]
+        xm, xs = float(sub.mean()), float(sub.std())
+        if self._input_ema is None:  # a new stream is a new domain until shown otherwise
+            self._input_ema = (xm, xs)
             return True
         pm, ps = self._input_ema
-        pf = self._feat_ema if self._feat_ema is not None else fm  # None right after new parameters
-        feat_change = float(np.linalg.norm(fm - pf) / max(float(np.linalg.norm(pf)), 1e-6))
-        shift = (mean_entropy > prev * c.shift_ratio and mean_entropy > prev + c.shift_margin) or \
-            abs(xm - pm) > c.input_shift * ps or abs(xs / max(ps, 1e-6) - 1) > c.input_shift or \
-            feat_change > c.feature_shift
-        if shift:  # restart the running averages at the new domain
-            self._entropy_ema, self._input_ema, self._feat_ema = mean_entropy, (xm, xs), fm
-            self.shifts += 1
+        if abs(xm - pm) > c.input_shift * ps or abs(xs / max(ps, 1e-6) - 1) > c.input_shift:
+            self._input_ema = (xm, xs)
             return True
-        self._entropy_ema = (1 - m) * prev + m * mean_entropy
+        m = c.entropy_momentum
         self._input_ema = ((1 - m) * pm + m * xm, (1 - m) * ps + m * xs)
-        self._feat_ema = (1 - m) * pf + m * fm
+        return False
+
+    def _output_shifted(self, mean_entropy: float, feats: np.ndarray) -> bool:
+        """A jump of the batch's mean entropy or a move of its mean penultimate feature, compared only with
+        earlier batches of the same fast-path session: transductive batches and refolds change the outputs by
+        themselves, so the reference restarts after each (otherwise the engine would chase its own tail)."""
+        c = self.config
+        fm = feats.mean(0)
+        if self._model_ref is None:
+            self._model_ref = (mean_entropy, fm)
+            return False
+        prev, pf = self._model_ref
+        feat_change = float(np.linalg.norm(fm - pf) / max(float(np.linalg.norm(pf)), 1e-6))
+        if (mean_entropy > prev * c.shift_ratio and mean_entropy > prev + c.shift_margin) or \
+                feat_change > c.feature_shift:
+            return True
+        m = c.entropy_momentum
+        self._model_ref = ((1 - m) * prev + m * mean_entropy, (1 - m) * pf + m * fm)
         return False
 
     # -- persistence -------------------------------------------------------------------------------

@@ -47,8 +47,8 @@ class EmaStats(AdaptationMethod):
         "transductive": False,
         "prior": 16.0,
         "publish_every": 1,
-        "shift_momentum": 0.5,
-        "shift_updates": 3,
+        "shift_momentum": 0.9,
+        "shift_updates": 1,
     }
 
     def _validate(self) -> None:

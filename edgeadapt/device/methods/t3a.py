@@ -61,16 +61,21 @@ class T3A(AdaptationMethod):
             np.add.at(self._cls_sums, labels, z_norm)
             np.add.at(self._counts, labels, 1)
             return
+        # all classes at once: each new sample is a candidate in its own class's row only (inf elsewhere);
+        # a stable sort of [kept | new] per row keeps the filter_k lowest entropies, older first on ties
         m = self.options["filter_k"]
-        for k in np.unique(labels):
-            sel = labels == k
-            ents = np.concatenate([self._ent[k], ent[sel]])
-            sups = np.concatenate([self._sup[k], z_norm[sel].astype(np.float32)])
-            order = np.argsort(ents, kind="stable")[:m]
-            self._ent[k] = ents[order]
-            self._sup[k] = sups[order]
-            kept = np.isfinite(self._ent[k])
-            self._cls_sums[k] = self._sup[k][kept].astype(np.float64).sum(0)
+        n = len(labels)
+        cand_ent = np.full((self._c, n), np.inf)
+        cand_ent[labels, np.arange(n)] = ent
+        cand_sup = np.zeros((self._c, n, self._d), np.float32)
+        cand_sup[labels, np.arange(n)] = z_norm
+        ents = np.concatenate([self._ent, cand_ent], axis=1)
+        order = np.argsort(ents, axis=1, kind="stable")[:, :m]
+        self._ent = np.take_along_axis(ents, order, axis=1)
+        sups = np.concatenate([self._sup, cand_sup], axis=1)
+        self._sup = np.take_along_axis(sups, order[:, :, None], axis=1)
+        kept = np.isfinite(self._ent)
+        self._cls_sums = np.einsum("cm,cmd->cd", kept.astype(np.float64), self._sup.astype(np.float64))
 
     def supports(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(normalized supports [m,D], entropies [m]) kept for class k (bounded mode only)."""
