@@ -43,6 +43,25 @@ class Backend(ABC):
         """Fold a full adaptable parameter set into the fast path (atomic swap)."""
 
 
+_POOL = {"threads": None}  # the process-wide ONNX Runtime thread pool, once configured
+
+
+def _shared_pool(threads: int) -> bool:
+    """Configure one intra-op thread pool for every session of this process (the static session, its rebuilt
+    successors and the adaptive session). With a pool per session, the idle session's workers keep spinning
+    while the other runs: on 2 cores a static batch right after an adaptive one took 2x as long, and every
+    rebuilt session started new threads. The sizes are fixed once the pool exists (first session to use it)."""
+    import onnxruntime.capi._pybind_state as ort_state
+
+    if _POOL["threads"] is None:
+        try:
+            ort_state.set_global_thread_pool_sizes(threads, 1)
+            _POOL["threads"] = threads
+        except Exception:  # already created in this process (by an earlier backend): share it as it is
+            _POOL["threads"] = -1
+    return True
+
+
 def _providers(device: str) -> list[str]:
     import onnxruntime as ort
 
@@ -59,13 +78,14 @@ def _providers(device: str) -> list[str]:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: B.Bundle, threads: int = 2, device: str = "cpu"):
+    def __init__(self, bundle: B.Bundle, threads: int = 2, device: str = "cpu", shared_threads: bool = True):
         import onnx
         import onnxruntime as ort
 
         self._ort = ort
         self.bundle = bundle
         self.threads = threads
+        self.shared_threads = shared_threads and _shared_pool(threads)
         self.providers = _providers(device)
         self._static_model = onnx.load(str(bundle.static_graph))
         self._init_index = {t.name: i for i, t in enumerate(self._static_model.graph.initializer)}
@@ -82,8 +102,11 @@ class OrtBackend(Backend):
 
     def _options(self):
         so = self._ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
+        if self.shared_threads:
+            so.use_per_session_threads = False
+        else:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return so

@@ -36,7 +36,7 @@ class EngineConfig:
     reliable_entropy_factor: float = 0.8
     max_ood_fraction: float = 0.5
     stats_samples: int = 32
-    stats_every: int = 16
+    stats_every: int = 32
     refresh_every: int = 16
     refresh_tol: float = 0.02
     hybrid_batches: int = 1
