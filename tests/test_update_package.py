@@ -57,6 +57,12 @@ def test_round_trip_every_mode(key, pair, mode):
         for n in target:
             step = np.abs(target[n] - base[n]).max() / 7
             assert np.abs(params[n] - target[n]).max() <= step / 2 + 1e-6
+    elif mode == "ecq":  # half a step at most: rms/24 for vectors, rms/sqrt(1024/n) for small matrices
+        for n in target:
+            d = (target[n] - base[n]).astype(np.float64)
+            k = 24 if d.ndim <= 1 else np.sqrt(max(1.0, 1024 / d.size))
+            step = max(np.sqrt(np.mean(d * d)) / k, np.abs(d).max() / 127)
+            assert np.abs(params[n] - target[n]).max() <= step / 2 + 1e-5
     else:  # sparse: ~10% of entries changed, each moved toward the target
         for n in target:
             changed = params[n] != base[n]
@@ -187,3 +193,28 @@ def test_signing_key_files(tmp_path):
     assert signing.public_key_b64(signing.load_private_key(tmp_path / "k.pem")) == b64
     with pytest.raises(signing.SigningKeyError):
         signing.public_key_from_b64("bm90IGEga2V5")
+
+
+def test_ecq_entropy_codes_matrices_coarsely_and_vectors_finely(key):
+    """ecq: a Gaussian matrix delta costs ~2-3 bits per value after zstd (ratio > 8), a vector delta keeps a
+    24x finer step; the package decodes like int8 on the device."""
+    rng = np.random.default_rng(2)
+    base = {"adapter.weight": rng.normal(size=(128, 128)).astype(np.float32),
+            "bn.weight": np.ones(64, np.float32)}
+    target = {"adapter.weight": base["adapter.weight"] + rng.normal(0, 0.01, (128, 128)).astype(np.float32),
+              "bn.weight": base["bn.weight"] + rng.normal(0, 0.1, 64).astype(np.float32)}
+    data = U.build_package("m", 0, base, 1, target, "ecq", key)
+    assert U.raw_fp32_bytes(target) / len(data) > 8
+    _, params, header = U.verify_and_apply(data, signing.public_key_b64(key), "m", 0, base)
+    err_m = np.abs(params["adapter.weight"] - target["adapter.weight"]).max()
+    err_v = np.abs(params["bn.weight"] - target["bn.weight"]).max()
+    assert err_m <= 0.01 * 2 and err_v <= 0.1 * 2 / 24  # half a step, with the sample rms near the true one
+    assert header["mode_opts"] == {}
+    fine = U.build_package("m", 0, base, 1, target, "ecq", key, matrix_k=4)
+    assert len(fine) > len(data)
+    # an outlier is not clipped: the step grows to max/127 instead
+    spiky = {**target, "bn.weight": target["bn.weight"].copy()}
+    spiky["bn.weight"][0] += 50.0
+    _, rec, _ = U.verify_and_apply(U.build_package("m", 0, base, 1, spiky, "ecq", key), signing.public_key_b64(key),
+                                   "m", 0, base)
+    assert abs(rec["bn.weight"][0] - spiky["bn.weight"][0]) < 0.5

@@ -147,7 +147,7 @@ def run_update_bench(
         acc = _accuracy(bundle_dir, recon, x_eval, y_eval, manifest)
         err = max(float(np.abs(recon[n] - target[n]).max()) for n in target) if target else 0.0
         report_modes[mode] = {"bytes": len(data), "ratio": raw / len(data), "acc": acc,
-                              "acc_delta": (acc - acc_target) * 100.0, "max_abs_err": err,
+                              "acc_delta": round((acc - acc_target) * 100.0, 6), "max_abs_err": err,
                               "lossless": params_hash(recon) == params_hash(target), "build_s": build_s,
                               **({"opts": opts} if opts else {})}
     ok = [(m, r) for m, r in report_modes.items() if r["acc_delta"] >= -0.5]

@@ -191,7 +191,7 @@ listen = "127.0.0.1:8700"
 # bundle = "/path/to/bundle"
 # teacher = "resnet_teacher"            # or package.module:factory
 # teacher_weights = "/path/to/teacher.safetensors"
-update_mode = "int8"                    # fp32 | fp16 | int8 | int4 | ternary | bitmask_fp16
+update_mode = "int8"                    # fp32 | fp16 | int8 | int4 | ecq | ternary | bitmask_fp16
                                         # (int8: ~0.2 pt; int4: ~9x on adapter updates; sparse modes lose more)
 auto_rollout = true                     # new gated versions go to all devices
 max_body_bytes = 16777216

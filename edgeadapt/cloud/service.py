@@ -31,7 +31,7 @@ from edgeadapt.core.wire import MAX_SAMPLE_BYTES, SampleBatch, SampleBatchResult
 log = logging.getLogger(__name__)
 
 MODE_OPTS = {"ternary": ("density", "threshold", "zstd_level"), "bitmask_fp16": ("density", "threshold", "zstd_level"),
-             "int4": ("clip", "zstd_level")}
+             "int4": ("clip", "zstd_level"), "ecq": ("vector_k", "matrix_k", "small_n", "zstd_level")}
 
 
 class ServiceError(Exception):
