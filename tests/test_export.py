@@ -60,7 +60,9 @@ def test_parity_three_architectures(tmp_path, calib, arch, kinds):
     b = Bundle(tmp_path / arch)
     import onnxruntime as ort
 
-    s = ort.InferenceSession(str(b.adaptive_graph), providers=["CPUExecutionProvider"])
+    from edgeadapt.device.backend import session_options
+
+    s = ort.InferenceSession(str(b.adaptive_graph), session_options(), providers=["CPUExecutionProvider"])
     x = calib[0][:16].astype(np.float32) / 255
     names = [i.name for i in s.get_inputs()]
     feeds = {"input": x, **{k: v for k, v in b.params.items() if k in names}}

@@ -62,6 +62,22 @@ def _shared_pool(threads: int) -> bool:
     return True
 
 
+def session_options(threads: int = 2):
+    """SessionOptions for any ONNX Runtime session of this process: once the shared pool exists, ORT refuses
+    sessions that ask for their own threads, so every session (export checks, verify, benchmarks) goes
+    through here."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if _POOL["threads"] is not None:
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
 def _providers(device: str) -> list[str]:
     import onnxruntime as ort
 
@@ -85,7 +101,8 @@ class OrtBackend(Backend):
         self._ort = ort
         self.bundle = bundle
         self.threads = threads
-        self.shared_threads = shared_threads and _shared_pool(threads)
+        if shared_threads:
+            _shared_pool(threads)
         self.providers = _providers(device)
         self._static_model = onnx.load(str(bundle.static_graph))
         self._init_index = {t.name: i for i, t in enumerate(self._static_model.graph.initializer)}
@@ -101,12 +118,7 @@ class OrtBackend(Backend):
         ]
 
     def _options(self):
-        so = self._ort.SessionOptions()
-        if self.shared_threads:
-            so.use_per_session_threads = False
-        else:
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
+        so = session_options(self.threads)
         so.log_severity_level = 3
         so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return so

@@ -74,9 +74,9 @@ def _onnx_export(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.Mo
 def _ort_session(model: onnx.ModelProto | bytes | str, threads: int = 2):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.log_severity_level = 3
+    from edgeadapt.device.backend import session_options
+
+    so = session_options(threads)
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 

@@ -25,12 +25,13 @@ def verify_bundle(path: str | Path, check_parity: bool = True) -> dict:
         return result
     import onnxruntime as ort
 
+    from edgeadapt.device.backend import session_options
+
     try:
         calib = load_params(path / B.CALIB)
         params = load_params(path / B.PARAMS)
         x, ref = calib["parity.input"], calib["parity.logits"]
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so = session_options()
         tol = float(manifest.profile.get("parity_tolerance", 1e-4))
         static = ort.InferenceSession(str(path / B.STATIC_GRAPH), so, providers=["CPUExecutionProvider"])
         adaptive = ort.InferenceSession(str(path / B.ADAPTIVE_GRAPH), so, providers=["CPUExecutionProvider"])
