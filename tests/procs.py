@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from edgeadapt.core.serving import wait_healthy
 from tests.conftest import free_port
 
 
@@ -51,17 +52,7 @@ class Proc:
         return self
 
     def wait_healthy(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"{self.name} never became healthy:\n{self.tail()}")
+        wait_healthy(self.url, self.popen, self.name, timeout, self.tail)
 
     def kill(self) -> None:
         """SIGKILL: no handler runs, nothing is flushed or saved."""

@@ -29,6 +29,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from edgeadapt.core.serving import wait_healthy
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -54,20 +56,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(p: Proc, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.proc.poll() is not None:
-            raise RuntimeError(f"{p.url}: the process exited with {p.proc.returncode}:\n{p.log_tail()}")
-        try:
-            if httpx.get(f"{p.url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{p.url} did not become healthy in {timeout:.0f} s:\n{p.log_tail()}")
-
-
 def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -86,7 +74,7 @@ def _started(cmd: list[str], log: Path, url: str, env: dict[str, str], timeout: 
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     p = Proc(url, proc, log, admin_token)
     try:
-        _wait_healthy(p, timeout)
+        wait_healthy(p.url, p.proc, p.url, timeout, p.log_tail)
         yield p
     finally:
         _stop(proc)

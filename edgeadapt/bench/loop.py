@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from edgeadapt.core.serving import wait_healthy
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -32,19 +34,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            raise RuntimeError(f"{what} exited with {proc.returncode}: {out[-2000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} did not become healthy at {url}")
+def _read_out(proc: subprocess.Popen) -> str:
+    return proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -87,7 +78,7 @@ def loop_processes(bundle: Path, teacher: str, teacher_weights: Path, signing_ho
     device = None
     try:
         curl = f"http://127.0.0.1:{cport}"
-        _wait_healthy(curl, cloud, "cloud")
+        wait_healthy(curl, cloud, "cloud", 120, lambda: _read_out(cloud))
         r = httpx.post(f"{curl}/v1/admin/devices", json={"name": "bench-device"},
                        headers={"Authorization": f"Bearer {admin}"}, timeout=30)
         r.raise_for_status()
@@ -100,7 +91,7 @@ def loop_processes(bundle: Path, teacher: str, teacher_weights: Path, signing_ho
             dev_cmd += ["--method", method]
         device = subprocess.Popen(dev_cmd, stdout=dlog, stderr=subprocess.STDOUT, env=denv)
         durl = f"http://127.0.0.1:{dport}"
-        _wait_healthy(durl, device, "device")
+        wait_healthy(durl, device, "device", 120, lambda: _read_out(device))
         yield {"cloud": curl, "device": durl, "admin": admin, "token": token, "home": home,
                "cloud_proc": cloud, "device_proc": device}
     finally:
