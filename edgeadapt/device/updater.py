@@ -3,8 +3,9 @@
 1. Poll ``GET /v1/updates?model=…&have=V`` (204 = current). 2. Verify the package (signature with the bundle's
 cloud key, model id, base version and hash, no downgrade) — a package that fails is never applied.
 3. Save the new version to disk, build its ONNX Runtime session off the hot path, swap it in between
-batches. 4. Watch ``watch_batches`` batches: mean entropy, OOD rate and agreement with the previous
-version (the previous session is kept and run on the same inputs during the window). 5. Keep it, or roll
+batches. 4. Watch ``watch_batches`` batches: the previous session is kept and run on the same inputs during the
+window, so agreement and mean entropy compare the two versions on identical batches (a short window of noisy
+traffic cannot trip them); the OOD rate is compared with the window before, allowing for its sampling noise. 5. Keep it, or roll
 back by itself and record why; a rolled-back version is not taken again.
 """
 
@@ -21,6 +22,7 @@ import httpx
 import numpy as np
 
 from edgeadapt.core import update_package as UP
+from edgeadapt.core.mathops import entropy_from_logits
 from edgeadapt.core.wire import Heartbeat
 from edgeadapt.device.versions import VersionStoreError
 
@@ -43,9 +45,14 @@ class _Watch:
     previous_session: object
     baseline_entropy: float
     baseline_ood: float
+    baseline_entropy_sd: float = 0.0  # batch-to-batch spread of the baseline (noise margin, unpaired rule)
     entropy: list = field(default_factory=list)
     ood: list = field(default_factory=list)
+    samples: int = 0
     agree: list = field(default_factory=list)
+    # the same inputs through both versions: a paired entropy comparison that input noise cannot trip
+    paired_entropy_prev: list = field(default_factory=list)
+    paired_entropy_cur: list = field(default_factory=list)
 
 
 class Updater:
@@ -156,6 +163,7 @@ class Updater:
                 version=version, previous_version=base_version, previous_session=previous_session,
                 baseline_entropy=float(np.mean([e for e, _ in recent])) if recent else float("nan"),
                 baseline_ood=float(np.mean([o for _, o in recent])) if recent else float("nan"),
+                baseline_entropy_sd=float(np.std([e for e, _ in recent])) if len(recent) > 1 else 0.0,
             )
             return "applied"
 
@@ -168,15 +176,18 @@ class Updater:
             return
         w.entropy.append(ent)
         w.ood.append(ood)
+        w.samples += len(res.entropy)
         current = getattr(self.engine.backend, "_static", None)
         if w.previous_session is not None and current is not None:
             try:
                 # both versions through the same fast path and the same input: only the parameters differ
                 # (the served prediction may come from a transductive batch or an output-side method)
                 xp = self.engine.prepare(x)
-                prev = w.previous_session.run(["logits"], {"input": xp})[0].argmax(1)
-                cur = current.run(["logits"], {"input": xp})[0].argmax(1)
-                w.agree.append(float((prev == cur).mean()))
+                prev = w.previous_session.run(["logits"], {"input": xp})[0]
+                cur = current.run(["logits"], {"input": xp})[0]
+                w.agree.append(float((prev.argmax(1) == cur.argmax(1)).mean()))
+                w.paired_entropy_prev.append(float(entropy_from_logits(prev).mean()))
+                w.paired_entropy_cur.append(float(entropy_from_logits(cur).mean()))
             except Exception as exc:  # a comparison failure must not hurt serving
                 log.warning("agreement check failed: %s", exc)
         if len(w.entropy) >= self.watch_batches:
@@ -187,10 +198,24 @@ class Updater:
         ent, ood = float(np.mean(w.entropy)), float(np.mean(w.ood))
         agree = float(np.mean(w.agree)) if w.agree else 1.0
         reasons = []
-        if np.isfinite(w.baseline_entropy) and ent > w.baseline_entropy * (1 + p.max_entropy_increase) + 0.02:
-            reasons.append(f"mean entropy {ent:.3f} vs {w.baseline_entropy:.3f} before")
-        if np.isfinite(w.baseline_ood) and ood > w.baseline_ood + p.max_ood_increase:
-            reasons.append(f"OOD rate {ood:.2f} vs {w.baseline_ood:.2f} before")
+        if w.paired_entropy_cur:
+            # same inputs through both versions: only the parameters differ, so no noise margin is needed
+            ent = float(np.mean(w.paired_entropy_cur))
+            before = float(np.mean(w.paired_entropy_prev))
+            if ent > before * (1 + p.max_entropy_increase) + 0.02:
+                reasons.append(f"mean entropy {ent:.3f} vs {before:.3f} for version {w.previous_version} "
+                               "on the same inputs")
+        elif np.isfinite(w.baseline_entropy):
+            # other inputs than the baseline's: allow for the batch-to-batch spread of a short window
+            noise = 3.0 * w.baseline_entropy_sd / np.sqrt(max(1, len(w.entropy)))
+            if ent > w.baseline_entropy * (1 + p.max_entropy_increase) + 0.02 + noise:
+                reasons.append(f"mean entropy {ent:.3f} vs {w.baseline_entropy:.3f} before")
+        if np.isfinite(w.baseline_ood):
+            # binomial noise of a rate over the window's samples, so a short window is not a coin flip
+            q = min(max(w.baseline_ood, 0.05), 0.95)
+            noise = 3.0 * np.sqrt(q * (1 - q) / max(1, w.samples))
+            if ood > w.baseline_ood + p.max_ood_increase + noise:
+                reasons.append(f"OOD rate {ood:.2f} vs {w.baseline_ood:.2f} before")
         if agree < p.min_agreement:
             reasons.append(f"agreement with version {w.previous_version} only {agree:.2f}")
         self._watch = None
