@@ -79,6 +79,8 @@ def run_accuracy_bench(bundle_dir: str | Path, stream_path: str | Path, stream: 
         x, y, dom = class_sorted(x, y, dom)
     elif stream != "continual":
         raise ValueError(f"stream must be continual or class-sorted, got {stream!r}")
+    names = data.get("corruption_names")
+    domain_names = np.array([str(names[d]) for d in dom]) if names is not None else dom
     bundle = Bundle(bundle_dir)
     rows = rows or ["source", "norm_stats", "device_best", "tent", "eata"]
     out: dict = {"stream": stream, "n": int(len(x)), "batch": batch, "rows": {}}
@@ -109,7 +111,7 @@ def run_accuracy_bench(bundle_dir: str | Path, stream_path: str | Path, stream: 
                 raise ValueError("the loop rows need a teacher and the cloud home whose key the bundle trusts")
             res = run_loop(Path(bundle_dir), teacher[0], teacher[1], signing_home, x, y, batch=batch,
                            sync_every=sync_every, upload_all=(row == "loop_upload_all"), method=device_method,
-                           progress=bar)
+                           progress=bar, domains=domain_names)
         else:
             raise ValueError(f"unknown row {row!r}")
         out["rows"][row] = res

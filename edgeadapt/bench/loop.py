@@ -109,11 +109,15 @@ def _npy(x: np.ndarray) -> bytes:
 
 def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Path, x: np.ndarray, y: np.ndarray,
              batch: int = 64, sync_every: int = 8, upload_all: bool = False, method: str | None = None,
-             progress: Callable[[int], None] | None = None, work: Path | None = None) -> dict:
+             progress: Callable[[int], None] | None = None, work: Path | None = None,
+             domains: np.ndarray | None = None) -> dict:
+    """Stream ``x`` through the device with the cloud in the loop; ``domains`` (per image) adds per-domain
+    accuracy to the result."""
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="edgeadapt-loop-")) if own else work
     work.mkdir(parents=True, exist_ok=True)
     correct, n = 0, 0
+    hits = np.zeros(len(x), bool)
     versions, trains, rejected = [], 0, 0
     t0 = time.perf_counter()
     try:
@@ -128,7 +132,8 @@ def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Pa
                                headers={"content-type": "application/x-npy"})
                     r.raise_for_status()
                     preds = np.array([q["class"] for q in r.json()["predictions"]])
-                    correct += int((preds == y[i : i + batch]).sum())
+                    hits[i : i + len(xb)] = preds == y[i : i + batch]
+                    correct += int(hits[i : i + len(xb)].sum())
                     n += len(xb)
                     versions.append(r.json()["param_version"])
                     if progress:
@@ -151,7 +156,9 @@ def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Pa
     q = status.get("queue", {})
     up = status.get("uploader", {})
     upd = status.get("updater", {}).get("counters", {})
-    return {"acc": correct / max(n, 1), "upload_frac": q.get("sent", 0) / max(n, 1), "bytes_up": up.get("bytes_up", 0),
+    per_domain = {} if domains is None else {
+        str(d): round(float(hits[domains == d].mean()), 4) for d in dict.fromkeys(domains.tolist())}
+    return {"acc": correct / max(n, 1), **({"acc_per_domain": per_domain} if per_domain else {}), "upload_frac": q.get("sent", 0) / max(n, 1), "bytes_up": up.get("bytes_up", 0),
             "bytes_down": upd.get("bytes_down", 0), "img_s": n / (time.perf_counter() - t0),
             "versions_applied": upd.get("applied", 0), "rolled_back": upd.get("rolled_back", 0),
             "updates_rejected_on_device": upd.get("rejected", 0), "trainings": trains, "gate_rejections": rejected,

@@ -50,6 +50,10 @@ class TrainerConfig(BaseModel, extra="forbid"):
     replay_per_step: int = Field(96, ge=0)
     steps_per_chunk: int = Field(1, ge=1)
     epochs: int = Field(1, ge=1, description="passes over the pending uploads per training round")
+    normalization: str = Field("batch", pattern="^(batch|running)$",
+                               description="batch: each group of one device's consecutive uploads is normalized with "
+                                           "its own statistics (as the devices do); running: one mixed batch, teacher "
+                                           "and gate in eval mode")
     bn_momentum: float | None = Field(None, gt=0, le=1, description="override BatchNorm momentum (None: keep)")
     teacher_adapt: bool = Field(False, description="teacher adapts its norm affine by entropy minimization")
     teacher_lr: float = Field(2.5e-4, gt=0)
