@@ -126,6 +126,18 @@ class AdaptiveEngine:
             params[f"{layer}.running_var"] = np.asarray(var, np.float32)
         return params
 
+    @property
+    def folded_stats_version(self) -> int:
+        """Which adapted statistics the fast-path session holds (changes at every refold)."""
+        return self._folded_stats_version
+
+    def static_session_for(self, base: ParamSet):
+        """A fast-path session for other base parameters with the statistics folded now (e.g. the previous
+        version, compared with the current one on the same inputs), or None for a backend without one."""
+        if not hasattr(self.backend, "build_static"):
+            return None
+        return self.backend.build_static(self._params_with(base, self.method))
+
     def _refresh(self, force: bool = False) -> None:
         v = self.method.stats_version
         if force or v != self._folded_stats_version:

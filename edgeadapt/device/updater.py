@@ -43,6 +43,8 @@ class _Watch:
     version: int
     previous_version: int
     previous_session: object
+    previous_base: dict
+    folded: int  # the engine's folded statistics when previous_session was built
     baseline_entropy: float
     baseline_ood: float
     baseline_entropy_sd: float = 0.0  # batch-to-batch spread of the baseline (noise margin, unpaired rule)
@@ -150,6 +152,7 @@ class Updater:
                 self.daemon._error("versions", f"cannot store version {version}: {exc}")
             backend = self.engine.backend
             previous_session = getattr(backend, "_static", None)
+            previous_base, folded = self.engine.base_params, self.engine.folded_stats_version
             recent = list(self._recent)
             self.engine.apply_params(params, version)
             try:
@@ -161,6 +164,7 @@ class Updater:
             self._event("applied", version=version, base=base_version, mode=header.get("compression"))
             self._watch = _Watch(
                 version=version, previous_version=base_version, previous_session=previous_session,
+                previous_base=previous_base, folded=folded,
                 baseline_entropy=float(np.mean([e for e, _ in recent])) if recent else float("nan"),
                 baseline_ood=float(np.mean([o for _, o in recent])) if recent else float("nan"),
                 baseline_entropy_sd=float(np.std([e for e, _ in recent])) if len(recent) > 1 else 0.0,
@@ -180,6 +184,11 @@ class Updater:
         current = getattr(self.engine.backend, "_static", None)
         if w.previous_session is not None and current is not None:
             try:
+                if self.engine.folded_stats_version != w.folded:
+                    # the engine refolded its statistics (e.g. at a domain shift): give the previous version the
+                    # same statistics, so that only the parameters differ between the two
+                    w.previous_session = self.engine.static_session_for(w.previous_base)
+                    w.folded = self.engine.folded_stats_version
                 # both versions through the same fast path and the same input: only the parameters differ
                 # (the served prediction may come from a transductive batch or an output-side method)
                 xp = self.engine.prepare(x)
