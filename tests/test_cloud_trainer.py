@@ -163,3 +163,45 @@ def test_teacher_adaptation_option(cloud_env, tmp_path, kit):
     assert changed and all(k.endswith((".weight", ".bias")) for k in changed)
     assert all(after[k].ndim == 1 for k in changed)  # norm affine only
     service.store.close()
+
+
+def test_batch_statistics_normalizes_with_the_batch_and_keeps_running_stats(cloud_env):
+    from edgeadapt.cloud.trainer import batch_statistics
+
+    model = rebuild_edge_model(cloud_env.bundle).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(16, *read_manifest(cloud_env.bundle).input.shape) * 3 + 1  # far from the running stats
+    with torch.no_grad():
+        eval_out = model(x)
+        with batch_statistics(model):
+            batch_out = model(x)
+        model.train()
+        train_out = model(x)  # plain train mode: batch statistics (and it moves the running stats)
+        model.load_state_dict(before)
+        model.eval()
+        with batch_statistics(model, enabled=False):
+            off_out = model(x)
+    torch.testing.assert_close(batch_out, train_out)
+    assert not torch.allclose(batch_out, eval_out, atol=1e-3)
+    torch.testing.assert_close(off_out, eval_out)
+    with torch.no_grad(), batch_statistics(model):
+        model(x)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats and counters untouched
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_sample_groups_keep_one_device_and_arrival_order():
+    from types import SimpleNamespace
+
+    from edgeadapt.cloud.trainer import sample_groups
+
+    samples = [SimpleNamespace(device_id=1 if i % 3 else 2) for i in range(100)]
+    inputs = [np.full(1, i) for i in range(100)]
+    groups = sample_groups(samples, inputs, 32)
+    for g in groups:
+        ids = [int(a[0]) for a in g]
+        assert len({samples[i].device_id for i in ids}) == 1  # one device per group
+        assert ids == sorted(ids)  # arrival order kept
+        assert 16 <= len(g) <= 32  # near-equal sizes: no tiny remainder group
+    assert sorted(int(a[0]) for g in groups for a in g) == list(range(100))

@@ -4,7 +4,12 @@ An update is trained the way the cloud trains one (``Trainer`` on a temporary st
 teacher) on the first part of every corruption of the FMNIST-C stream; then for every compression mode the
 package from version 0 to that update is built, verified and applied exactly as a device would, and the
 reconstructed parameters are scored on held-out stream samples (the later part of every corruption) with the
-torch edge model in eval mode — the same computation as the device's static graph. ``acc_delta`` is in
+torch edge model. Scoring is done as a device uses an update: the device keeps normalizing with statistics of
+its current domain (its own EMA) and takes the update's affine parameters and adapters, so each batch of 64
+held-out samples of one corruption is normalized with its own statistics (``scoring="domain"``, default;
+``scoring="eval"`` uses the update's published running statistics, i.e. a device that has no statistics of its
+own yet). Training uploads keep the stream's order (one corruption after the other), as a device sends them,
+so the trainer's groups are single-domain. ``acc_delta`` is in
 percentage points against the uncompressed update; ``ratio`` is the raw float32 size of the adaptable tensors
 over the package size (header and signature included).
 """
@@ -24,8 +29,7 @@ from edgeadapt.core.tensorfile import params_hash
 from edgeadapt.core.update_package import MODES, build_package, raw_fp32_bytes, verify_and_apply
 
 
-def _split(corruption: np.ndarray, train_fraction: float, max_train: int, max_eval: int,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _split(corruption: np.ndarray, train_fraction: float, max_train: int, max_eval: int) -> tuple[np.ndarray, np.ndarray]:
     """Per corruption: the first ``train_fraction`` for training, the rest held out; evenly capped."""
     groups = [np.flatnonzero(corruption == c) for c in np.unique(corruption)]
     n_groups = len(groups)
@@ -34,22 +38,31 @@ def _split(corruption: np.ndarray, train_fraction: float, max_train: int, max_ev
         cut = int(round(len(idx) * train_fraction))
         train.append(idx[:cut][: max(1, max_train // n_groups)])
         held.append(idx[cut:][: max(1, max_eval // n_groups)])
-    tr = np.concatenate(train)
-    return rng.permutation(tr), np.concatenate(held)
+    return np.concatenate(train), np.concatenate(held)
 
 
-def _accuracy(bundle_dir: Path, params, x: np.ndarray, y: np.ndarray, manifest, batch: int = 512) -> float:
+def _accuracy(bundle_dir: Path, params, x: np.ndarray, y: np.ndarray, manifest, domains: np.ndarray | None = None,
+              batch: int = 64) -> float:
+    """Accuracy of the edge model with ``params``: with ``domains``, every batch of up to ``batch`` samples of
+    one domain is normalized with its own statistics (as a device in that domain does); else eval mode."""
     import torch
 
     from edgeadapt.cloud.edge_model import rebuild_edge_model
-    from edgeadapt.cloud.trainer import to_float_batch
+    from edgeadapt.cloud.trainer import batch_statistics, to_float_batch
 
-    model = rebuild_edge_model(bundle_dir, params)
+    model = rebuild_edge_model(bundle_dir, params).eval()
+    chunks = []
+    if domains is None:
+        chunks = [np.arange(i, min(i + 512, len(x))) for i in range(0, len(x), 512)]
+    else:
+        for d in np.unique(domains):
+            idx = np.flatnonzero(domains == d)
+            chunks += [idx[i : i + batch] for i in range(0, len(idx), batch)]
     correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            pred = model(to_float_batch(list(x[i : i + batch]), manifest)).argmax(1).numpy()
-            correct += int((pred == y[i : i + batch]).sum())
+    with torch.no_grad(), batch_statistics(model, domains is not None):
+        for idx in chunks:
+            pred = model(to_float_batch(list(x[idx]), manifest)).argmax(1).numpy()
+            correct += int((pred == y[idx]).sum())
     return correct / max(1, len(x))
 
 
@@ -66,6 +79,7 @@ def run_update_bench(
     max_eval: int = 3000,
     seed: int = 0,
     trainer: dict | None = None,
+    scoring: str = "domain",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Train one update on part of the stream and score every compression mode. -> the JSON-able report::
@@ -73,7 +87,7 @@ def run_update_bench(
         {"raw_fp32_bytes": int, "modes": {MODE: {"bytes", "ratio", "acc", "acc_delta", "max_abs_err"}}, ...}
 
     ``mode_opts``: per-mode options for ``build_package`` (e.g. ``{"ternary": {"density": 0.2}}``);
-    ``trainer``: TrainerConfig overrides.
+    ``trainer``: TrainerConfig overrides; ``scoring``: "domain" or "eval" (module docstring).
     """
     import torch
 
@@ -91,8 +105,9 @@ def run_update_bench(
     corruption = np.asarray(stream.get("corruption", np.zeros(len(x), np.int64)))
     if list(x.shape[1:]) != list(manifest.input.shape):
         raise ValueError(f"stream images are {list(x.shape[1:])}, the bundle's model takes {manifest.input.shape}")
-    rng = np.random.default_rng(seed)
-    train_idx, eval_idx = _split(corruption, train_fraction, max_train, max_eval, rng)
+    if scoring not in ("domain", "eval"):
+        raise ValueError(f"scoring must be domain or eval, not {scoring!r}")
+    train_idx, eval_idx = _split(corruption, train_fraction, max_train, max_eval)
     torch.manual_seed(seed)
     mode_opts = mode_opts or {}
     unknown = [m for m in modes if m not in MODES]
@@ -121,10 +136,10 @@ def run_update_bench(
         store.close()
 
     x_eval, y_eval = x[eval_idx], y[eval_idx]
+    d_eval = corruption[eval_idx] if scoring == "domain" else None
     say(f"scoring on {len(eval_idx)} held-out samples")
-    acc_source = _accuracy(bundle_dir, base, x_eval, y_eval, manifest)
-    acc_target = _accuracy(bundle_dir, target, x_eval, y_eval, manifest)
-    teacher_acc = None
+    acc_source = _accuracy(bundle_dir, base, x_eval, y_eval, manifest, d_eval)
+    acc_target = _accuracy(bundle_dir, target, x_eval, y_eval, manifest, d_eval)
     with torch.no_grad():
         from edgeadapt.cloud.trainer import to_float_batch
 
@@ -144,7 +159,7 @@ def run_update_bench(
         data = build_package(manifest.model_name, 0, base, result.version, target, mode, key, **opts)
         build_s = time.perf_counter() - t1
         _, recon, header = verify_and_apply(data, pub, manifest.model_name, 0, base)
-        acc = _accuracy(bundle_dir, recon, x_eval, y_eval, manifest)
+        acc = _accuracy(bundle_dir, recon, x_eval, y_eval, manifest, d_eval)
         err = max(float(np.abs(recon[n] - target[n]).max()) for n in target) if target else 0.0
         report_modes[mode] = {"bytes": len(data), "ratio": raw / len(data), "acc": acc,
                               "acc_delta": round((acc - acc_target) * 100.0, 6), "max_abs_err": err,
@@ -166,4 +181,5 @@ def run_update_bench(
         "teacher_acc": teacher_acc,
         "update_gain_points": (acc_target - acc_source) * 100.0,
         "seed": seed,
+        "scoring": scoring,
     }
