@@ -117,8 +117,11 @@ def update(
     bundle: Path = typer.Option(None, help="bundle (default: the reference edge model with rank-4 adapters)"),
     adapters: int = typer.Option(4, help="adapter rank of the default bundle (0 = BatchNorm parameters only)"),
     data: Path = typer.Option(None),
+    scoring: str = typer.Option("domain", help="domain: each held-out batch of one corruption normalized with its "
+                                               "own statistics, as a device uses an update; eval: the update's "
+                                               "published running statistics"),
 ) -> None:
-    """Update-package size and accuracy per compression mode (fp32, fp16, int8, int4, ternary, bitmask)."""
+    """Update-package size and accuracy per compression mode (fp32, fp16, int8, int4, ecq, ternary, bitmask)."""
     from edgeadapt.assets import default_bundle, default_teacher
     from edgeadapt.cloud.bench_update import run_update_bench
 
@@ -127,7 +130,10 @@ def update(
     b, s = _assets(bundle, data)
     arch, weights = default_teacher(console)
     with console.status("training an update and compressing it"):
-        res = run_update_bench(b, arch, weights, s)
+        try:
+            res = run_update_bench(b, arch, weights, s, scoring=scoring)
+        except ValueError as exc:
+            fail(str(exc))
     print_json(res) if json_out else console.print(res)
 
 
