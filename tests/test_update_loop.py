@@ -228,3 +228,54 @@ def test_tampered_or_foreign_packages_are_never_applied(cloud_env, tmp_path):
         assert d.updater.apply_package(good) == "applied" and d.engine.param_version == 1
     finally:
         d.stop()
+
+
+def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(cloud_env, tmp_path):
+    """The watch compares both versions on the same inputs: a harmless update is kept even when the window's
+    traffic is far harder than the traffic before it and the engine refolds its statistics for a new domain
+    in the middle of the window (the previous version is refolded with them). The same window rolls back an
+    update that really is worse."""
+    from edgeadapt.core import signing
+    from edgeadapt.core.update_package import build_package
+    from edgeadapt.device.config import DeviceConfig
+    from edgeadapt.device.daemon import DeviceDaemon
+    from tests.cloud_fixtures import synthetic_images
+
+    d = DeviceDaemon(DeviceConfig(bundle=cloud_env.bundle, state_dir=tmp_path / "s", cloud_url="http://127.0.0.1:9",
+                                  token="t" * 20, watch_batches=4))
+    try:
+        key = signing.load_private_key(cloud_env.home)
+        easy = synthetic_images(64, seed=1)
+        hard = synthetic_images(256, seed=2, shift=0.4)  # another domain: higher entropy, a refold of statistics
+
+        def run(x):
+            res = d.engine.process(x)
+            d.updater.observe(x, res)
+            return res
+
+        def window_after(params, version, base_version):
+            for _ in range(6):
+                run(easy)  # the baseline window: easy, confident traffic
+            pkg = build_package("fmnist-edge", base_version, dict(d.engine.base_params), version, params, "fp16", key)
+            assert d.updater.apply_package(pkg) == "applied"
+            folded = [d.engine.folded_stats_version]
+            for i in range(4):
+                run(hard[i * 64 : (i + 1) * 64])
+                folded.append(d.engine.folded_stats_version)
+            return folded[:-1]  # as seen by the window (the last batch decides, and a rollback refolds too)
+
+        base = dict(d.engine.base_params)
+        harmless = {k: (v + 0.001 if k.endswith(".bias") else v) for k, v in base.items()}
+        folded = window_after(harmless, 1, 0)
+        assert d.updater.counters["kept"] == 1 and d.updater.counters["rolled_back"] == 0, d.updater.counters
+        assert len(set(folded)) > 1  # the statistics were refolded inside the window
+        kept = [e for e in d.updater.events if e["event"] == "kept"][-1]
+        assert kept["agreement"] > 0.95  # same statistics on both sides: only the 0.001 bias differs
+
+        rng = np.random.default_rng(0)
+        worse = {k: (rng.normal(0, 3, v.shape).astype(np.float32) if k.endswith((".weight", ".bias")) else v)
+                 for k, v in harmless.items()}
+        window_after(worse, 2, 1)
+        assert d.updater.counters["rolled_back"] == 1 and d.engine.param_version == 1, d.updater.counters
+    finally:
+        d.stop()

@@ -158,7 +158,8 @@ def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Pa
     upd = status.get("updater", {}).get("counters", {})
     per_domain = {} if domains is None else {
         str(d): round(float(hits[domains == d].mean()), 4) for d in dict.fromkeys(domains.tolist())}
-    return {"acc": correct / max(n, 1), **({"acc_per_domain": per_domain} if per_domain else {}), "upload_frac": q.get("sent", 0) / max(n, 1), "bytes_up": up.get("bytes_up", 0),
+    return {"acc": correct / max(n, 1), **({"acc_per_domain": per_domain} if per_domain else {}),
+            "upload_frac": q.get("sent", 0) / max(n, 1), "bytes_up": up.get("bytes_up", 0),
             "bytes_down": upd.get("bytes_down", 0), "img_s": n / (time.perf_counter() - t0),
             "versions_applied": upd.get("applied", 0), "rolled_back": upd.get("rolled_back", 0),
             "updates_rejected_on_device": upd.get("rejected", 0), "trainings": trains, "gate_rejections": rejected,

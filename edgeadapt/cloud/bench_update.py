@@ -29,7 +29,8 @@ from edgeadapt.core.tensorfile import params_hash
 from edgeadapt.core.update_package import MODES, build_package, raw_fp32_bytes, verify_and_apply
 
 
-def _split(corruption: np.ndarray, train_fraction: float, max_train: int, max_eval: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(corruption: np.ndarray, train_fraction: float, max_train: int,
+           max_eval: int) -> tuple[np.ndarray, np.ndarray]:
     """Per corruption: the first ``train_fraction`` for training, the rest held out; evenly capped."""
     groups = [np.flatnonzero(corruption == c) for c in np.unique(corruption)]
     n_groups = len(groups)
