@@ -279,3 +279,16 @@ def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(
         assert d.updater.counters["rolled_back"] == 1 and d.engine.param_version == 1, d.updater.counters
     finally:
         d.stop()
+
+
+def test_loop_bench_counts_rounds_since_each_shift():
+    from edgeadapt.bench.loop import _acc_by_rounds
+
+    domains = np.repeat([0, 1, 2], 1000)
+    hits = np.arange(3000) % 1000 >= 512  # right only from the 513th image of each domain on
+    # window 512: domain 0 = [512 | 488]; domain 1 starts at 1000 = [24 | 512 | 464]; domain 2 at 2000 = [48 | 512 | 440]
+    by_round = _acc_by_rounds(hits, domains, 512)
+    assert len(by_round) == 3
+    assert by_round[0] == 0.0
+    assert by_round[1] == round((488 + 24 + 48) / (488 + 512 + 512), 4)
+    assert by_round[2] == 1.0

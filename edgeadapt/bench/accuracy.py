@@ -15,6 +15,7 @@ import numpy as np
 from edgeadapt.core.bundle import Bundle
 from edgeadapt.core.wire import UploadSample, WireArray
 from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
+from edgeadapt.device.ood import DEFAULT_DETECTOR
 from edgeadapt.device.selection import SampleSelector
 
 DEFAULT_DEVICE_METHOD = "ema_stats"
@@ -34,7 +35,7 @@ def wire_bytes(x: np.ndarray, num_classes: int) -> int:
 
 
 def run_device(bundle: Bundle, x: np.ndarray, y: np.ndarray, batch: int, method: str, select: bool = False,
-               ood_detector: str = "energy", threads: int = 2, progress: Callable[[int], None] | None = None,
+               ood_detector: str = DEFAULT_DETECTOR, threads: int = 2, progress: Callable[[int], None] | None = None,
                **engine_opts) -> dict:
     engine = AdaptiveEngine(bundle, EngineConfig(method=method, ood_detector=ood_detector, threads=threads,
                                                  **engine_opts))

@@ -107,6 +107,17 @@ def _npy(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _acc_by_rounds(hits: np.ndarray, domains: np.ndarray, window: int) -> list[float]:
+    """Accuracy of the images seen after 0, 1, 2, ... sync rounds since their domain began (round 0: the
+    device still runs what the cloud made before the shift): how fast the loop catches up with a shift."""
+    start = np.zeros(len(domains), np.int64)
+    change = np.flatnonzero(domains[1:] != domains[:-1]) + 1
+    for c in change:
+        start[c:] = c
+    k = np.arange(len(domains)) // window - start // window
+    return [round(float(hits[k == j].mean()), 4) for j in range(int(k.max()) + 1)]
+
+
 def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Path, x: np.ndarray, y: np.ndarray,
              batch: int = 64, sync_every: int = 8, upload_all: bool = False, method: str | None = None,
              progress: Callable[[int], None] | None = None, work: Path | None = None,
@@ -159,6 +170,8 @@ def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Pa
     per_domain = {} if domains is None else {
         str(d): round(float(hits[domains == d].mean()), 4) for d in dict.fromkeys(domains.tolist())}
     return {"acc": correct / max(n, 1), **({"acc_per_domain": per_domain} if per_domain else {}),
+            **({"acc_by_rounds_since_shift": _acc_by_rounds(hits, domains, batch * sync_every)}
+               if per_domain and sync_every else {}),
             "upload_frac": q.get("sent", 0) / max(n, 1), "bytes_up": up.get("bytes_up", 0),
             "bytes_down": upd.get("bytes_down", 0), "img_s": n / (time.perf_counter() - t0),
             "versions_applied": upd.get("applied", 0), "rolled_back": upd.get("rolled_back", 0),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from edgeadapt.device.ood import DEFAULT_DETECTOR
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -27,7 +29,7 @@ class DeviceConfig(BaseModel, extra="forbid"):
     source: str | None = Field(None, description="npz:PATH streams a file through the device instead of HTTP only")
     source_batch: int = Field(64, ge=1, le=4096)
     method: str = "ema_stats"
-    ood_detector: str = "energy"
+    ood_detector: str = DEFAULT_DETECTOR
     threads: int = Field(2, ge=1, le=256)
     backend: str = "onnxruntime"
     max_batch: int = Field(64, ge=1, le=4096)

@@ -26,13 +26,13 @@ from edgeadapt.core.tensorfile import ParamSet
 from edgeadapt.device.backend import Backend, make_backend
 from edgeadapt.device.methods import build_method
 from edgeadapt.device.methods.base import AdaptationMethod, AdaptContext, BatchInfo
-from edgeadapt.device.ood import load_all
+from edgeadapt.device.ood import DEFAULT_DETECTOR, load_all
 
 
 @dataclass
 class EngineConfig:
     method: str = "ema_stats"
-    ood_detector: str = "energy"
+    ood_detector: str = DEFAULT_DETECTOR
     reliable_entropy_factor: float = 0.8
     max_ood_fraction: float = 0.5
     stats_samples: int = 32
