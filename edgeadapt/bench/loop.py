@@ -110,11 +110,10 @@ def _npy(x: np.ndarray) -> bytes:
 def _acc_by_rounds(hits: np.ndarray, domains: np.ndarray, window: int) -> list[float]:
     """Accuracy of the images seen after 0, 1, 2, ... sync rounds since their domain began (round 0: the
     device still runs what the cloud made before the shift): how fast the loop catches up with a shift."""
-    start = np.zeros(len(domains), np.int64)
-    change = np.flatnonzero(domains[1:] != domains[:-1]) + 1
-    for c in change:
-        start[c:] = c
-    k = np.arange(len(domains)) // window - start // window
+    idx = np.arange(len(domains))
+    begins = np.r_[True, domains[1:] != domains[:-1]]
+    start = np.maximum.accumulate(np.where(begins, idx, 0))  # index where each image's domain began
+    k = idx // window - start // window
     return [round(float(hits[k == j].mean()), 4) for j in range(int(k.max()) + 1)]
 
 

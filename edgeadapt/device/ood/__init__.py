@@ -15,9 +15,9 @@ from edgeadapt.device.ood.registry import all_detectors, get_detector, register
 
 PREFIX = "ood."
 DEFAULT_TPR = 0.95
-#: The daemon's novelty flag. OOD-flagged samples are kept out of statistics updates and out of the uploads the
-#: cloud distils on, so a flag that fires on plain covariate shift starves the loop of the current domain's
-#: harder samples. On the dev stream (15 corruptions x 1,000 training images) energy flagged 56% of the images,
+#: The daemon's novelty flag. OOD-flagged samples are never uploaded as data the cloud distils on (and, where
+#: few of a batch are flagged, not used for statistics), so a flag that fires on plain covariate shift starves
+#: the loop of the current domain's harder samples. On the dev stream (15 corruptions x 1,000 training images) energy flagged 56% of the images,
 #: MSP 34%, Mahalanobis 84%; with MSP the lockstep loop gained 1.4 points more. MSP also separates
 #: held-out classes and synthetic inputs better than energy (docs/BENCHMARKS.md, OOD detection).
 DEFAULT_DETECTOR = "msp"
