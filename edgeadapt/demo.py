@@ -50,6 +50,7 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
     from edgeadapt.bench.loop import loop_processes
     from edgeadapt.core.bundle import Bundle
     from edgeadapt.datasets.fmnist import load_stream
+    from edgeadapt.device.config import LOOP_METHOD
     from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 
     console = console or Console()
@@ -66,7 +67,7 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
     x, y, dom = x[keep], y[keep], dom[keep]
     bundle = Bundle(bundle_dir)
     source = AdaptiveEngine(bundle, EngineConfig(method="none"))
-    device_only = AdaptiveEngine(bundle, EngineConfig())
+    device_only = AdaptiveEngine(bundle, EngineConfig(method=LOOP_METHOD))  # what the daemon runs with a cloud
     console.print(f"[cyan]•[/] starting cloud and device; streaming {len(x)} images in batches of {batch}")
     stats: dict[int, np.ndarray] = {}
     curve = []

@@ -140,3 +140,16 @@ def test_sigterm_saves_state_and_restart_resumes(tiny_bundle, tmp_path):
     finally:
         p2.send_signal(signal.SIGTERM)
         p2.wait(30)
+
+
+def test_method_default_follows_the_cloud(tmp_path):
+    """With a cloud the device normalizes every batch with its own statistics, as the trainer trains; standalone
+    it runs the folded fast path; an explicit method wins either way."""
+    from edgeadapt.device.config import LOOP_METHOD, STANDALONE_METHOD, load_config
+
+    base = {"bundle": tmp_path, "state_dir": tmp_path}
+    cloud = {"cloud_url": "http://127.0.0.1:8700", "token": "t"}
+    assert load_config(base, env={}).method == STANDALONE_METHOD
+    assert load_config({**base, **cloud}, env={}).method == LOOP_METHOD
+    assert load_config({**base, **cloud, "method": "lame"}, env={}).method == "lame"
+    assert LOOP_METHOD != STANDALONE_METHOD

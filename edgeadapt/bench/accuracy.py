@@ -14,11 +14,13 @@ import numpy as np
 
 from edgeadapt.core.bundle import Bundle
 from edgeadapt.core.wire import UploadSample, WireArray
+from edgeadapt.device.config import LOOP_METHOD
 from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 from edgeadapt.device.ood import DEFAULT_DETECTOR
 from edgeadapt.device.selection import SampleSelector
 
-DEFAULT_DEVICE_METHOD = "ema_stats"
+#: device_best and the loop rows run the same method, the one a device in the loop runs
+DEFAULT_DEVICE_METHOD = LOOP_METHOD
 
 
 def class_sorted(x: np.ndarray, y: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -43,7 +43,8 @@ def accuracy(
     rows: str = typer.Option("source,norm_stats,device_best,tent,eata",
                              help="comma-separated rows; also loop and loop_upload_all (cloud + device processes)"),
     sync_every: int = typer.Option(8, help="loop rows: lockstep every K batches (0 = asynchronous)"),
-    method: str = typer.Option(None, help="device_best's method spec (default: the device's default)"),
+    method: str = typer.Option(None, help="the method spec of device_best and the loop rows (default: the method a "
+                                          "device in the loop runs, ema_stats:transductive=true)"),
     limit: int = typer.Option(None, help="use only the first N images of each corruption (quick runs)"),
     batch: int = typer.Option(64),
     json_out: bool = typer.Option(False, "--json"),
@@ -79,21 +80,21 @@ def accuracy(
 def runtime(
     bundle: Path = typer.Option(None, help="bundle (default: the reference edge model)"),
     data: Path = typer.Option(None, help="stream .npz for realistic inputs (default: FMNIST-C)"),
-    method: str = typer.Option(None, help="adaptation method (default: the device's default)"),
+    method: str = typer.Option(None, help="adaptation method (default: the standalone device's fast path, ema_stats)"),
     threads: int = typer.Option(2),
     seconds: float = typer.Option(4.0, help="measuring time per throughput figure"),
     requests: int = typer.Option(200, help="HTTP requests for the latency figures"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Static vs adapting throughput, torch Tent step, HTTP p50/p99 latency, RSS — in one run."""
-    from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD
     from edgeadapt.bench.runtime import run_runtime_bench
     from edgeadapt.datasets.fmnist import load_stream
+    from edgeadapt.device.config import STANDALONE_METHOD
 
     b, s = _assets(bundle, data)
     x = load_stream(s)["x"][:4096]
     with console.status("measuring"):
-        res = run_runtime_bench(b, x, method or DEFAULT_DEVICE_METHOD, threads=threads, min_s=seconds,
+        res = run_runtime_bench(b, x, method or STANDALONE_METHOD, threads=threads, min_s=seconds,
                                 http_requests=requests)
     print_json(res) if json_out else console.print(res)
 

@@ -48,7 +48,8 @@ class TrainerConfig(BaseModel, extra="forbid"):
     replay_size: int = Field(10_000, ge=0, description="FIFO replay buffer capacity")
     replay_min: int = Field(256, ge=0, description="replay is mixed in once it holds this many")
     replay_per_step: int = Field(96, ge=0)
-    steps_per_chunk: int = Field(1, ge=1)
+    steps_per_chunk: int = Field(2, ge=1, description="SGD steps per group of new uploads (chosen on the held-out dev "
+                                                       "stream, see docs/NOTES.md)")
     epochs: int = Field(1, ge=1, description="passes over the pending uploads per training round")
     normalization: str = Field("batch", pattern="^(batch|running)$",
                                description="batch: each group of one device's consecutive uploads is normalized with "

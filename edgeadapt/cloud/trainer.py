@@ -8,11 +8,13 @@ minimizes
     w = exp(E_max − H) (detached), E_max = 0.4·ln C, w_s from the student's entropy, w_t from the teacher's,
 
 with SGD (lr 2.5e-3, momentum 0.9) on the bundle's adaptable tensors only: norm affine parameters and adapter
-weights train as parameters; everything else is frozen.
+weights train as parameters; everything else is frozen. Each group of new uploads gets ``steps_per_chunk`` (2)
+steps, each with freshly drawn replay (chosen on a dev stream held out of the models' training, with devices
+normalizing as below: 56.7% vs 56.0% for one step).
 
 Normalization (``normalization = "batch"``, the default; a departure from a plain CEMA step): the devices
-normalize with statistics of their *current* domain (their own EMA, which an update does not replace), so the
-student is trained the same way. Uploads are cut into groups of ``chunk`` consecutive samples of one device
+normalize with statistics of their *current* domain (a device in the loop runs ``LOOP_METHOD``: each batch's own
+statistics mixed with its EMA, which an update does not replace), so the student is trained the same way. Uploads are cut into groups of ``chunk`` consecutive samples of one device
 (one device's recent traffic: one domain, mostly), and every group goes through the student *and the teacher*
 on its own, normalized with the group's own batch statistics. A batch that mixed new and replayed uploads
 would normalize the current domain with statistics of every domain seen so far, and the affine parameters

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from edgeadapt.device.ood import DEFAULT_DETECTOR
 
@@ -20,6 +20,14 @@ class ConfigError(ValueError):
     pass
 
 
+#: the fast path: statistics folded into the static graph, refreshed now and then (the runtime bench's engine)
+STANDALONE_METHOD = "ema_stats"
+#: a device in the loop normalizes every batch with its own statistics (mixed with the EMA, w = n/(16+n)): the
+#: cloud trains the affine parameters under per-group batch statistics (cloud/trainer.py), and an update only
+#: helps a device that normalizes the same way (docs/NOTES.md, "A device in the loop normalizes as the trainer")
+LOOP_METHOD = "ema_stats:transductive=true"
+
+
 class DeviceConfig(BaseModel, extra="forbid"):
     bundle: Path
     state_dir: Path
@@ -28,7 +36,8 @@ class DeviceConfig(BaseModel, extra="forbid"):
     listen: str = "127.0.0.1:8470"
     source: str | None = Field(None, description="npz:PATH streams a file through the device instead of HTTP only")
     source_batch: int = Field(64, ge=1, le=4096)
-    method: str = "ema_stats"
+    method: str | None = Field(None, description="adaptation method spec; default: LOOP_METHOD with a cloud, "
+                                                 "STANDALONE_METHOD without")
     ood_detector: str = DEFAULT_DETECTOR
     threads: int = Field(2, ge=1, le=256)
     backend: str = "onnxruntime"
@@ -54,6 +63,12 @@ class DeviceConfig(BaseModel, extra="forbid"):
         if not host or not port.isdigit() or not (0 <= int(port) < 65536):
             raise ValueError(f"listen must be HOST:PORT, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _default_method(self) -> DeviceConfig:
+        if self.method is None:
+            self.method = LOOP_METHOD if self.cloud_url else STANDALONE_METHOD
+        return self
 
     @field_validator("source")
     @classmethod

@@ -1,0 +1,103 @@
+"""The held-out development setup on which loop and device defaults are chosen (never the test stream's labels).
+
+The reference models are retrained without 2,000 held-out training images, and the dev stream is the 15
+corruptions (severity 5, other seeds) of exactly those images, the same 2,000 per corruption as the test stream
+has: images neither model has seen, like the test stream's. A dev stream of training images overstates what the
+teacher's labels are worth (docs/NOTES.md).
+
+    python scripts/dev_holdout.py setup            # ~6 min on 2 cores: models, stream, bundle under --out
+    python scripts/dev_holdout.py device [METHOD]  # device alone on the dev stream
+    python scripts/dev_holdout.py loop NAME        # the full loop (real processes, lockstep 8); knobs via env:
+                                                   # EDGEADAPT_CLOUD_TRAINER__STEPS_PER_CHUNK=1 ..., --method
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+HELD_OUT = 2000
+SEED = 2026
+
+
+def setup(out: Path) -> None:
+    from edgeadapt.assets import cloud_home, public_key_file
+    from edgeadapt.core.signing import load_public_key_b64
+    from edgeadapt.datasets.fmnist import CHUNK, CORRUPTIONS, _corrupt_chunk, load_fmnist
+    from edgeadapt.export.exporter import ExportSpec, export_bundle
+    from edgeadapt.export.profile import ExportProfile
+    from edgeadapt.models.reference import FMNIST_LABELS, build_arch
+    from edgeadapt.models.training import load_weights, train_model
+
+    (out / "models").mkdir(parents=True, exist_ok=True)
+    x, y = load_fmnist("train")
+    xt, yt = load_fmnist("test")
+    held = np.sort(np.random.default_rng(SEED).choice(len(x), HELD_OUT, replace=False))
+    keep = np.setdiff1d(np.arange(len(x)), held)
+    if not (out / "dev_stream.npz").is_file():
+        parts = [_corrupt_chunk((name, 5, 4242, ci, x[held][s : s + CHUNK]))
+                 for name in CORRUPTIONS for ci, s in enumerate(range(0, HELD_OUT, CHUNK))]
+        np.savez(out / "dev_stream.npz", x=np.concatenate(parts), y=np.tile(y[held], len(CORRUPTIONS)).astype(np.int64),
+                 corruption=np.repeat(np.arange(len(CORRUPTIONS)), HELD_OUT), corruption_names=np.array(CORRUPTIONS))
+    for arch in ("resnet_edge", "resnet_teacher"):
+        path = out / "models" / f"{arch}.safetensors"
+        if not path.is_file():
+            train_model(arch, path, data=(x[keep], y[keep], xt, yt))
+    if not (out / "bundle" / "manifest.json").is_file():
+        model = build_arch("resnet_edge")
+        load_weights(model, out / "models" / "resnet_edge.safetensors")
+        profile = ExportProfile()
+        idx = np.random.default_rng(0).choice(keep, profile.calib_samples, replace=False)
+        key = load_public_key_b64(public_key_file(cloud_home()))
+        export_bundle(model, ExportSpec(arch="resnet_edge", model_name="fmnist-edge", labels=FMNIST_LABELS,
+                                        input_shape=[1, 32, 32], cloud_public_key=key), x[idx], y[idx],
+                      out / "bundle", profile)
+    print(f"dev setup ready in {out}")
+
+
+def device(out: Path, method: str) -> None:
+    from edgeadapt.bench.accuracy import run_device
+    from edgeadapt.core.bundle import Bundle
+
+    d = np.load(out / "dev_stream.npz")
+    r = run_device(Bundle(out / "bundle"), d["x"], d["y"], 64, method, select=True)
+    print(json.dumps({"method": method, "acc": r["acc"], "upload_frac": r["upload_frac"]}))
+
+
+def loop(out: Path, name: str, method: str) -> None:
+    from edgeadapt.assets import cloud_home
+    from edgeadapt.bench.loop import run_loop
+
+    d = np.load(out / "dev_stream.npz")
+    work = out / f"loop-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    r = run_loop(out / "bundle", "resnet_teacher", out / "models" / "resnet_teacher.safetensors", cloud_home(),
+                 d["x"], d["y"], sync_every=8, work=work, domains=d["corruption"], method=method)
+    (out / f"loop-{name}.json").write_text(json.dumps(r, indent=1))
+    print(json.dumps({k: r[k] for k in ("acc", "upload_frac", "versions_applied", "rolled_back",
+                                        "acc_by_rounds_since_shift")}))
+
+
+def main() -> None:
+    from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["setup", "device", "loop"])
+    ap.add_argument("name", nargs="?", default="run", help="loop: the run's name")
+    ap.add_argument("--method", default=DEFAULT_DEVICE_METHOD)
+    ap.add_argument("--out", type=Path, default=Path("~/.cache/edgeadapt/dev-holdout").expanduser())
+    a = ap.parse_args()
+    if a.what == "setup":
+        setup(a.out)
+    elif a.what == "device":
+        device(a.out, a.method)
+    else:
+        loop(a.out, a.name, a.method)
+
+
+if __name__ == "__main__":
+    main()
