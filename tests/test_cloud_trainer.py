@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgeadapt.cloud.config import TrainerConfig
 from edgeadapt.cloud.edge_model import extract_params, load_teacher, rebuild_edge_model
 from edgeadapt.cloud.trainer import cema_loss, to_float_batch
 from edgeadapt.core.bundle import read_manifest
@@ -58,7 +59,7 @@ def test_trainer_lowers_distillation_loss(live_cloud, cloud_env, kit):
     assert r.status_code == 200, r.text
     res = r.json()
     assert res["status"] == "published" and res["version"] == 1 and res["samples"] == 192
-    assert res["steps"] == 192 // 32
+    assert res["steps"] == 192 // 32 * TrainerConfig().steps_per_chunk  # every group of new uploads
     assert res["loss_after"] < res["loss_before"]
     store = cloud.service.store
     assert store.count_samples("train", consumed=False) == 0 and store.count_samples("novel") == 8
@@ -125,7 +126,7 @@ def test_training_is_seeded(cloud_env, tmp_path, kit):
         service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(96, seed=41),
                                                                      ids=[f"sample-{i:04d}" for i in range(96)])))
         res = service.trainer.train_now()
-        assert res.status == "published" and res.steps == 3
+        assert res.status == "published" and res.steps == 3 * TrainerConfig().steps_per_chunk
         assert service.trainer.replay_samples == 96
         hashes.append(res.params_hash)
         service.store.close()
@@ -157,7 +158,7 @@ def test_teacher_adaptation_option(cloud_env, tmp_path, kit):
     from edgeadapt.core.wire import SampleBatch
 
     service.ingest(dev, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(64, seed=61, shift=kit.TEST_SHIFT))))
-    assert service.trainer.train_now().steps == 2
+    assert service.trainer.train_now().steps == 2 * TrainerConfig().steps_per_chunk
     after = service.trainer.teacher.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith((".weight", ".bias")) for k in changed)

@@ -230,19 +230,22 @@ def test_tampered_or_foreign_packages_are_never_applied(cloud_env, tmp_path):
         d.stop()
 
 
-def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(cloud_env, tmp_path):
+@pytest.mark.parametrize("in_loop", [False, True], ids=["fast-path", "loop-method"])
+def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(cloud_env, tmp_path, in_loop):
     """The watch compares both versions on the same inputs: a harmless update is kept even when the window's
     traffic is far harder than the traffic before it and the engine refolds its statistics for a new domain
-    in the middle of the window (the previous version is refolded with them). The same window rolls back an
-    update that really is worse."""
+    in the middle of the window (the previous version runs with the same statistics), or, with the loop's
+    method, normalizes every batch with its own statistics (the previous version runs with the same mix).
+    The same window rolls back an update that really is worse."""
     from edgeadapt.core import signing
     from edgeadapt.core.update_package import build_package
-    from edgeadapt.device.config import DeviceConfig
+    from edgeadapt.device.config import LOOP_METHOD, STANDALONE_METHOD, DeviceConfig
     from edgeadapt.device.daemon import DeviceDaemon
     from tests.cloud_fixtures import synthetic_images
 
     d = DeviceDaemon(DeviceConfig(bundle=cloud_env.bundle, state_dir=tmp_path / "s", cloud_url="http://127.0.0.1:9",
-                                  token="t" * 20, watch_batches=4))
+                                  token="t" * 20, watch_batches=4,
+                                  method=LOOP_METHOD if in_loop else STANDALONE_METHOD))
     try:
         key = signing.load_private_key(cloud_env.home)
         easy = synthetic_images(64, seed=1)
@@ -267,8 +270,11 @@ def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(
         base = dict(d.engine.base_params)
         harmless = {k: (v + 0.001 if k.endswith(".bias") else v) for k, v in base.items()}
         folded = window_after(harmless, 1, 0)
-        assert d.updater.counters["kept"] == 1 and d.updater.counters["rolled_back"] == 0, d.updater.counters
-        assert len(set(folded)) > 1  # the statistics were refolded inside the window
+        assert d.updater.counters["kept"] == 1 and d.updater.counters["rolled_back"] == 0, d.updater.events[-1]["reason"]
+        if in_loop:
+            assert d.engine.process(hard[:64]).info["transductive"]  # every batch normalized with its own statistics
+        else:
+            assert len(set(folded)) > 1  # the statistics were refolded inside the window
         kept = [e for e in d.updater.events if e["event"] == "kept"][-1]
         assert kept["agreement"] > 0.95  # same statistics on both sides: only the 0.001 bias differs
 

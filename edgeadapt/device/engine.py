@@ -138,6 +138,11 @@ class AdaptiveEngine:
             return None
         return self.backend.build_static(self._params_with(base, self.method))
 
+    def logits_for(self, x: np.ndarray, base: ParamSet, stat_mix: np.ndarray | None) -> np.ndarray:
+        """Logits of prepared inputs ``x`` for base parameters ``base`` with the method's current statistics and
+        the given in-batch mix: the update watch runs two versions exactly the way a batch was served."""
+        return self.backend.run_adaptive(x, self._params_with(base, self.method), stat_mix).logits
+
     def _refresh(self, force: bool = False) -> None:
         v = self.method.stats_version
         if force or v != self._folded_stats_version:
@@ -303,7 +308,7 @@ class AdaptiveEngine:
             logits=logits, probs=probs, pred=probs.argmax(1), entropy=entropy, ood_score=ood_score, ood=ood,
             reliable=reliable, param_version=self.param_version,
             info={"ood_fraction": ood_frac, "stats_run": stats_run, "n": n, "shift": shift,
-                  "transductive": mix is not None},
+                  "transductive": mix is not None, "stat_mix": mix},
         )
 
     def _on_shift(self, method: AdaptationMethod) -> None:

@@ -3,8 +3,9 @@
 1. Poll ``GET /v1/updates?model=…&have=V`` (204 = current). 2. Verify the package (signature with the bundle's
 cloud key, model id, base version and hash, no downgrade) — a package that fails is never applied.
 3. Save the new version to disk, build its ONNX Runtime session off the hot path, swap it in between
-batches. 4. Watch ``watch_batches`` batches: the previous session is kept and run on the same inputs during the
-window, so agreement and mean entropy compare the two versions on identical batches (a short window of noisy
+batches. 4. Watch ``watch_batches`` batches: the previous version's parameters are kept and run on the same inputs,
+with the same statistics and in-batch mix as the served batch, so agreement and mean entropy compare the two
+versions on identical batches (a short window of noisy
 traffic cannot trip them); the OOD rate is compared with the window before, allowing for its sampling noise. 5. Keep it, or roll
 back by itself and record why; a rolled-back version is not taken again.
 """
@@ -35,16 +36,14 @@ class WatchPolicy:
 
     max_entropy_increase: float = 0.25  # relative increase of mean entropy
     max_ood_increase: float = 0.20  # absolute increase of the OOD rate
-    min_agreement: float = 0.25  # agreement of predictions with the previous version (same fast path)
+    min_agreement: float = 0.25  # agreement of predictions with the previous version (same normalization)
 
 
 @dataclass
 class _Watch:
     version: int
     previous_version: int
-    previous_session: object
     previous_base: dict
-    folded: int  # the engine's folded statistics when previous_session was built
     baseline_entropy: float
     baseline_ood: float
     baseline_entropy_sd: float = 0.0  # batch-to-batch spread of the baseline (noise margin, unpaired rule)
@@ -150,9 +149,7 @@ class Updater:
                 self.versions.save(version, params)
             except OSError as exc:
                 self.daemon._error("versions", f"cannot store version {version}: {exc}")
-            backend = self.engine.backend
-            previous_session = getattr(backend, "_static", None)
-            previous_base, folded = self.engine.base_params, self.engine.folded_stats_version
+            previous_base = self.engine.base_params
             recent = list(self._recent)
             self.engine.apply_params(params, version)
             try:
@@ -163,8 +160,7 @@ class Updater:
             self.counters["applied"] += 1
             self._event("applied", version=version, base=base_version, mode=header.get("compression"))
             self._watch = _Watch(
-                version=version, previous_version=base_version, previous_session=previous_session,
-                previous_base=previous_base, folded=folded,
+                version=version, previous_version=base_version, previous_base=previous_base,
                 baseline_entropy=float(np.mean([e for e, _ in recent])) if recent else float("nan"),
                 baseline_ood=float(np.mean([o for _, o in recent])) if recent else float("nan"),
                 baseline_entropy_sd=float(np.std([e for e, _ in recent])) if len(recent) > 1 else 0.0,
@@ -181,24 +177,18 @@ class Updater:
         w.entropy.append(ent)
         w.ood.append(ood)
         w.samples += len(res.entropy)
-        current = getattr(self.engine.backend, "_static", None)
-        if w.previous_session is not None and current is not None:
-            try:
-                if self.engine.folded_stats_version != w.folded:
-                    # the engine refolded its statistics (e.g. at a domain shift): give the previous version the
-                    # same statistics, so that only the parameters differ between the two
-                    w.previous_session = self.engine.static_session_for(w.previous_base)
-                    w.folded = self.engine.folded_stats_version
-                # both versions through the same fast path and the same input: only the parameters differ
-                # (the served prediction may come from a transductive batch or an output-side method)
-                xp = self.engine.prepare(x)
-                prev = w.previous_session.run(["logits"], {"input": xp})[0]
-                cur = current.run(["logits"], {"input": xp})[0]
-                w.agree.append(float((prev.argmax(1) == cur.argmax(1)).mean()))
-                w.paired_entropy_prev.append(float(entropy_from_logits(prev).mean()))
-                w.paired_entropy_cur.append(float(entropy_from_logits(cur).mean()))
-            except Exception as exc:  # a comparison failure must not hurt serving
-                log.warning("agreement check failed: %s", exc)
+        try:
+            # both versions on the same input with the same statistics and the same in-batch mix as the served
+            # batch (fast path: mix None; a transductive batch: its own statistics): only the parameters differ
+            xp = self.engine.prepare(x)
+            mix = res.info.get("stat_mix")
+            prev = self.engine.logits_for(xp, w.previous_base, mix)
+            cur = self.engine.logits_for(xp, self.engine.base_params, mix)
+            w.agree.append(float((prev.argmax(1) == cur.argmax(1)).mean()))
+            w.paired_entropy_prev.append(float(entropy_from_logits(prev).mean()))
+            w.paired_entropy_cur.append(float(entropy_from_logits(cur).mean()))
+        except Exception as exc:  # a comparison failure must not hurt serving
+            log.warning("agreement check failed: %s", exc)
         if len(w.entropy) >= self.watch_batches:
             self._decide(w)
 
