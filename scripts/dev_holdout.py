@@ -6,7 +6,7 @@ has: images neither model has seen, like the test stream's. A dev stream of trai
 teacher's labels are worth (docs/NOTES.md).
 
     python scripts/dev_holdout.py setup            # ~6 min on 2 cores: models, stream, bundle under --out
-    python scripts/dev_holdout.py device [METHOD]  # device alone on the dev stream
+    python scripts/dev_holdout.py device           # device alone on the dev stream (--method SPEC)
     python scripts/dev_holdout.py loop NAME        # the full loop (real processes, lockstep 8); knobs via env:
                                                    # EDGEADAPT_CLOUD_TRAINER__STEPS_PER_CHUNK=1 ..., --method
 """

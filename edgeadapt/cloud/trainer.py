@@ -14,12 +14,13 @@ normalizing as below: 56.7% vs 56.0% for one step).
 
 Normalization (``normalization = "batch"``, the default; a departure from a plain CEMA step): the devices
 normalize with statistics of their *current* domain (a device in the loop runs ``LOOP_METHOD``: each batch's own
-statistics mixed with its EMA, which an update does not replace), so the student is trained the same way. Uploads are cut into groups of ``chunk`` consecutive samples of one device
-(one device's recent traffic: one domain, mostly), and every group goes through the student *and the teacher*
-on its own, normalized with the group's own batch statistics. A batch that mixed new and replayed uploads
-would normalize the current domain with statistics of every domain seen so far, and the affine parameters
-trained under them would not fit the device; the teacher's labels are also better with the group's statistics
-(dev stream: 65-66% vs 63% in eval mode). The gate and the loss probes judge both versions the same way.
+statistics mixed with its EMA, which an update does not replace), so the student is trained the same way.
+Uploads are cut into groups of ``chunk`` consecutive samples of one device (one device's recent traffic: one
+domain, mostly), and every group goes through the student *and the teacher* on its own, normalized with the
+group's own batch statistics. A batch that mixed new and replayed uploads would normalize the current domain
+with statistics of every domain seen so far, and the affine parameters trained under them would not fit the
+device; the teacher's labels are also better with the group's statistics (dev stream: 65-66% vs 63% in eval
+mode). The gate and the loss probes judge both versions the same way.
 ``normalization = "running"`` is the plain variant (one mixed batch; teacher, gate and probes in eval mode).
 The student's adaptable BatchNorm layers update ``running_mean/var`` from the groups with the layer's momentum
 (PyTorch's 0.1 unless ``bn_momentum`` overrides it); they are published as ``norm_stats`` and are what a device

@@ -131,13 +131,6 @@ class AdaptiveEngine:
         """Which adapted statistics the fast-path session holds (changes at every refold)."""
         return self._folded_stats_version
 
-    def static_session_for(self, base: ParamSet):
-        """A fast-path session for other base parameters with the statistics folded now (e.g. the previous
-        version, compared with the current one on the same inputs), or None for a backend without one."""
-        if not hasattr(self.backend, "build_static"):
-            return None
-        return self.backend.build_static(self._params_with(base, self.method))
-
     def logits_for(self, x: np.ndarray, base: ParamSet, stat_mix: np.ndarray | None) -> np.ndarray:
         """Logits of prepared inputs ``x`` for base parameters ``base`` with the method's current statistics and
         the given in-batch mix: the update watch runs two versions exactly the way a batch was served."""

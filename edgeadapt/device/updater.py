@@ -3,11 +3,11 @@
 1. Poll ``GET /v1/updates?model=…&have=V`` (204 = current). 2. Verify the package (signature with the bundle's
 cloud key, model id, base version and hash, no downgrade) — a package that fails is never applied.
 3. Save the new version to disk, build its ONNX Runtime session off the hot path, swap it in between
-batches. 4. Watch ``watch_batches`` batches: the previous version's parameters are kept and run on the same inputs,
-with the same statistics and in-batch mix as the served batch, so agreement and mean entropy compare the two
-versions on identical batches (a short window of noisy
-traffic cannot trip them); the OOD rate is compared with the window before, allowing for its sampling noise. 5. Keep it, or roll
-back by itself and record why; a rolled-back version is not taken again.
+batches. 4. Watch ``watch_batches`` batches: the previous version's parameters are kept and run on the same
+inputs, with the same statistics and in-batch mix as the served batch, so agreement and mean entropy compare
+the two versions on identical batches (a short window of noisy traffic cannot trip them); the OOD rate is
+compared with the window before, allowing for its sampling noise. 5. Keep it, or roll back by itself and record
+why; a rolled-back version is not taken again.
 """
 
 from __future__ import annotations
