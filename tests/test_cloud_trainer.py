@@ -133,6 +133,23 @@ def test_training_is_seeded(cloud_env, tmp_path, kit):
     assert hashes[0] == hashes[1]
 
 
+def test_min_steps_per_round_adds_passes_and_remembers_once(cloud_env, tmp_path, kit):
+    """A round over few uploads keeps taking full passes until it has taken ``min_steps_per_round`` steps; the
+    uploads enter replay once, not once per pass."""
+    service = kit.make_service(cloud_env, tmp_path / "s", trainer={"holdout_fraction": 0.0, "steps_per_chunk": 2,
+                                                                   "min_steps_per_round": 9, "replay_min": 32})
+    device = service.store.authenticate(service.store.add_device("cam"))
+    from edgeadapt.core.wire import SampleBatch
+
+    service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(64, seed=43))))
+    res = service.trainer.train_now()  # 2 groups x 2 steps = 4 per pass: 3 passes to reach 9
+    assert res.status == "published" and res.steps == 12
+    assert service.trainer.replay_samples == 64
+    service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(320, seed=44))))
+    assert service.trainer.train_now().steps == 20  # 10 groups x 2: one pass is already enough
+    service.store.close()
+
+
 def test_background_trainer_triggers(live_cloud, kit):
     cloud = live_cloud(trainer={"enabled": True, "holdout_fraction": 0.0, "train_every": 64,
                                 "train_interval_s": 3600})

@@ -402,13 +402,15 @@ class Trainer:
             loss_before = self.distill_loss(base_params, probe)
             steps = 0
             losses = []
-            for epoch in range(self.cfg.epochs):
+            epoch = 0
+            while epoch < self.cfg.epochs or steps < self.cfg.min_steps_per_round:
                 for new in groups:
                     for _ in range(self.cfg.steps_per_chunk):
                         losses.append(self._step([new] + self._replay_groups()))
                         steps += 1
                     if epoch == 0 and self.cfg.replay_size > 0:
                         self._remember(new)
+                epoch += 1
             candidate = extract_params(self.student, self.manifest)
             loss_after = self.distill_loss(candidate, probe)
             metrics = {"samples": len(pending), "steps": steps, "loss_before": loss_before, "loss_after": loss_after,
