@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -59,7 +60,9 @@ def test_trainer_lowers_distillation_loss(live_cloud, cloud_env, kit):
     assert r.status_code == 200, r.text
     res = r.json()
     assert res["status"] == "published" and res["version"] == 1 and res["samples"] == 192
-    assert res["steps"] == 192 // 32 * TrainerConfig().steps_per_chunk  # every group of new uploads
+    cfg = TrainerConfig()
+    per_pass = 192 // 32 * cfg.steps_per_chunk  # every group of new uploads
+    assert res["steps"] == per_pass * max(cfg.epochs, math.ceil(cfg.min_steps_per_round / per_pass)) == 36
     assert res["loss_after"] < res["loss_before"]
     store = cloud.service.store
     assert store.count_samples("train", consumed=False) == 0 and store.count_samples("novel") == 8
@@ -126,8 +129,8 @@ def test_training_is_seeded(cloud_env, tmp_path, kit):
         service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(96, seed=41),
                                                                      ids=[f"sample-{i:04d}" for i in range(96)])))
         res = service.trainer.train_now()
-        assert res.status == "published" and res.steps == 3 * TrainerConfig().steps_per_chunk
-        assert service.trainer.replay_samples == 96
+        assert res.status == "published" and res.steps == 30  # 3 groups x 2 steps per pass, 5 passes
+        assert service.trainer.replay_samples == 96  # remembered once, not once per pass
         hashes.append(res.params_hash)
         service.store.close()
     assert hashes[0] == hashes[1]
@@ -169,7 +172,8 @@ def test_background_trainer_triggers(live_cloud, kit):
 
 
 def test_teacher_adaptation_option(cloud_env, tmp_path, kit):
-    service = kit.make_service(cloud_env, tmp_path / "s", trainer={"holdout_fraction": 0.0, "teacher_adapt": True})
+    service = kit.make_service(cloud_env, tmp_path / "s", trainer={"holdout_fraction": 0.0, "teacher_adapt": True,
+                                                                   "min_steps_per_round": 0})
     before = {k: v.clone() for k, v in service.trainer.teacher.state_dict().items()}
     dev = service.store.authenticate(service.store.add_device("cam"))
     from edgeadapt.core.wire import SampleBatch

@@ -51,10 +51,11 @@ class TrainerConfig(BaseModel, extra="forbid"):
     steps_per_chunk: int = Field(2, ge=1, description="SGD steps per group of new uploads (chosen on the held-out dev "
                                                        "stream, see docs/NOTES.md)")
     epochs: int = Field(1, ge=1, description="passes over the pending uploads per training round")
-    min_steps_per_round: int = Field(0, ge=0, description="more passes (fresh replay each) until a round has taken "
+    min_steps_per_round: int = Field(30, ge=0, description="more passes (fresh replay each) until a round has taken "
                                                           "this many steps: a device that uploads a third of its "
                                                           "traffic gets as many steps per round as one that uploads "
-                                                          "all of it (0: off)")
+                                                          "all of it (0: off; 30 chosen on the dev stream, "
+                                                          "docs/NOTES.md)")
     normalization: str = Field("batch", pattern="^(batch|running)$",
                                description="batch: each group of one device's consecutive uploads is normalized with "
                                            "its own statistics (as the devices do); running: one mixed batch, teacher "
