@@ -86,7 +86,9 @@ def test_trainer_lowers_distillation_loss(live_cloud, cloud_env, kit):
 
 
 def test_gate_rejects_bad_candidate(live_cloud, cloud_env, kit):
-    cloud = live_cloud(trainer={"holdout_fraction": 0.5})
+    # one pass only: this test is about the gate; the tiny test teacher and student already agree on every held-back
+    # sample, and 30 steps on 128 synthetic uploads can flip three of them, a significant drop from 100%
+    cloud = live_cloud(trainer={"holdout_fraction": 0.5, "min_steps_per_round": 0})
     tok = cloud.add_device("cam")
     _upload(cloud, tok, kit.synthetic_images(256, seed=31, shift=kit.TEST_SHIFT))
     store = cloud.service.store
