@@ -155,6 +155,24 @@ def test_min_steps_per_round_adds_passes_and_remembers_once(cloud_env, tmp_path,
     service.store.close()
 
 
+def test_partial_last_pass_stops_at_min_steps(cloud_env, tmp_path, kit):
+    """With ``partial_last_pass`` the extra passes stop at ``min_steps_per_round`` (to the group), not at the end
+    of a full pass."""
+    service = kit.make_service(cloud_env, tmp_path / "s", trainer={"holdout_fraction": 0.0, "steps_per_chunk": 2,
+                                                                   "min_steps_per_round": 10, "replay_min": 32,
+                                                                   "partial_last_pass": True})
+    device = service.store.authenticate(service.store.add_device("cam"))
+    from edgeadapt.core.wire import SampleBatch
+
+    service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(64, seed=45))))
+    res = service.trainer.train_now()  # 2 groups x 2 steps: 4 + 4 + the last group's 2 (full passes: 12)
+    assert res.status == "published" and res.steps == 10
+    assert service.trainer.replay_samples == 64
+    service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(96, seed=46))))
+    assert service.trainer.train_now().steps == 6 + 4  # 3 groups x 2, then the 2 most recent groups
+    service.store.close()
+
+
 def test_background_trainer_triggers(live_cloud, kit):
     cloud = live_cloud(trainer={"enabled": True, "holdout_fraction": 0.0, "train_every": 64,
                                 "train_interval_s": 3600})

@@ -406,7 +406,11 @@ class Trainer:
             losses = []
             epoch = 0
             while epoch < self.cfg.epochs or steps < self.cfg.min_steps_per_round:
-                for new in groups:
+                pass_groups = groups
+                if epoch >= self.cfg.epochs and self.cfg.partial_last_pass:
+                    left = math.ceil((self.cfg.min_steps_per_round - steps) / self.cfg.steps_per_chunk)
+                    pass_groups = groups[-left:]  # the most recent traffic: the device's current domain
+                for new in pass_groups:
                     for _ in range(self.cfg.steps_per_chunk):
                         losses.append(self._step([new] + self._replay_groups()))
                         steps += 1
