@@ -9,7 +9,8 @@ teacher's labels are worth (docs/NOTES.md).
     python scripts/dev_holdout.py device           # device alone on the dev stream (--method SPEC)
     python scripts/dev_holdout.py loop NAME        # the full loop (real processes, lockstep 8); knobs via env:
                                                    # EDGEADAPT_CLOUD_TRAINER__STEPS_PER_CHUNK=1 ..., --method,
-                                                   # --upload-all (every sample uploaded)
+                                                   # --upload-all (every sample uploaded),
+                                                   # --sync-every 0 (asynchronous, as the demo runs)
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def device(out: Path, method: str) -> None:
     print(json.dumps({"method": method, "acc": r["acc"], "upload_frac": r["upload_frac"]}))
 
 
-def loop(out: Path, name: str, method: str, upload_all: bool = False) -> None:
+def loop(out: Path, name: str, method: str, upload_all: bool = False, sync_every: int = 8) -> None:
     from edgeadapt.assets import cloud_home
     from edgeadapt.bench.loop import run_loop
 
@@ -77,7 +78,7 @@ def loop(out: Path, name: str, method: str, upload_all: bool = False) -> None:
     work = out / f"loop-{name}"
     shutil.rmtree(work, ignore_errors=True)
     r = run_loop(out / "bundle", "resnet_teacher", out / "models" / "resnet_teacher.safetensors", cloud_home(),
-                 d["x"], d["y"], sync_every=8, work=work, domains=d["corruption"], method=method,
+                 d["x"], d["y"], sync_every=sync_every, work=work, domains=d["corruption"], method=method,
                  upload_all=upload_all)
     (out / f"loop-{name}.json").write_text(json.dumps(r, indent=1))
     print(json.dumps({k: r.get(k) for k in ("acc", "upload_frac", "versions_applied", "rolled_back",
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("name", nargs="?", default="run", help="loop: the run's name")
     ap.add_argument("--method", default=DEFAULT_DEVICE_METHOD)
     ap.add_argument("--upload-all", action="store_true", help="loop: every sample uploaded (loop_upload_all)")
+    ap.add_argument("--sync-every", type=int, default=8, help="loop: lockstep every K batches (0: asynchronous, "
+                                                              "as the demo runs)")
     ap.add_argument("--out", type=Path, default=Path("~/.cache/edgeadapt/dev-holdout").expanduser())
     a = ap.parse_args()
     if a.what == "setup":
@@ -99,7 +102,7 @@ def main() -> None:
     elif a.what == "device":
         device(a.out, a.method)
     else:
-        loop(a.out, a.name, a.method, a.upload_all)
+        loop(a.out, a.name, a.method, a.upload_all, a.sync_every)
 
 
 if __name__ == "__main__":
