@@ -173,6 +173,29 @@ def test_partial_last_pass_stops_at_min_steps(cloud_env, tmp_path, kit):
     service.store.close()
 
 
+def test_capped_round_trains_on_newest_and_replays_the_rest(cloud_env, tmp_path, kit):
+    """A round that has fallen behind trains on the most recent ``limit`` uploads; the older ones go to replay
+    untrained and are consumed with the round."""
+    service = kit.make_service(cloud_env, tmp_path / "s", trainer={"holdout_fraction": 0.0, "min_steps_per_round": 0,
+                                                                   "replay_min": 32})
+    device = service.store.authenticate(service.store.add_device("cam"))
+    from edgeadapt.core.wire import SampleBatch
+
+    for seed, n in ((47, 96), (48, 64)):
+        service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(n, seed=seed))))
+    newest = [s_.seq for s_ in service.store.pending_samples()][-64:]
+    loaded: list[list[int]] = []
+    real_load = service.store.load_inputs
+    service.store.load_inputs = lambda samples: (loaded.append([s_.seq for s_ in samples]), real_load(samples))[1]
+    res = service.trainer.train_now(limit=64)
+    assert res.status == "published" and (res.samples, res.skipped, res.steps) == (64, 96, 4)
+    assert newest in loaded and sorted(sum(loaded, [])) == sorted(range(min(sum(loaded, [])), max(newest) + 1))
+    assert service.trainer.replay_samples == 160
+    assert service.store.count_samples("train", consumed=False) == 0
+    assert service.trainer.train_now(limit=64).status == "idle"
+    service.store.close()
+
+
 def test_background_trainer_triggers(live_cloud, kit):
     cloud = live_cloud(trainer={"enabled": True, "holdout_fraction": 0.0, "train_every": 64,
                                 "train_interval_s": 3600})

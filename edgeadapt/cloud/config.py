@@ -68,7 +68,9 @@ class TrainerConfig(BaseModel, extra="forbid"):
     teacher_lr: float = Field(2.5e-4, gt=0)
     train_every: int = Field(256, ge=1, description="train when this many new uploads are pending ...")
     train_interval_s: float = Field(60.0, gt=0, description="... or when uploads have waited this long")
-    max_samples_per_round: int = Field(8192, ge=1, description="cap for background rounds (train_now: no cap)")
+    max_samples_per_round: int = Field(1024, ge=1, description="a background round that has fallen behind trains on "
+                                                               "this many most recent uploads; older ones go to "
+                                                               "replay untrained (admin train: no cap)")
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="uploads held back for the gate, never trained")
     gate_samples: int = Field(2000, ge=1, description="most recent held-back uploads the gate evaluates")
     gate_tolerance: float = Field(0.0, ge=0, le=1, description="allowed drop in teacher agreement")
@@ -218,6 +220,7 @@ long_poll_max_s = 30
 enabled = true
 train_every = 256                       # train when this many uploads are pending
 train_interval_s = 60                   # ... or when they have waited this long
+max_samples_per_round = 1024            # a round behind trains on the newest this many; older go to replay
 holdout_fraction = 0.1                  # uploads held back for the gate
 teacher_adapt = false
 seed = 0

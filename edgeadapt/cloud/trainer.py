@@ -175,6 +175,7 @@ class TrainResult:
     version: int | None = None
     candidate_id: int | None = None
     samples: int = 0
+    skipped: int = 0  # older pending uploads a capped round sent to replay without training on them
     steps: int = 0
     seconds: float = 0.0
     loss_before: float | None = None
@@ -385,15 +386,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ public
     def train_now(self, limit: int | None = None) -> TrainResult:
-        """Train on every pending upload (up to ``limit``), then gate and publish or reject. Synchronous."""
+        """Train on every pending upload, then gate and publish or reject. Synchronous.
+
+        With ``limit``, a round that has fallen behind trains on the ``limit`` most recent uploads only: they are
+        the devices' current traffic, which the next version must fit. The older ones go to replay untrained
+        and are marked consumed with the round, so a backlog never makes rounds longer and updates staler."""
         with self._lock:
             t0 = time.perf_counter()
             self._follow_store()
-            pending = self.store.pending_samples(limit)
+            pending = self.store.pending_samples()
             base = self.version
             if not pending:
                 return TrainResult("idle", base, reason="no pending uploads")
+            skipped: list = []
+            if limit is not None and len(pending) > limit:
+                skipped, pending = pending[:-limit], pending[-limit:]
             groups = sample_groups(pending, self.store.load_inputs(pending), self.cfg.chunk)
+            if skipped and self.cfg.replay_size > 0:
+                for g in sample_groups(skipped, self.store.load_inputs(skipped), self.cfg.chunk):
+                    self._remember(g)
             base_params = self.store.get_params(base)
             probe, probe_n = [], 0
             for g in reversed(groups):  # the most recent uploads, up to LOSS_EVAL_MAX
@@ -419,19 +430,19 @@ class Trainer:
                 epoch += 1
             candidate = extract_params(self.student, self.manifest)
             loss_after = self.distill_loss(candidate, probe)
-            metrics = {"samples": len(pending), "steps": steps, "loss_before": loss_before, "loss_after": loss_after,
+            metrics = {"samples": len(pending), "skipped": len(skipped), "steps": steps, "loss_before": loss_before, "loss_after": loss_after,
                        "train_loss_first": losses[0], "train_loss_last": losses[-1]}
             # the uploads are marked consumed in the same transaction that records the round's outcome
-            result = self._decide(candidate, base, metrics, consumed=[s.seq for s in pending])
-            result.samples, result.steps = len(pending), steps
+            result = self._decide(candidate, base, metrics, consumed=[s.seq for s in skipped + pending])
+            result.samples, result.skipped, result.steps = len(pending), len(skipped), steps
             result.loss_before, result.loss_after = loss_before, loss_after
             result.seconds = time.perf_counter() - t0
             if self.metrics is not None:
                 self.metrics.train_seconds.observe(result.seconds)
                 self.metrics.train_samples.inc(len(pending))
             self.last_result = result
-            log.info("training round: %s (base v%d, %d uploads, %d steps, loss %.4f -> %.4f, %.1fs)%s", result.status,
-                     base, len(pending), steps, loss_before, loss_after, result.seconds,
+            log.info("training round: %s (base v%d, %d uploads, %d older to replay, %d steps, loss %.4f -> %.4f, "
+                     "%.1fs)%s", result.status, base, len(pending), len(skipped), steps, loss_before, loss_after, result.seconds,
                      f" -> v{result.version}" if result.version is not None else f": {result.reason}")
             return result
 
