@@ -155,24 +155,6 @@ def test_min_steps_per_round_adds_passes_and_remembers_once(cloud_env, tmp_path,
     service.store.close()
 
 
-def test_partial_last_pass_stops_at_min_steps(cloud_env, tmp_path, kit):
-    """With ``partial_last_pass`` the extra passes stop at ``min_steps_per_round`` (to the group), not at the end
-    of a full pass."""
-    service = kit.make_service(cloud_env, tmp_path / "s", trainer={"holdout_fraction": 0.0, "steps_per_chunk": 2,
-                                                                   "min_steps_per_round": 10, "replay_min": 32,
-                                                                   "partial_last_pass": True})
-    device = service.store.authenticate(service.store.add_device("cam"))
-    from edgeadapt.core.wire import SampleBatch
-
-    service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(64, seed=45))))
-    res = service.trainer.train_now()  # 2 groups x 2 steps: 4 + 4 + the last group's 2 (full passes: 12)
-    assert res.status == "published" and res.steps == 10
-    assert service.trainer.replay_samples == 64
-    service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(96, seed=46))))
-    assert service.trainer.train_now().steps == 6 + 4  # 3 groups x 2, then the 2 most recent groups
-    service.store.close()
-
-
 def test_capped_round_trains_on_newest_and_replays_the_rest(cloud_env, tmp_path, kit):
     """A round that has fallen behind trains on the most recent ``limit`` uploads; the older ones go to replay
     untrained and are consumed with the round."""
@@ -183,13 +165,13 @@ def test_capped_round_trains_on_newest_and_replays_the_rest(cloud_env, tmp_path,
 
     for seed, n in ((47, 96), (48, 64)):
         service.ingest(device, SampleBatch.model_validate(kit.batch_body(kit.synthetic_images(n, seed=seed))))
-    newest = [s_.seq for s_ in service.store.pending_samples()][-64:]
+    pending = [s_.seq for s_ in service.store.pending_samples()]
     loaded: list[list[int]] = []
     real_load = service.store.load_inputs
     service.store.load_inputs = lambda samples: (loaded.append([s_.seq for s_ in samples]), real_load(samples))[1]
     res = service.trainer.train_now(limit=64)
     assert res.status == "published" and (res.samples, res.skipped, res.steps) == (64, 96, 4)
-    assert newest in loaded and sorted(sum(loaded, [])) == sorted(range(min(sum(loaded, [])), max(newest) + 1))
+    assert loaded[:2] == [pending[-64:], pending[:-64]]  # trained on the newest; the older ones loaded for replay
     assert service.trainer.replay_samples == 160
     assert service.store.count_samples("train", consumed=False) == 0
     assert service.trainer.train_now(limit=64).status == "idle"

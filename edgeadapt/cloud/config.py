@@ -56,9 +56,6 @@ class TrainerConfig(BaseModel, extra="forbid"):
                                                           "traffic gets as many steps per round as one that uploads "
                                                           "all of it (0: off; 30 chosen on the dev stream, "
                                                           "docs/NOTES.md)")
-    partial_last_pass: bool = Field(False, description="the extra passes that min_steps_per_round adds stop at exactly "
-                                                       "that many steps; the last, partial one goes over the most "
-                                                       "recent groups (False: extra passes are always full)")
     normalization: str = Field("batch", pattern="^(batch|running)$",
                                description="batch: each group of one device's consecutive uploads is normalized with "
                                            "its own statistics (as the devices do); running: one mixed batch, teacher "

@@ -223,7 +223,7 @@ class SampleStore(ABC):
     def count_samples(self, split: str | None = None, consumed: bool | None = None) -> int: ...
 
     @abstractmethod
-    def pending_samples(self, limit: int | None = None) -> list[StoredSample]:
+    def pending_samples(self) -> list[StoredSample]:
         """Training-split samples not trained on yet, oldest first."""
 
     @abstractmethod
@@ -594,10 +594,8 @@ class SQLiteStore(Store):
             args.append(int(consumed))
         return int(self._conn().execute(q, args).fetchone()[0])
 
-    def pending_samples(self, limit: int | None = None) -> list[StoredSample]:
+    def pending_samples(self) -> list[StoredSample]:
         q = "SELECT * FROM samples WHERE split='train' AND consumed=0 ORDER BY seq"
-        if limit is not None:
-            q += f" LIMIT {int(limit)}"
         return [self._sample(r) for r in self._conn().execute(q)]
 
     def oldest_pending_time(self) -> float | None:

@@ -417,11 +417,7 @@ class Trainer:
             losses = []
             epoch = 0
             while epoch < self.cfg.epochs or steps < self.cfg.min_steps_per_round:
-                pass_groups = groups
-                if epoch >= self.cfg.epochs and self.cfg.partial_last_pass:
-                    left = math.ceil((self.cfg.min_steps_per_round - steps) / self.cfg.steps_per_chunk)
-                    pass_groups = groups[-left:]  # the most recent traffic: the device's current domain
-                for new in pass_groups:
+                for new in groups:
                     for _ in range(self.cfg.steps_per_chunk):
                         losses.append(self._step([new] + self._replay_groups()))
                         steps += 1
@@ -430,8 +426,8 @@ class Trainer:
                 epoch += 1
             candidate = extract_params(self.student, self.manifest)
             loss_after = self.distill_loss(candidate, probe)
-            metrics = {"samples": len(pending), "skipped": len(skipped), "steps": steps, "loss_before": loss_before, "loss_after": loss_after,
-                       "train_loss_first": losses[0], "train_loss_last": losses[-1]}
+            metrics = {"samples": len(pending), "skipped": len(skipped), "steps": steps, "loss_before": loss_before,
+                       "loss_after": loss_after, "train_loss_first": losses[0], "train_loss_last": losses[-1]}
             # the uploads are marked consumed in the same transaction that records the round's outcome
             result = self._decide(candidate, base, metrics, consumed=[s.seq for s in skipped + pending])
             result.samples, result.skipped, result.steps = len(pending), len(skipped), steps
@@ -442,8 +438,8 @@ class Trainer:
                 self.metrics.train_samples.inc(len(pending))
             self.last_result = result
             log.info("training round: %s (base v%d, %d uploads, %d older to replay, %d steps, loss %.4f -> %.4f, "
-                     "%.1fs)%s", result.status, base, len(pending), len(skipped), steps, loss_before, loss_after, result.seconds,
-                     f" -> v{result.version}" if result.version is not None else f": {result.reason}")
+                     "%.1fs)%s", result.status, base, len(pending), len(skipped), steps, loss_before, loss_after,
+                     result.seconds, f" -> v{result.version}" if result.version is not None else f": {result.reason}")
             return result
 
     def submit_candidate(self, params: ParamSet, note: str = "submitted") -> TrainResult:
