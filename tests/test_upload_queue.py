@@ -196,3 +196,28 @@ def test_retry_now_makes_backed_off_items_ready(tmp_path):
         assert q.retry_now(now=1001.0) == 3
         assert len(q.peek_raw(10, now=1001.0)) == 3
         assert q.retry_now(now=1001.0) == 0
+
+
+def test_in_flight_item_evicted_before_its_ack_counts_as_sent(tmp_path):
+    """drop_oldest may evict an item of the batch the uploader is sending; the cloud still gets it, so its ack counts
+    it as sent, not dropped: put == sent + dropped always matches what the cloud received."""
+    items = [sample(i) for i in range(6)]
+    one = size_of(items[0])
+    q = UploadQueue(tmp_path / "q.sqlite", max_bytes=int(3.5 * one), drop_policy="drop_oldest")
+    for s in items[:3]:
+        q.put(s)
+    batch = [i for i, _ in q.peek_raw(2)]  # items 0 and 1 are in flight
+    q.put(items[3])  # evicts item 0 while it is in flight
+    q.put(items[4])  # evicts item 1
+    c = q.counters()
+    assert c["dropped_oldest"] == 2 and len(q) == 3
+    assert q.ack(batch) == 2  # the cloud answered 2xx for both
+    c = q.counters()
+    assert c["sent"] == 2 and c["dropped_oldest"] == 0
+    assert c["put"] == c["sent"] + c["dropped_oldest"] + c["queued"]
+    # evicted items that were not in flight stay dropped, and a stale ack does not count twice
+    q.put(items[5])  # evicts item 2, never peeked
+    assert q.ack(batch) == 0
+    c = q.counters()
+    assert c["sent"] == 2 and c["dropped_oldest"] == 1
+    assert c["put"] == c["sent"] + c["dropped_oldest"] + c["queued"]

@@ -89,6 +89,10 @@ class UploadQueue:
         self._conn.executemany("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(c,) for c in COUNTERS])
         row = self._conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM items").fetchone()
         self._count, self._bytes = int(row[0]), int(row[1])
+        # The uploader sends one batch at a time: the last peek is in flight. An item of it that drop_oldest evicts
+        # before the cloud's answer still reaches the cloud; its ack moves it from dropped_oldest to sent.
+        self._in_flight: set[str] = set()
+        self._evicted_in_flight: set[str] = set()
 
     # ------------------------------------------------------------------ helpers
     def _bump(self, name: str, n: int = 1) -> None:
@@ -160,6 +164,7 @@ class UploadQueue:
                 break
             victims.append(sid)
             freed += int(size)
+        self._evicted_in_flight.update(self._in_flight.intersection(victims))
         return self._delete(victims)[0]
 
     def peek_raw(self, max_items: int, now: float | None = None) -> list[tuple[str, bytes]]:
@@ -170,6 +175,8 @@ class UploadQueue:
                 "SELECT id, payload FROM items WHERE next_attempt_at <= ? ORDER BY seq LIMIT ?",
                 (now, int(max_items)),
             ).fetchall()
+            self._in_flight = {r[0] for r in rows}
+            self._evicted_in_flight = set()
         return [(r[0], bytes(r[1])) for r in rows]
 
     def peek_batch(self, max_items: int, now: float | None = None) -> list[tuple[str, UploadSample]]:
@@ -177,12 +184,16 @@ class UploadQueue:
         return [(i, UploadSample.model_validate_json(p)) for i, p in self.peek_raw(max_items, now)]
 
     def ack(self, ids: Iterable[str]) -> int:
-        """Delivered: delete and count as sent."""
+        """Delivered: delete and count as sent. Items of the batch in flight that drop_oldest evicted meanwhile were
+        delivered too: they are counted as sent instead of dropped (and included in the return value)."""
         ids = list(ids)
         with self._tx():
             n, _ = self._delete(ids)
-            self._bump("sent", n)
-        return n
+            late = self._evicted_in_flight.intersection(ids)
+            self._bump("sent", n + len(late))
+            self._bump("dropped_oldest", -len(late))
+            self._evicted_in_flight -= late
+        return n + len(late)
 
     def drop(self, ids: Iterable[str], reason: str = "rejected") -> int:
         """Give up on items (e.g. the cloud rejected them with a 4xx); counted under ``reason``."""
