@@ -188,8 +188,11 @@ class UploadQueue:
         delivered too: they are counted as sent instead of dropped (and included in the return value)."""
         ids = list(ids)
         with self._tx():
-            n, _ = self._delete(ids)
             late = self._evicted_in_flight.intersection(ids)
+            if late:  # an eviction whose transaction rolled back left the item queued: that one is sent below
+                marks = ",".join("?" * len(late))
+                late -= {r[0] for r in self._conn.execute(f"SELECT id FROM items WHERE id IN ({marks})", list(late))}
+            n, _ = self._delete(ids)
             self._bump("sent", n + len(late))
             self._bump("dropped_oldest", -len(late))
             self._evicted_in_flight -= late
