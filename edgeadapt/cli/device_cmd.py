@@ -154,4 +154,7 @@ def rollback(
     except VersionStoreError as exc:
         fail(str(exc))
     store.set_current(to, reason=f"manual rollback from {cur}")
-    console.print(f"rolled back {cur} -> {to}")
+    # the same pin a live rollback writes: the daemon's updater does not take the versions left straight back
+    pin = store.pin(to, cur, "manual rollback (offline)")
+    console.print(f"rolled back {cur} -> {to}" + (f"; versions {to + 1}..{pin['through']} are not taken again until "
+                                                   "the cloud assigns a newer one" if pin else ""))

@@ -34,7 +34,11 @@ The device reconstructs ``base + decode(Δ)`` in float32 (the same numpy code on
 bit-identical); ``target.params_hash`` is the hash of that reconstruction, which the cloud computes by applying
 its own package, so the device verifies every mode. ``target.exact_hash`` is the hash of the uncompressed
 target (equal to ``params_hash`` for ``fp32``). Sizes are bounded before decompression (header ≤ 4 MiB,
-payload ≤ the size the header's tensor list implies, no decompression bombs).
+payload ≤ the size the header's tensor list implies, no decompression bombs). The header is data from the
+link: every field is type-checked strictly (a version is a JSON integer, not ``0.9``; a dimension is an
+integer, sizes are Python ints, so ``[2**70]`` cannot overflow), and whatever a malformed header makes the
+parser raise (deep nesting: RecursionError) is an ``UpdateRejected``. The reconstructed parameters must also
+be plausible (``param_bounds``: variances > 0, each tensor within 100x of the bundle's) before they are used.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import zstandard
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from edgeadapt.core import signing
+from edgeadapt.core import param_bounds, signing
 from edgeadapt.core.tensorfile import ParamSet, params_hash
 
 MAGIC = b"EAUP1\n"
@@ -65,6 +69,7 @@ MAX_PAYLOAD_BYTES = 512 << 20
 MAX_DECOMPRESSED_BYTES = 1 << 30
 MAX_TENSORS = 100_000
 MAX_TENSOR_ELEMENTS = 1 << 28
+MAX_VERSION = 2**62  # as in core.wire: versions are SQLite INTEGERs on the cloud
 DEFAULT_DENSITY = 0.10
 
 
@@ -197,13 +202,13 @@ def _encode(names: list[str], base: ParamSet, target: ParamSet, mode: str, opts:
 
 def _expected_parts(mode: str, entries: list[dict]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Payload array name -> (dtype, shape) for a header's tensor list."""
-    sizes = [int(np.prod(e["shape"], dtype=np.int64)) if e["shape"] else 1 for e in entries]
+    sizes = [math.prod(e["shape"]) for e in entries]  # Python ints: no int64 overflow
     n, t = sum(sizes), len(entries)
     nnz = 0
     if mode in SPARSE_MODES:
         for e, size in zip(entries, sizes, strict=True):
             k = e.get("nnz")
-            if not isinstance(k, int) or not 0 <= k <= size:
+            if type(k) is not int or not 0 <= k <= size:
                 raise UpdateRejected(f"tensor {e['name']}: bad nnz {k!r}")
             nnz += k
     shapes = {"fp32": {"value": (n,)}, "fp16": {"delta": (n,)}, "int8": {"q": (n,), "scale": (t,)},
@@ -215,8 +220,8 @@ def _expected_parts(mode: str, entries: list[dict]) -> dict[str, tuple[str, tupl
 
 
 def _decode(mode: str, entries: list[dict], base: ParamSet, arrays: dict[str, np.ndarray]) -> ParamSet:
-    sizes = [int(np.prod(e["shape"], dtype=np.int64)) if e["shape"] else 1 for e in entries]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    sizes = [math.prod(e["shape"]) for e in entries]
+    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
     n = int(offsets[-1])
     out: ParamSet = {}
     if mode == "fp32":
@@ -345,13 +350,19 @@ def split_package(data: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def _parse_header(hbytes: bytes) -> dict:
-    """Header bytes (JSON, or zstd-compressed JSON) -> dict."""
+    """Header bytes (JSON, or zstd-compressed JSON) -> dict; anything malformed is an UpdateRejected."""
+    if len(hbytes) > MAX_HEADER_BYTES:
+        raise UpdateRejected(f"header of {len(hbytes)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     if hbytes[:4] == ZSTD_MAGIC:
         hbytes = _decompress(hbytes, MAX_HEADER_BYTES, what="header")
     try:
-        return json.loads(hbytes)
-    except ValueError as exc:
-        raise UpdateRejected(f"header is not valid JSON: {exc}") from exc
+        header = json.loads(hbytes)
+    # ValueError: JSON and utf-8 errors, int literals past Python's digit limit; RecursionError: deep nesting
+    except (ValueError, RecursionError) as exc:
+        raise UpdateRejected(f"header is not valid JSON: {str(exc)[:200]}") from exc
+    if not isinstance(header, dict):
+        raise UpdateRejected("header is not a JSON object")
+    return header
 
 
 def read_header(data: bytes) -> dict:
@@ -376,39 +387,74 @@ def _decompress(payload: bytes, cap: int, what: str = "payload") -> bytes:
     return bytes(out)
 
 
+def _is_int(v: object) -> bool:
+    """A JSON integer: not a float (``0.9`` is not version 0), not a bool (``true`` is not 1)."""
+    return type(v) is int
+
+
 def _validate_header(header: dict) -> None:
+    """Strict types and sizes for every field the device uses; raises UpdateRejected naming the field."""
     if not isinstance(header, dict):
         raise UpdateRejected("header is not a JSON object")
-    try:
-        if header["format"] != FORMAT_VERSION:
-            raise UpdateRejected(f"unsupported package format {header['format']!r}")
-        int(header["base"]["version"]), int(header["target"]["version"])
-        str(header["base"]["params_hash"]), str(header["target"]["params_hash"])
-        tensors = header["tensors"]
-        mode = header["compression"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UpdateRejected(f"malformed header: {exc!r}") from exc
-    if mode not in MODES:
-        raise UpdateRejected(f"unknown compression {mode!r}")
+    fmt = header.get("format")
+    if not _is_int(fmt) or fmt != FORMAT_VERSION:
+        raise UpdateRejected(f"unsupported package format {str(fmt)[:50]!r}")
+    if not isinstance(header.get("model"), str):
+        raise UpdateRejected("malformed header: model is not a string")
+    for part in ("base", "target"):
+        sec = header.get(part)
+        if not isinstance(sec, dict):
+            raise UpdateRejected(f"malformed header: {part} is not an object")
+        v = sec.get("version")
+        if not _is_int(v) or not 0 <= v <= MAX_VERSION:
+            raise UpdateRejected(f"malformed header: {part}.version {str(v)[:50]!r} is not an integer in "
+                                 f"0..{MAX_VERSION}")
+        if not isinstance(sec.get("params_hash"), str):
+            raise UpdateRejected(f"malformed header: {part}.params_hash is not a string")
+    mode, tensors = header.get("compression"), header.get("tensors")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise UpdateRejected(f"unknown compression {str(mode)[:50]!r}")
     if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
         raise UpdateRejected("malformed header: bad tensor list")
+    total = 0
     for t in tensors:
         if not (isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list)
-                and all(isinstance(d, int) and 0 <= d for d in t["shape"]) and t.get("dtype") == "float32"):
+                and len(t["shape"]) <= 8 and all(_is_int(d) and 0 <= d <= MAX_TENSOR_ELEMENTS for d in t["shape"])
+                and t.get("dtype") == "float32"):
             raise UpdateRejected(f"malformed tensor entry {str(t)[:200]}")
         if t.get("encoding") != mode:
-            raise UpdateRejected(f"tensor {t['name']}: encoding {t.get('encoding')!r} differs from {mode!r}")
-        if len(t["shape"]) > 8 or int(np.prod(t["shape"], dtype=np.int64)) > MAX_TENSOR_ELEMENTS:
-            raise UpdateRejected(f"tensor {t['name']}: too large")
+            raise UpdateRejected(f"tensor {t['name'][:100]}: encoding {str(t.get('encoding'))[:50]!r} differs "
+                                 f"from {mode!r}")
+        size = math.prod(t["shape"])  # Python ints: [2**70] cannot overflow into a small number
+        if size > MAX_TENSOR_ELEMENTS:
+            raise UpdateRejected(f"tensor {t['name'][:100]}: {size} elements exceeds {MAX_TENSOR_ELEMENTS}")
+        total += size
+    if total > MAX_TENSOR_ELEMENTS:
+        raise UpdateRejected(f"malformed header: {total} elements in all exceeds {MAX_TENSOR_ELEMENTS}")
 
 
-def verify_and_apply(data: bytes, public_key, model: str, base_version: int,
-                     base_params: ParamSet) -> tuple[int, ParamSet, dict]:
+def verify_and_apply(data: bytes, public_key, model: str, base_version: int, base_params: ParamSet,
+                     reference: ParamSet | None = None,
+                     kinds: dict[str, str] | None = None) -> tuple[int, ParamSet, dict]:
     """Verify a package against the device's current state and reconstruct the new parameters.
 
-    ``public_key``: an Ed25519PublicKey, 32 raw bytes or the manifest's base64 string. Returns
+    ``public_key``: an Ed25519PublicKey, 32 raw bytes or the manifest's base64 string. ``reference``: the
+    bundle's version-0 parameters and ``kinds`` the manifest's tensor kinds, for the value bounds
+    (``param_bounds``; without a reference only finiteness and positive variances are checked). Returns
     ``(target_version, new_params, header)``; raises ``UpdateRejected(reason)``. Nothing is applied here: the
     caller swaps the returned dict in."""
+    try:
+        return _verify_and_apply(data, public_key, model, base_version, base_params, reference, kinds)
+    except UpdateRejected:
+        raise
+    # a check above missed a malformed field: still a rejection with its reason, never an escape from the
+    # updater's rejection path (where it would go unrecorded and be retried every poll)
+    except (KeyError, IndexError, TypeError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
+        raise UpdateRejected(f"malformed package: {type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _verify_and_apply(data: bytes, public_key, model: str, base_version: int, base_params: ParamSet,
+                      reference: ParamSet | None, kinds: dict[str, str] | None) -> tuple[int, ParamSet, dict]:
     if public_key is None:
         raise UpdateRejected("no cloud public key configured: cannot verify the update")
     try:
@@ -420,13 +466,13 @@ def verify_and_apply(data: bytes, public_key, model: str, base_version: int,
         raise UpdateRejected("bad signature")
     header = _parse_header(hbytes)
     _validate_header(header)
-    if header.get("model") != model:
+    if header["model"] != model:
         raise UpdateRejected(f"wrong model: package is for {header.get('model')!r}, this device runs {model!r}")
     hb, ht = header["base"], header["target"]
-    if int(hb["version"]) != int(base_version):
+    if hb["version"] != int(base_version):
         raise UpdateRejected(f"base version mismatch: package is against version {hb['version']}, device has "
                              f"{base_version}")
-    if int(ht["version"]) <= int(base_version):
+    if ht["version"] <= int(base_version):
         raise UpdateRejected(f"downgrade: target version {ht['version']} is not newer than {base_version}")
     entries = header["tensors"]
     names = [t["name"] for t in entries]
@@ -440,7 +486,7 @@ def verify_and_apply(data: bytes, public_key, model: str, base_version: int,
         raise UpdateRejected("base params hash mismatch: the device's parameters are not the package's base")
     mode = header["compression"]
     expected = _expected_parts(mode, entries)
-    cap = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for d, s in expected.values())
+    cap = sum(math.prod(s) * np.dtype(d).itemsize for d, s in expected.values())
     cap = min(MAX_DECOMPRESSED_BYTES, cap + 1024)
     raw = _decompress(payload, cap)
     try:
@@ -461,7 +507,10 @@ def verify_and_apply(data: bytes, public_key, model: str, base_version: int,
             raise UpdateRejected(f"non-finite values in reconstructed {name}")
     if params_hash(new_params) != ht["params_hash"]:
         raise UpdateRejected("target params hash mismatch after reconstruction")
-    return int(ht["version"]), new_params, header
+    problem = param_bounds.violation(new_params, kinds, reference)
+    if problem is not None:
+        raise UpdateRejected(f"implausible values: {problem}")
+    return ht["version"], new_params, header
 
 
 def raw_fp32_bytes(params: ParamSet) -> int:

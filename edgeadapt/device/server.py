@@ -232,32 +232,23 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
 
     @app.get("/v1/status")
     def status():
-        return daemon.status()
+        # whatever the documents hold (a NaN in an update event): strict JSON, never a 500
+        from edgeadapt.core.jsonsafe import json_safe
+
+        return JSONResponse(json_safe(daemon.status()))
 
     @app.post("/v1/admin/rollback", summary="Roll back to an earlier version on disk (loopback clients only)")
     def admin_rollback(req: RollbackRequest, request: Request):
         client = request.client.host if request.client else ""
         if client not in ("127.0.0.1", "::1", "localhost", "testclient"):
             raise HTTPException(403, "admin endpoints answer loopback clients only")
-        if daemon.versions is None:
-            raise HTTPException(409, "no writable state directory: no versions on disk")
-        cur = daemon.engine.param_version
-        to = req.to
-        if to is None:
-            older = [v for v in daemon.versions.versions() if v < cur]
-            if not older:
-                raise HTTPException(409, f"no version older than {cur} on disk")
-            to = older[-1]
-        from edgeadapt.device.versions import VersionStoreError
+        # the updater's one rollback path: under the update lock, ends a watch, pins the versions it left
+        from edgeadapt.device.updater import RollbackRefused, manual_rollback
 
         try:
-            params = daemon.versions.load(to)
-        except VersionStoreError as exc:
+            return manual_rollback(daemon, req.to)
+        except RollbackRefused as exc:
             raise HTTPException(409, str(exc)) from exc
-        daemon.engine.apply_params(params, to)
-        daemon.versions.set_current(to, reason=f"manual rollback from {cur}")
-        daemon.metrics.param_version.set(to)
-        return {"from": cur, "to": to}
 
     @app.post("/v1/admin/sync", summary="Upload everything queued now and check for an update (loopback only)")
     def admin_sync(request: Request):

@@ -8,13 +8,23 @@ inputs, with the same statistics and in-batch mix as the served batch, so agreem
 the two versions on identical batches (a short window of noisy traffic cannot trip them); the OOD rate is
 compared with the window before, allowing for its sampling noise. 5. Keep it, or roll back by itself and record
 why; a rolled-back version is not taken again.
+
+Hostile updates (DESIGN §15): a download is streamed with a size cap derived from the bundle's adaptable tensors
+and a total deadline; a package is checked for value bounds per tensor kind before it is applied
+(``core.param_bounds``); a version whose outputs are not finite is rolled back at once, and a non-finite
+measurement never reads as "kept". A package refused once is remembered (its sha256 and the version it was
+refused against) and hostile outcomes back the polling off, so nothing is re-verified in a hot loop. A manual
+rollback (``manual_rollback``) takes the same lock as an update, ends a watch in progress and pins the device
+(``VersionStore.pin``): the versions it left are not taken again until the cloud offers a newer one.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,9 +33,10 @@ import httpx
 import numpy as np
 
 from edgeadapt.core import update_package as UP
+from edgeadapt.core.jsonsafe import json_safe
 from edgeadapt.core.mathops import entropy_from_logits
 from edgeadapt.core.wire import Heartbeat
-from edgeadapt.device.versions import VersionStoreError
+from edgeadapt.device.versions import VersionStoreError, atomic_write
 
 log = logging.getLogger("edgeadapt.device.updater")
 
@@ -56,9 +67,31 @@ class _Watch:
     paired_entropy_cur: list = field(default_factory=list)
 
 
+class RollbackRefused(Exception):
+    """A manual rollback that cannot be done (no such version on disk, nothing older): the caller answers 409."""
+
+
+#: per fp32 value of the bundle's adaptable tensors, what an update response may hold (fp32 is the largest mode;
+#: x2 leaves room for zstd and safetensors framing), plus a header allowance
+DOWNLOAD_BYTES_PER_VALUE = 8
+DOWNLOAD_HEADER_ALLOWANCE = 64 << 10
+DOWNLOAD_BYTES_PER_TENSOR = 256  # the header's tensor entry, uncompressed
+DEFAULT_DOWNLOAD_TIMEOUT_S = 30.0
+#: polling outcomes after which the next poll comes sooner than a backoff
+_HEALTHY = ("current", "applied", "busy", "error")
+
+
+def max_update_bytes(params: dict) -> int:
+    """The size cap for an update download to a device holding ``params`` (the bundle's adaptable tensors)."""
+    n = sum(int(np.asarray(v).size) for v in params.values())
+    return DOWNLOAD_BYTES_PER_VALUE * n + DOWNLOAD_HEADER_ALLOWANCE + DOWNLOAD_BYTES_PER_TENSOR * len(params)
+
+
 class Updater:
     def __init__(self, daemon, cloud_url: str, token: str, poll_s: float = 2.0, watch_batches: int = 8,
-                 policy: WatchPolicy | None = None, client: httpx.Client | None = None):
+                 policy: WatchPolicy | None = None, client: httpx.Client | None = None,
+                 download_timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S, max_download_bytes: int | None = None,
+                 max_backoff_s: float | None = None):
         self.daemon = daemon
         self.engine = daemon.engine
         self.versions = daemon.versions
@@ -69,15 +102,27 @@ class Updater:
         self.watch_batches = watch_batches
         self.policy = policy or WatchPolicy()
         self.client = client or httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}"})
+        # value bounds: every new version is checked against the bundle's own (version 0) tensors, by kind
+        self.reference = dict(daemon.bundle.params)
+        self.kinds = {t.name: t.kind for t in daemon.manifest.adaptable}
+        self.download_timeout_s = float(download_timeout_s)
+        self.max_download_bytes = int(max_download_bytes or max_update_bytes(self.reference))
+        self.max_backoff_s = float(max_backoff_s) if max_backoff_s is not None else max(poll_s, min(60.0, 16 * poll_s))
+        self._failures = 0  # hostile outcomes in a row: the backoff exponent
         self._recent = collections.deque(maxlen=max(watch_batches, 4))
         self._watch: _Watch | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        # the version store's lock: updates, automatic and manual rollbacks (and a daemon without an updater)
+        # all change the version in use under the same one
+        self._lock = self.versions.lock
         self.events: list[dict] = []
         self.counters = {"checks": 0, "applied": 0, "rejected": 0, "rolled_back": 0, "kept": 0, "bytes_down": 0,
-                         "errors": 0}
+                         "errors": 0, "downloads_refused": 0, "rejected_again": 0, "pinned_skips": 0,
+                         "manual_rollbacks": 0}
+        self._rejected: collections.OrderedDict[tuple[str, int], str] = collections.OrderedDict()
         self._blocked = set(self._load_blocked())
+        self._pin = self.versions.read_pin()
 
     # -- persistence of refused versions -----------------------------------------------------------
     def _blocked_path(self):
@@ -85,66 +130,156 @@ class Updater:
 
     def _load_blocked(self) -> list[int]:
         try:
-            return json.loads(self._blocked_path().read_text())
+            vs = json.loads(self._blocked_path().read_text())
         except (OSError, ValueError):
             return []
+        return [v for v in vs if type(v) is int] if isinstance(vs, list) else []
 
     def _block(self, version: int) -> None:
         self._blocked.add(version)
         try:
-            self._blocked_path().write_text(json.dumps(sorted(self._blocked)))
+            atomic_write(self._blocked_path(), json.dumps(sorted(self._blocked)))
         except OSError as exc:
             log.error("cannot persist blocked versions: %s", exc)
 
     def _event(self, kind: str, **kw) -> None:
-        ev = {"at": time.time(), "event": kind, **kw}
+        ev = json_safe({"at": time.time(), "event": kind, **kw})
         self.events = (self.events + [ev])[-100:]
         self.daemon.metrics.updates.labels(kind).inc()
         log.info("update %s: %s", kind, kw)
 
     # -- polling -----------------------------------------------------------------------------------
     def check_once(self) -> str:
-        """One poll; returns "current", "applied", "rejected", "blocked", "busy" or "error"."""
+        """One poll; returns "current", "applied", "rejected", "blocked", "pinned", "refused", "busy" or
+        "error"."""
         if self._watch is not None:
             return "busy"
         self.counters["checks"] += 1
         have = self.engine.param_version
         try:
-            r = self.client.get(f"{self.url}/v1/updates", params={"model": self.model, "have": have})
+            outcome, got = self._download(have)
+        except httpx.TimeoutException as exc:
+            outcome, got = "refused", f"update download timed out: {type(exc).__name__}: {exc}"
         except httpx.HTTPError as exc:
             self.counters["errors"] += 1
             self.daemon._error("updater", f"cloud unreachable for updates: {exc}")
             return "error"
-        self.daemon.errors.pop("updater", None)
-        if r.status_code == 204:
-            return "current"
-        if r.status_code != 200:
+        if outcome == "refused":
+            self.counters["downloads_refused"] += 1
+            self.daemon._error("updater", f"update download refused: {got}")
+            self._event("download_refused", reason=got, have=have)
+            return "refused"
+        if outcome == "error":
             self.counters["errors"] += 1
-            self.daemon._error("updater", f"update check answered {r.status_code}: {r.text[:200]}")
+            self.daemon._error("updater", got)
             return "error"
-        data = r.content
-        self.counters["bytes_down"] += len(data)
-        self.daemon.metrics.bytes_down.set(self.counters["bytes_down"])
-        return self.apply_package(data)
+        self.daemon.errors.pop("updater", None)
+        if outcome == "current":
+            return "current"
+        return self.apply_package(got)
+
+    def _download(self, have: int) -> tuple[str, bytes | str | None]:
+        """GET the update, streamed: -> ("current", None), ("ok", bytes), ("error", why) or ("refused", why).
+
+        At most ``max_download_bytes`` are read (a Content-Length above it is refused before the body), and the
+        whole download must finish within ``download_timeout_s``: a 768 MiB response took a device to 3.2 GB RSS,
+        and a body dripped one byte per 5 s hung the updater and its heartbeats. The deadline is checked after
+        every network read, each of which is itself limited to min(10 s, deadline), so a refusal comes within
+        deadline + one read timeout. Bodies are asked for and accepted only uncompressed (a gzip body could
+        inflate past the cap in one read)."""
+        t0 = time.monotonic()
+        limit, cap = self.download_timeout_s, self.max_download_bytes
+        per_read = min(10.0, limit)
+        with self.client.stream("GET", f"{self.url}/v1/updates", params={"model": self.model, "have": have},
+                                headers={"Accept-Encoding": "identity"}, timeout=httpx.Timeout(per_read)) as r:
+            if r.status_code == 204:
+                return "current", None
+            if r.status_code != 200:
+                text = self._read(r, 4096, t0, limit)[0].decode("utf-8", "replace")
+                return "error", f"update check answered {r.status_code}: {text[:200]}"
+            enc = r.headers.get("content-encoding", "identity").strip().lower()
+            if enc not in ("", "identity"):
+                return "refused", f"update response has content-encoding {enc[:50]!r}; only identity is accepted"
+            declared = r.headers.get("content-length")
+            if declared is not None:
+                try:
+                    size = int(declared)
+                except ValueError:
+                    return "refused", f"invalid Content-Length {declared[:50]!r}"
+                if size > cap:
+                    return "refused", (f"update of {size} bytes (Content-Length) exceeds the {cap}-byte limit "
+                                       "for this bundle")
+            data, why = self._read(r, cap, t0, limit)
+            self.counters["bytes_down"] += len(data)
+            self.daemon.metrics.bytes_down.set(self.counters["bytes_down"])
+            if why:
+                return "refused", why
+            return "ok", data
+
+    @staticmethod
+    def _read(r: httpx.Response, cap: int, t0: float, limit: float) -> tuple[bytes, str | None]:
+        """Read a streamed body up to ``cap`` bytes and ``limit`` seconds since ``t0`` -> (bytes, why it stopped
+        early or None)."""
+        buf = bytearray()
+        for chunk in r.iter_raw():  # no chunk_size: every network read comes back at once, however small
+            buf += chunk
+            if len(buf) > cap:
+                return bytes(buf[:cap]), (f"update response exceeds the {cap}-byte limit for this bundle "
+                                          f"(stopped after {len(buf)} bytes)")
+            if time.monotonic() - t0 > limit:
+                return bytes(buf), (f"update download took more than {limit:g} s ({len(buf)} bytes in "
+                                    f"{time.monotonic() - t0:.1f} s)")
+        return bytes(buf), None
+
+    @staticmethod
+    def _peek_target(data: bytes) -> int | None:
+        """The package's target version from its (not yet verified) header, or None when unreadable."""
+        try:
+            v = UP.read_header(data)["target"]["version"]
+        except Exception:
+            return None
+        return v if type(v) is int else None
+
+    def _skip(self, target: int | None) -> str | None:
+        """"blocked" or "pinned" when a package for ``target`` must not be taken, else None."""
+        if target is None:
+            return None
+        if target in self._blocked:
+            return "blocked"
+        pin = self._pin
+        if pin and target <= int(pin.get("through", 0)):
+            self.counters["pinned_skips"] += 1
+            return "pinned"
+        return None
 
     def apply_package(self, data: bytes) -> str:
-        try:
-            header = UP.read_header(data)
-            target = int(header["target"]["version"])
-        except Exception:
-            target = None
-        if target is not None and target in self._blocked:
-            return "blocked"
+        skip = self._skip(self._peek_target(data))
+        if skip:
+            return skip
+        digest = hashlib.sha256(bytes(data)).hexdigest()
         with self._lock:
             base_version = self.engine.param_version
+            seen = self._rejected.get((digest, base_version))
+            if seen is not None:  # the same bytes against the same version: the same answer, without the work
+                self.counters["rejected_again"] += 1
+                return "rejected"
             base_params = dict(self.engine.base_params)
             try:
                 version, params, header = UP.verify_and_apply(data, self.public_key, self.model, base_version,
-                                                              base_params)
-            except UP.UpdateRejected as exc:
+                                                              base_params, reference=self.reference,
+                                                              kinds=self.kinds)
+            except Exception as exc:  # anything a package makes the checks raise is a rejection with its reason
+                reason = exc.reason if isinstance(exc, UP.UpdateRejected) else \
+                    f"package could not be verified: {type(exc).__name__}: {str(exc)[:200]}"
+                self._rejected[(digest, base_version)] = reason
+                while len(self._rejected) > 64:
+                    self._rejected.popitem(last=False)
                 self.counters["rejected"] += 1
-                self._event("rejected", reason=str(exc), target=target)
+                self._event("rejected", reason=reason, target=self._peek_target(data), sha256=digest[:16])
                 return "rejected"
+            skip = self._skip(version)  # the verified version (the peek may not have read it)
+            if skip:
+                return skip
             try:
                 self.versions.save(version, params)
             except OSError as exc:
@@ -159,6 +294,10 @@ class Updater:
             self.daemon.metrics.param_version.set(version)
             self.counters["applied"] += 1
             self._event("applied", version=version, base=base_version, mode=header.get("compression"))
+            if self._pin:  # the cloud assigned something newer than every version the operator rolled back from
+                self._event("unpinned", version=version, pin=self._pin)
+                self._pin = None
+                self.versions.clear_pin()
             self._watch = _Watch(
                 version=version, previous_version=base_version, previous_base=previous_base,
                 baseline_entropy=float(np.mean([e for e, _ in recent])) if recent else float("nan"),
@@ -172,7 +311,12 @@ class Updater:
         ent, ood = float(res.entropy.mean()), float(res.ood.mean())
         w = self._watch
         if w is None or res.param_version != w.version:
-            self._recent.append((ent, ood))
+            if math.isfinite(ent) and math.isfinite(ood):  # a non-finite batch is no baseline
+                self._recent.append((ent, ood))
+            return
+        if not (np.isfinite(res.logits).all() and np.isfinite(res.entropy).all()):
+            # a version whose outputs are not finite goes now, not at the end of the window
+            self._finish(w, [f"non-finite logits or entropy from version {w.version} on a served batch"])
             return
         w.entropy.append(ent)
         w.ood.append(ood)
@@ -184,59 +328,95 @@ class Updater:
             mix = res.info.get("stat_mix")
             prev = self.engine.logits_for(xp, w.previous_base, mix)
             cur = self.engine.logits_for(xp, self.engine.base_params, mix)
+        except Exception as exc:  # a comparison failure must not hurt serving
+            log.warning("agreement check failed: %s", exc)
+        else:
+            if not np.isfinite(cur).all():  # argmax(NaN) = 0 would "agree" on traffic that is mostly class 0
+                self._finish(w, [f"non-finite logits from version {w.version} (paired with version "
+                                 f"{w.previous_version} on the same inputs)"])
+                return
             w.agree.append(float((prev.argmax(1) == cur.argmax(1)).mean()))
             w.paired_entropy_prev.append(float(entropy_from_logits(prev).mean()))
             w.paired_entropy_cur.append(float(entropy_from_logits(cur).mean()))
-        except Exception as exc:  # a comparison failure must not hurt serving
-            log.warning("agreement check failed: %s", exc)
         if len(w.entropy) >= self.watch_batches:
             self._decide(w)
 
     def _decide(self, w: _Watch) -> None:
         p = self.policy
         ent, ood = float(np.mean(w.entropy)), float(np.mean(w.ood))
-        agree = float(np.mean(w.agree)) if w.agree else 1.0
+        agree = float(np.mean(w.agree)) if w.agree else float("nan")
         reasons = []
+        if not w.agree:
+            reasons.append(f"version {w.version} could not be compared with version {w.previous_version} on any "
+                           "batch of the window")
         if w.paired_entropy_cur:
             # same inputs through both versions: only the parameters differ, so no noise margin is needed
             ent = float(np.mean(w.paired_entropy_cur))
             before = float(np.mean(w.paired_entropy_prev))
-            if ent > before * (1 + p.max_entropy_increase) + 0.02:
+            if not (ent <= before * (1 + p.max_entropy_increase) + 0.02):  # NaN fails this, as it must
                 reasons.append(f"mean entropy {ent:.3f} vs {before:.3f} for version {w.previous_version} "
                                "on the same inputs")
         elif np.isfinite(w.baseline_entropy):
             # other inputs than the baseline's: allow for the batch-to-batch spread of a short window
             noise = 3.0 * w.baseline_entropy_sd / np.sqrt(max(1, len(w.entropy)))
-            if ent > w.baseline_entropy * (1 + p.max_entropy_increase) + 0.02 + noise:
+            if not (ent <= w.baseline_entropy * (1 + p.max_entropy_increase) + 0.02 + noise):
                 reasons.append(f"mean entropy {ent:.3f} vs {w.baseline_entropy:.3f} before")
-        if np.isfinite(w.baseline_ood):
+        if not math.isfinite(ood):
+            reasons.append(f"OOD rate {ood} is not finite")
+        elif np.isfinite(w.baseline_ood):
             # binomial noise of a rate over the window's samples, so a short window is not a coin flip
             q = min(max(w.baseline_ood, 0.05), 0.95)
             noise = 3.0 * np.sqrt(q * (1 - q) / max(1, w.samples))
             if ood > w.baseline_ood + p.max_ood_increase + noise:
                 reasons.append(f"OOD rate {ood:.2f} vs {w.baseline_ood:.2f} before")
-        if agree < p.min_agreement:
+        if w.agree and not (agree >= p.min_agreement):
             reasons.append(f"agreement with version {w.previous_version} only {agree:.2f}")
-        self._watch = None
-        if reasons:
-            self.rollback(w.previous_version, reason="; ".join(reasons), bad_version=w.version)
-        else:
-            self.counters["kept"] += 1
-            self._event("kept", version=w.version, entropy=ent, ood=ood, agreement=agree)
+        if not math.isfinite(ent) and not any("entropy" in r for r in reasons):
+            reasons.append(f"mean entropy {ent} is not finite")
+        self._finish(w, reasons, entropy=ent, ood=ood, agreement=agree)
+
+    def _finish(self, w: _Watch, reasons: list[str], **measured: float) -> None:
+        """End watch ``w``: roll back when there are reasons, else keep. Under the lock, and only if ``w`` is
+        still the watch in progress (a manual rollback may have ended it between two batches)."""
+        with self._lock:
+            if self._watch is not w:
+                return
+            self._watch = None
+            if reasons:
+                self.rollback(w.previous_version, reason="; ".join(reasons), bad_version=w.version)
+            else:
+                self.counters["kept"] += 1
+                self._event("kept", version=w.version, **measured)
 
     def rollback(self, to: int, reason: str, bad_version: int | None = None) -> None:
-        try:
-            params = self.versions.load(to)
-        except VersionStoreError as exc:  # the bad version must go even when the way back is damaged on disk
-            self.daemon._error("versions", f"{exc}; rolling back to the bundle's version 0 instead")
-            reason, to, params = f"{reason}; {exc}", 0, self.versions.load(0)
-        self.engine.apply_params(params, to)
-        self.versions.set_current(to, reason=f"rollback: {reason}")
-        if bad_version is not None:
-            self._block(bad_version)
-        self.daemon.metrics.param_version.set(to)
-        self.counters["rolled_back"] += 1
-        self._event("rolled_back", version=bad_version, to=to, reason=reason)
+        with self._lock:
+            try:
+                params = self.versions.load(to)
+            except VersionStoreError as exc:  # the bad version must go even when the way back is damaged on disk
+                self.daemon._error("versions", f"{exc}; rolling back to the bundle's version 0 instead")
+                reason, to, params = f"{reason}; {exc}", 0, self.versions.load(0)
+            self.engine.apply_params(params, to)
+            self.versions.set_current(to, reason=f"rollback: {reason}")
+            if bad_version is not None:
+                self._block(bad_version)
+            self.daemon.metrics.param_version.set(to)
+            self.counters["rolled_back"] += 1
+            self._event("rolled_back", version=bad_version, to=to, reason=reason)
+
+    def manual_rollback(self, to: int | None, reason: str = "manual rollback") -> dict:
+        """An operator's rollback (``POST /v1/admin/rollback``): under the update lock, it ends a watch in
+        progress (the updater would otherwise answer "busy" for good) and pins the device below the versions it
+        left, so the next poll does not take them straight back. Raises RollbackRefused."""
+        with self._lock:
+            w, self._watch = self._watch, None
+            if w is not None:
+                self._event("watch_ended", version=w.version, reason=reason)
+            out = switch_version_by_hand(self.engine, self.versions, to, reason)
+            self._pin = self.versions.read_pin()
+            self.daemon.metrics.param_version.set(out["to"])
+            self.counters["manual_rollbacks"] += 1
+            self._event("manual_rollback", **out)
+            return out
 
     # -- heartbeat and thread ----------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -250,14 +430,23 @@ class Updater:
         except httpx.HTTPError:
             pass
 
+    def next_wait_s(self, outcome: str) -> float:
+        """Seconds until the next poll: ``poll_s``, doubling after each hostile outcome in a row (a rejected,
+        refused, blocked or pinned package, which would otherwise be downloaded again every poll) up to
+        ``max_backoff_s``. An unreachable cloud is polled at the normal pace: it costs nothing and the device
+        should notice the cloud's return."""
+        self._failures = 0 if outcome in _HEALTHY else self._failures + 1
+        return min(self.max_backoff_s, self.poll_s * 2 ** min(self._failures, 30))
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            outcome = "error"
             try:
-                self.check_once()
+                outcome = self.check_once()
                 self.heartbeat()
             except Exception as exc:  # never let the updater thread die
                 log.exception("updater error: %s", exc)
-            self._stop.wait(self.poll_s)
+            self._stop.wait(self.next_wait_s(outcome))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
@@ -270,5 +459,39 @@ class Updater:
         self.client.close()
 
     def status(self) -> dict:
-        return {"counters": dict(self.counters), "watching": self._watch.version if self._watch else None,
-                "blocked_versions": sorted(self._blocked), "events": self.events[-10:]}
+        return json_safe({"counters": dict(self.counters), "watching": self._watch.version if self._watch else None,
+                          "blocked_versions": sorted(self._blocked), "pin": self._pin, "events": self.events[-10:],
+                          "max_download_bytes": self.max_download_bytes,
+                          "download_timeout_s": self.download_timeout_s})
+
+
+def switch_version_by_hand(engine, versions, to: int | None, reason: str = "manual rollback") -> dict:
+    """Switch to version ``to`` (default: the newest on disk older than the one in use) and pin the device below
+    the versions left (``VersionStore.pin``). The caller holds ``versions.lock``. Raises RollbackRefused."""
+    with versions.lock:
+        cur = engine.param_version
+        if to is None:
+            older = [v for v in versions.versions() if v < cur]
+            if not older:
+                raise RollbackRefused(f"no version older than {cur} on disk")
+            to = older[-1]
+        try:
+            params = versions.load(to)
+        except VersionStoreError as exc:
+            raise RollbackRefused(str(exc)) from exc
+        engine.apply_params(params, to)
+        versions.set_current(to, reason=f"{reason} from {cur}")
+        pin = versions.pin(to, cur, reason)
+        return {"from": cur, "to": to, "pinned_through": pin["through"] if pin else None}
+
+
+def manual_rollback(daemon, to: int | None, reason: str = "manual rollback") -> dict:
+    """The one manual rollback path: through the updater when there is one (it also ends a watch), else directly
+    on the version store under its lock (a standalone device). Raises RollbackRefused."""
+    if daemon.updater is not None:
+        return daemon.updater.manual_rollback(to, reason)
+    if daemon.versions is None:
+        raise RollbackRefused("no writable state directory: no versions on disk")
+    out = switch_version_by_hand(daemon.engine, daemon.versions, to, reason)
+    daemon.metrics.param_version.set(out["to"])
+    return out
