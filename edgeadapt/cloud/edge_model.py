@@ -78,12 +78,10 @@ def extract_params(model: nn.Module, manifest) -> ParamSet:
 
 def preprocess(x: np.ndarray, manifest: B.BundleManifest) -> torch.Tensor:
     """uint8 / float16 / float32 [N, *shape] -> float32 tensor normalized like the bundle's graphs expect."""
-    spec = manifest.input
-    arr = x.astype(np.float32) * spec.uint8_scale if x.dtype == np.uint8 else x.astype(np.float32)
-    bshape = (1, -1) + (1,) * (arr.ndim - 2)
-    mean = np.asarray(spec.mean, np.float32).reshape(bshape)
-    std = np.asarray(spec.std, np.float32).reshape(bshape)
-    return torch.from_numpy(np.ascontiguousarray((arr - mean) / std))
+    from edgeadapt.core.input_codec import InputCodec
+
+    codec = InputCodec(manifest.input)
+    return torch.from_numpy(np.ascontiguousarray(codec.normalize(codec.to_values(x).astype(np.float32))))
 
 
 def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:

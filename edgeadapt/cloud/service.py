@@ -24,9 +24,10 @@ from edgeadapt.cloud.config import CloudConfig, ConfigError, resolve_home
 from edgeadapt.cloud.metrics import CloudMetrics
 from edgeadapt.cloud.store import Device, NewSample, NotFound, Store, hash_token, register_bundle, token_matches
 from edgeadapt.core import signing
+from edgeadapt.core.input_codec import InputCodec
 from edgeadapt.core.tensorfile import ParamSet
 from edgeadapt.core.update_package import MODES, build_package_full
-from edgeadapt.core.wire import MAX_SAMPLE_BYTES, SampleBatch, SampleBatchResult, UpdateInfo
+from edgeadapt.core.wire import SampleBatch, SampleBatchResult, UpdateInfo
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class CloudService:
         self.store = store or open_store(self.home, config)
         self.manifest = register_bundle(self.store, self.bundle_dir)
         self.model_name = self.manifest.model_name
+        self.codec = InputCodec(self.manifest.input)
         self.private_key = private_key or signing.load_private_key(self.home)
         self.public_key_b64 = signing.public_key_b64(self.private_key)
         if self.manifest.cloud_public_key is None:
@@ -138,20 +140,16 @@ class CloudService:
     def ingest(self, device: Device, batch: SampleBatch) -> SampleBatchResult:
         if batch.model != self.model_name:
             raise Invalid(f"model {batch.model!r} is not served here (this cloud serves {self.model_name!r})")
-        shape = list(self.manifest.input.shape)
+        codec = self.codec
         c = self.manifest.num_classes
         tcfg = self.config.trainer
         new: list[NewSample] = []
         for i, s in enumerate(batch.samples):
             where = f"samples[{i}] (id {s.id})"
-            try:
-                arr = s.input.to_numpy(MAX_SAMPLE_BYTES)
-            except ValueError as exc:
+            try:  # the bundle's input contract: size from its shape, then shape, dtype, finiteness and range
+                arr = codec.check_upload(s.input.to_numpy(codec.max_upload_sample_bytes))
+            except ValueError as exc:  # InputError is a ValueError
                 raise Invalid(f"{where}: input: {exc}") from None
-            if list(arr.shape) != shape:
-                raise Invalid(f"{where}: input shape {list(arr.shape)}, the model takes {shape}")
-            if arr.dtype == np.float16 and not np.all(np.isfinite(arr)):
-                raise Invalid(f"{where}: input has non-finite values")
             if len(s.logits) != c:
                 raise Invalid(f"{where}: {len(s.logits)} logits, the model has {c} classes")
             values = [*s.logits, s.entropy, s.ood_score]

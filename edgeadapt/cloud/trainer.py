@@ -55,6 +55,7 @@ from edgeadapt.cloud.config import TrainerConfig
 from edgeadapt.cloud.edge_model import apply_params, extract_params, rebuild_edge_model
 from edgeadapt.cloud.store import Store, register_bundle
 from edgeadapt.core import bundle as B
+from edgeadapt.core.input_codec import InputCodec
 from edgeadapt.core.tensorfile import ParamSet, params_hash
 
 log = logging.getLogger(__name__)
@@ -121,12 +122,9 @@ def sample_groups(samples: list, inputs: list[np.ndarray], size: int) -> list[li
 
 def to_float_batch(arrays: list[np.ndarray], manifest: B.BundleManifest) -> torch.Tensor:
     """Uploaded inputs (uint8 / float16, mixed) -> normalized float32 [N, *shape]."""
-    spec = manifest.input
-    xs = [a.astype(np.float32) * spec.uint8_scale if a.dtype == np.uint8 else a.astype(np.float32) for a in arrays]
-    x = np.stack(xs)
-    bshape = (1, -1) + (1,) * (x.ndim - 2)
-    x = (x - np.asarray(spec.mean, np.float32).reshape(bshape)) / np.asarray(spec.std, np.float32).reshape(bshape)
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    codec = InputCodec(manifest.input)
+    x = np.stack([codec.to_values(a) for a in arrays])  # mixed uint8 / float16 uploads: all in value units
+    return torch.from_numpy(np.ascontiguousarray(codec.normalize(x), dtype=np.float32))
 
 
 class SGD:

@@ -135,14 +135,13 @@ class Bundle:
     def static_graph(self) -> Path:
         return self.path / STATIC_GRAPH
 
+    def codec(self, range_policy: str = "reject"):
+        """The input contract of this bundle (``edgeadapt.core.input_codec.InputCodec``)."""
+        from edgeadapt.core.input_codec import InputCodec
+
+        return InputCodec(self.manifest.input, range_policy)  # type: ignore[arg-type]
+
     def preprocess(self, x: np.ndarray) -> np.ndarray:
-        """uint8 or float [N,*shape] -> normalized float32 NCHW, as the graphs expect."""
-        spec = self.manifest.input
-        shape = (1, -1, *([1] * (len(spec.shape) - 1)))
-        mean = np.asarray(spec.mean, np.float32).reshape(shape)
-        std = np.asarray(spec.std, np.float32).reshape(shape)
-        scale = (spec.uint8_scale if x.dtype == np.uint8 else 1.0) / std  # one multiply-add on the hot path
-        out = x.astype(np.float32)
-        out *= scale
-        out -= mean / std
-        return out
+        """uint8 or float [N,*shape] -> normalized float32 NCHW, as the graphs expect (validated first)."""
+        codec = self.codec()
+        return codec.normalize(codec.validate(x))

@@ -14,7 +14,6 @@ import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
 MAX_SAMPLES_PER_BATCH = 512
-MAX_SAMPLE_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 ALLOWED_INPUT_DTYPES = ("uint8", "float16")
 MAX_VERSION = 2**62  # versions are SQLite INTEGERs (64-bit): a larger number would be a 500, not a 422
@@ -30,7 +29,9 @@ class WireArray(BaseModel):
         arr = np.ascontiguousarray(arr)
         return cls(dtype=str(arr.dtype), shape=list(arr.shape), data=base64.b64encode(arr.tobytes()).decode())
 
-    def to_numpy(self, max_bytes: int = MAX_SAMPLE_BYTES) -> np.ndarray:
+    def to_numpy(self, max_bytes: int) -> np.ndarray:
+        """The array, refused before decoding when it is larger than ``max_bytes`` (the receiver derives that
+        from the bundle's input spec: ``InputCodec.max_upload_sample_bytes``)."""
         if any(d < 0 for d in self.shape):
             raise ValueError("negative dimension")
         dtype = np.dtype(self.dtype).newbyteorder("<")

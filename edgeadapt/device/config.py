@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -55,6 +56,15 @@ class DeviceConfig(BaseModel, extra="forbid"):
     keep_versions: int = Field(5, ge=1)
     watch_batches: int = Field(8, ge=1)
     save_state_every_s: float = Field(30.0, gt=0)
+    input_range_policy: Literal["reject", "clip"] = Field(
+        "reject", description="float inputs outside the bundle's declared value range: refused (400) or clipped")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="web origins whose browser requests are served (default none)")
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, v):
+        return [o.strip() for o in v.split(",") if o.strip()] if isinstance(v, str) else v
 
     @field_validator("listen")
     @classmethod

@@ -28,6 +28,7 @@ from edgeadapt.device.versions import VersionStore, VersionStoreError
 
 log = logging.getLogger("edgeadapt.device")
 ADAPT_STATE = "adapt_state.safetensors"
+GUARD_QUIET_S = 300.0  # an adaptation-guard action keeps the device reported degraded this long
 
 
 def _describe(exc: BaseException) -> str:
@@ -41,12 +42,18 @@ class DeviceDaemon:
         self.config = config
         self.state_dir = Path(config.state_dir)
         self.errors: dict[str, str] = {}
+        self._error_since: dict[str, float] = {}
+        self._error_count: dict[str, int] = {}
         self._logged_at: dict[str, float] = {}
         self.metrics = DeviceMetrics()
         self.bundle = Bundle(config.bundle)
         self.manifest = self.bundle.manifest
         self.engine = AdaptiveEngine(self.bundle, EngineConfig(
-            method=config.method, ood_detector=config.ood_detector, threads=config.threads, backend=config.backend))
+            method=config.method, ood_detector=config.ood_detector, threads=config.threads, backend=config.backend,
+            input_range_policy=config.input_range_policy))
+        self.codec = self.engine.codec
+        self._guard_seen = dict(self.engine.guard_counters)
+        self._guard_at = 0.0
         self.selector = SampleSelector(
             self.manifest.num_classes, budget_samples_per_s=config.upload_samples_per_s,
             budget_bytes_per_s=config.upload_bytes_per_s, novel_budget_samples_per_s=config.novel_samples_per_s)
@@ -75,7 +82,8 @@ class DeviceDaemon:
             if Updater is not None:
                 self.updater = Updater(self, config.cloud_url, config.token, poll_s=config.update_poll_s,
                                        watch_batches=config.watch_batches)
-        self.batcher = MicroBatcher(self._process_batch, config.max_batch, config.max_wait_ms)
+        self.batcher = MicroBatcher(self._process_batch, config.max_batch, config.max_wait_ms,
+                                    to_float=self.codec.to_values)
         self._stop = threading.Event()
         self._saver = threading.Thread(target=self._save_loop, name="state-saver", daemon=True)
         self.started = time.time()
@@ -87,6 +95,10 @@ class DeviceDaemon:
         """Record a problem for status(); log it when it is new, or changed and not logged in the last minute
         (a persisting error, e.g. a full disk hit by every batch, must not flood the log)."""
         now = time.monotonic()
+        if key not in self.errors:
+            self._error_since[key] = time.time()
+            self._error_count[key] = 0
+        self._error_count[key] = self._error_count.get(key, 0) + 1
         if key not in self.errors or (self.errors[key] != msg and now - self._logged_at.get(key, 0.0) > 60):
             log.error(msg)
             self._logged_at[key] = now
@@ -114,8 +126,8 @@ class DeviceDaemon:
             try:
                 self.engine.load_state_dict(load_params(path))
                 log.info("adaptation state restored from %s", path)
-            except Exception as exc:
-                self._error("adapt_state", f"saved adaptation state unreadable ({exc}); starting fresh")
+            except Exception as exc:  # unreadable, or refused as not finite / not plausible: never restored
+                self._error("adapt_state", f"saved adaptation state not restored ({exc}); starting fresh")
         self.metrics.param_version.set(self.engine.param_version)
 
     def _restore_version(self) -> None:
@@ -160,9 +172,14 @@ class DeviceDaemon:
         if not self._state_ok:
             return False
         path = self.state_dir / ADAPT_STATE
+        state = self.engine.state_dict()
+        problem = self.engine.state_problem({k[len("method."):]: v for k, v in state.items() if k.startswith("method.")})
+        if problem is not None:  # a poisoned state is never written over the last good one
+            self._error("save_state", f"adaptation state not saved: {problem}")
+            return False
         try:
-            tmp = path.with_suffix(".tmp")
-            save_params(self.engine.state_dict(), tmp)
+            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # unique: concurrent savers never collide
+            save_params(state, tmp)
             tmp.replace(path)
             self.errors.pop("save_state", None)
             return True
@@ -192,8 +209,14 @@ class DeviceDaemon:
             self.save_state()
 
     # -- the hot path ------------------------------------------------------------------------------
-    def _process_batch(self, x: np.ndarray) -> list[dict]:
-        res = self.engine.process(x)
+    def _process_batch(self, x: np.ndarray, adapt: bool = True) -> list[dict]:
+        """One micro-batch. ``adapt=False``: inputs that had to be clipped into range are served from the current
+        state and neither adapt it nor get uploaded."""
+        res = self.engine.process(x, adapt=adapt)
+        if self.engine.guard_counters != self._guard_seen:
+            self._report_guard()
+        elif "adaptation_guard" in self.errors and time.monotonic() - self._guard_at > GUARD_QUIET_S:
+            self.errors.pop("adaptation_guard", None)  # degraded until the guard has been quiet a while
         if self.updater is not None:
             try:
                 self.updater.observe(x, res)
@@ -209,7 +232,8 @@ class DeviceDaemon:
         m.ood.inc(int(res.ood.sum()))
         m.ood_rate.set(float(res.ood.mean()))
         m.mean_entropy.set(float(res.entropy.mean()))
-        self._select_and_queue(x, res)
+        if adapt:
+            self._select_and_queue(x, res)
         labels = self.manifest.labels
         out = []
         for i in range(n):
@@ -218,10 +242,25 @@ class DeviceDaemon:
                         "entropy": float(res.entropy[i]), "param_version": res.param_version})
         return out
 
+    def _report_guard(self) -> None:
+        """The engine's guard refused batch statistics, reset the state or answered a batch from a fallback: the
+        device serves, but degraded, and says why."""
+        now = dict(self.engine.guard_counters)
+        last = self.engine.guard_last or {}
+        for key, n in now.items():
+            new = n - self._guard_seen.get(key, 0)
+            if new > 0:
+                self.metrics.guard_events.labels(key).inc(new)
+        self._guard_seen = now
+        self._guard_at = time.monotonic()
+        if last:
+            self._error("adaptation_guard", f"adaptation guard: {last.get('event')} at batch {last.get('at_batch')}: "
+                                       f"{last.get('reason')} (counts {now})")
+
     def _select_and_queue(self, x: np.ndarray, res) -> None:
         if self.queue is None:
             return
-        sample_bytes = int(np.prod(x.shape[1:]))
+        sample_bytes = self.codec.sample_bytes()
         if self.config.upload_all:
             adapt_idx, novel_idx = np.flatnonzero(~res.ood), np.flatnonzero(res.ood)
         else:
@@ -231,8 +270,7 @@ class DeviceDaemon:
         samples = []
         for kind, idx in (("adapt", adapt_idx), ("novel", novel_idx)):
             for i in idx:
-                xi = x[i]
-                xi = xi if xi.dtype == np.uint8 else np.clip(np.round(xi * 255.0), 0, 255).astype(np.uint8)
+                xi = self.codec.to_upload(x[i])
                 samples.append(UploadSample(
                     id=uuid.uuid4().hex, input=WireArray.from_numpy(xi), logits=[float(v) for v in res.logits[i]],
                     entropy=float(res.entropy[i]), ood_score=float(res.ood_score[i]), novel=(kind == "novel"),
@@ -267,6 +305,11 @@ class DeviceDaemon:
         if self.queue is not None:
             self.queue.close()
 
+    def degraded(self) -> dict[str, dict]:
+        """What part of the job fails now, per reason: the message, since when and how often (from ``errors``)."""
+        return {k: {"reason": v, "since": self._error_since.get(k), "count": self._error_count.get(k, 1)}
+                for k, v in self.errors.items()}
+
     def status(self) -> dict:
         q = self.queue.counters() if self.queue is not None else {}
         up = dict(self.uploader.stats) if self.uploader is not None else {}
@@ -284,6 +327,8 @@ class DeviceDaemon:
             "ood_samples": self.ood_seen, "queue": q, "uploader": up, "errors": dict(self.errors),
             "versions_on_disk": self.versions.versions() if self.versions else [],
             "cloud": self.config.cloud_url,
+            "adaptation_guard": {"counters": dict(self.engine.guard_counters), "last": self.engine.guard_last},
+            "degraded": self.degraded(),
         }
         if self.updater is not None:
             st["updater"] = self.updater.status()

@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeadapt.core import bundle as B
+from edgeadapt.core.input_codec import InputError
 from edgeadapt.core.mathops import entropy_from_logits, softmax
 from edgeadapt.core.tensorfile import ParamSet
 from edgeadapt.device.backend import Backend, make_backend
 from edgeadapt.device.methods import build_method
 from edgeadapt.device.methods.base import AdaptationMethod, AdaptContext, BatchInfo
 from edgeadapt.device.ood import DEFAULT_DETECTOR, load_all
+from edgeadapt.device.state_guard import StateGuard, StatsBounds
+
+__all__ = ["AdaptiveEngine", "BatchResult", "EngineConfig", "InputError"]
 
 
 @dataclass
@@ -54,6 +58,9 @@ class EngineConfig:
     backend: str = "onnxruntime"
     device: str = "cpu"
     seed: int = 0
+    input_range_policy: str = "reject"  # float inputs outside the bundle's value range: "reject" or "clip"
+    good_snapshot_every: int = 64  # batches between snapshots of a plausible state (what a reset goes back to)
+    stats_bounds: StatsBounds = field(default_factory=StatsBounds)
 
 
 @dataclass
@@ -69,10 +76,6 @@ class BatchResult:
     info: dict = field(default_factory=dict)
 
 
-class InputError(ValueError):
-    """A request's input does not match the model's input spec."""
-
-
 class AdaptiveEngine:
     def __init__(self, bundle: B.Bundle, config: EngineConfig | None = None, backend: Backend | None = None):
         self.bundle = bundle
@@ -82,13 +85,22 @@ class AdaptiveEngine:
         self.backend = backend or make_backend(bundle, self.config.backend, self.config.threads, self.config.device)
         self._rng = np.random.default_rng(self.config.seed)
         self._lock = threading.RLock()
+        self.codec = bundle.codec(self.config.input_range_policy)
         self.base_params: ParamSet = dict(bundle.params)
+        # plausibility is judged against the bundle's own (version 0) statistics, whatever version runs
+        self.state_guard = StateGuard({n.name: (bundle.params[f"{n.name}.running_mean"],
+                                          bundle.params[f"{n.name}.running_var"]) for n in self.manifest.norm_layers},
+                                self.config.stats_bounds)
+        self.guard_counters = {"stats_refused": 0, "state_resets": 0, "nonfinite_batches": 0}
+        self.guard_last: dict | None = None  # {"event", "reason", "at_batch"} of the latest guard action
+        self._last_good: dict[str, np.ndarray] | None = None
         self.param_version = 0
         detectors = load_all(bundle.calib, bundle.calib["head.weight"], bundle.calib["head.bias"])
         if self.config.ood_detector not in detectors:
             raise ValueError(f"OOD detector {self.config.ood_detector!r} not in the bundle: {sorted(detectors)}")
         self.detector = detectors[self.config.ood_detector]
         self.method = self._build_method(self.base_params)
+        self._last_good = self.method.state_dict()
         self._folded_stats_version = -1
         self.batches = 0
         self._input_ema: tuple[float, float] | None = None
@@ -201,20 +213,67 @@ class AdaptiveEngine:
 
     # -- input -------------------------------------------------------------------------------------
     def prepare(self, x: np.ndarray) -> np.ndarray:
-        shape = list(self.manifest.input.shape)
-        if x.ndim == len(shape):
-            x = x[None]
-        if x.ndim != len(shape) + 1 or list(x.shape[1:]) != shape:
-            raise InputError(f"input has shape {list(x.shape)}, expected [N, {', '.join(map(str, shape))}]")
-        if x.shape[0] == 0:
-            raise InputError("empty batch")
-        if x.dtype == np.uint8:
-            return self.bundle.preprocess(x)
-        if x.dtype.kind != "f":
-            raise InputError(f"input dtype {x.dtype} not supported: send uint8 (0-255) or float (0-1)")
-        if not np.isfinite(x).all():
-            raise InputError("input contains NaN or Inf")
-        return self.bundle.preprocess(x.astype(np.float32))
+        """Validate (shape, dtype, finiteness, declared value range) and normalize for the graphs."""
+        return self.codec.normalize(self.codec.validate(x))
+
+    # -- the guard ---------------------------------------------------------------------------------
+    def _guard_event(self, event: str, reason: str) -> None:
+        self.guard_last = {"event": event, "reason": reason, "at_batch": self.batches}
+
+    def _update_stats(self, method: AdaptationMethod, batch_stats, n: int, info: BatchInfo) -> bool:
+        """``method.update_stats`` behind the guard: implausible batch statistics never reach the state, and a
+        state that is not plausible after the update goes back to the last good snapshot."""
+        reason = self.state_guard.check_stats(batch_stats, "batch statistics")
+        if reason is not None:
+            self.guard_counters["stats_refused"] += 1
+            self._guard_event("stats_refused", reason)
+            return False
+        method.update_stats(batch_stats, n, info)
+        reason = self.state_guard.check_stats(method.forward_stats(), "adapted statistics")
+        if reason is not None:
+            self._reset_to_last_good(reason)
+            return False
+        return True
+
+    def _reset_to_last_good(self, reason: str) -> None:
+        self.guard_counters["state_resets"] += 1
+        self._guard_event("state_reset", reason)
+        good = self._last_good
+        try:
+            if good is None:
+                raise ValueError("no snapshot")
+            self.method.load_state_dict(good)
+        except ValueError:
+            self.method.reset()
+        self._refresh(force=True)
+
+    def state_problem(self, state: dict[str, np.ndarray] | None = None) -> str | None:
+        """Why the (given or current) method state must not be saved or served, or None."""
+        method = self.method
+        if state is not None:
+            method = self._build_method(self.base_params)
+            method.load_state_dict(state)
+        reason = self.state_guard.check_finite(method.state_dict())
+        return reason or self.state_guard.check_stats(method.forward_stats(), "adapted statistics")
+
+    def _snapshot_if_good(self) -> None:
+        if self.state_problem() is None:
+            self._last_good = self.method.state_dict()
+
+    def _recover_nonfinite(self, x: np.ndarray, out):
+        """The batch's logits are not finite: answer it from the last good state, else the source state, else the
+        bundle's version-0 parameters (a bad update; the updater's watch rolls it back)."""
+        self.guard_counters["nonfinite_batches"] += 1
+        self._reset_to_last_good("non-finite logits")
+        out = self.backend.run_static(x)
+        if np.isfinite(out.logits).all():
+            return out
+        self.method.reset()
+        self._refresh(force=True)
+        out = self.backend.run_static(x)
+        if np.isfinite(out.logits).all():
+            return out
+        return self.backend.run_adaptive(x, dict(self.bundle.params), None)
 
     # -- the loop ----------------------------------------------------------------------------------
     def process(self, x: np.ndarray, adapt: bool = True) -> BatchResult:
@@ -250,6 +309,9 @@ class AdaptiveEngine:
                 if self._stats_moved() > c.refresh_tol:
                     self._refresh()
             out = self.backend.run_static(x)
+        if not np.isfinite(out.logits).all():
+            out = self._recover_nonfinite(x, out)
+            method, mix = self.method, None
         entropy = entropy_from_logits(out.logits)
         if adapt and mix is None and not shift and self._output_shifted(float(entropy.mean()), out.features):
             shift = True
@@ -274,20 +336,17 @@ class AdaptiveEngine:
                     and c.shift_full_batch and ood_frac <= c.max_ood_fraction:
                 # the first batch of a new domain: its own statistics (all of it, as the transductive forward
                 # used them) are the best estimate there is; the reliability filter would leave a handful
-                method.update_stats(out.batch_stats, n, info)
-                stats_run = True
+                stats_run = self._update_stats(method, out.batch_stats, n, info)
             elif method.needs_stats and reliable.any():
                 if mix is not None and out.batch_stats is not None and reliable.mean() >= c.full_batch_reliable:
                     # the forward already computed this batch's statistics; most of it is reliable
-                    method.update_stats(out.batch_stats, int(reliable.sum()), info)
-                    stats_run = True
+                    stats_run = self._update_stats(method, out.batch_stats, int(reliable.sum()), info)
                 elif mix is not None or self.batches % c.stats_every == 0 or self._post_shift_left > 0:
                     idx = np.flatnonzero(reliable)
                     if len(idx) > c.stats_samples:
                         idx = np.sort(self._rng.choice(idx, c.stats_samples, replace=False))
                     st = self.backend.run_adaptive(x[idx], self.current_params(), None)
-                    method.update_stats(st.batch_stats, len(idx), info)
-                    stats_run = True
+                    stats_run = self._update_stats(method, st.batch_stats, len(idx), info)
             if not shift and self._post_shift_left > 0:
                 self._post_shift_left -= 1
                 self._stale = True
@@ -296,6 +355,8 @@ class AdaptiveEngine:
                     self.batches % c.refresh_every == 0 or mix is not None):
                 self._stale = True
         self.batches += 1
+        if adapt and self.batches % c.good_snapshot_every == 0:
+            self._snapshot_if_good()
         probs = softmax(logits)
         return BatchResult(
             logits=logits, probs=probs, pred=probs.argmax(1), entropy=entropy, ood_score=ood_score, ood=ood,
@@ -356,8 +417,15 @@ class AdaptiveEngine:
             return state
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Install a saved state; ValueError when it does not fit the method or is not finite and plausible (a
+        poisoned state is never restored)."""
         with self._lock:
-            self.method.load_state_dict({k[len("method."):]: v for k, v in state.items() if k.startswith("method.")})
+            mstate = {k[len("method."):]: v for k, v in state.items() if k.startswith("method.")}
+            problem = self.state_problem(mstate)
+            if problem is not None:
+                raise ValueError(f"saved state refused: {problem}")
+            self.method.load_state_dict(mstate)
+            self._last_good = self.method.state_dict()
             if "engine.batches" in state:
                 self.batches = int(state["engine.batches"][0])
             self._refresh(force=True)

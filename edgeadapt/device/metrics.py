@@ -27,6 +27,13 @@ class DeviceMetrics:
         self.queue_depth = Gauge("edgeadapt_upload_queue_items", "items waiting in the upload queue", registry=r)
         self.param_version = Gauge("edgeadapt_param_version", "parameter version in use", registry=r)
         self.updates = Counter("edgeadapt_updates", "update outcomes", ["outcome"], registry=r)
+        self.guard_events = Counter("edgeadapt_adaptation_guard_events", "adaptation-state guard actions (batch "
+                                    "statistics refused, state reset, non-finite batch answered from a fallback)",
+                                    ["event"], registry=r)
+        self.inputs_refused = Counter("edgeadapt_inputs_refused", "predict requests refused at the input boundary",
+                                      ["reason"], registry=r)
+        self.inputs_clipped = Counter("edgeadapt_inputs_clipped", "predict requests clipped into the declared range "
+                                      "(served, never adapted on or uploaded)", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

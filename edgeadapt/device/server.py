@@ -111,11 +111,47 @@ def _from_lists(inputs: list, expected: list[int]) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _refusal_kind(message: str) -> str:
+    """A bounded label for the inputs-refused metric."""
+    for kind in ("range", "NaN", "shape", "dtype", "limit", "base64", "npy"):
+        if kind in message:
+            return kind.lower()
+    return "other"
+
+
+def _loopback_host(host: str) -> bool:
+    """Is a ``Host`` header a loopback name or address (with or without a port)?"""
+    h = host.strip().lower()
+    if h.startswith("["):
+        h = h[1:].split("]")[0]
+    elif h.count(":") == 1:
+        h = h.split(":")[0]
+    return h in ("localhost", "127.0.0.1", "::1") or h.startswith("127.")
+
+
 def create_app(daemon: DeviceDaemon) -> FastAPI:
     app = FastAPI(title="edgeadapt device", version="1", description="Forward-only adapting inference daemon.")
     cfg = daemon.config
     m = daemon.metrics
     expected = daemon.manifest.input.shape
+    codec = daemon.engine.codec
+
+    allowed_origins = set(getattr(cfg, "allowed_origins", []) or [])
+
+    @app.middleware("http")
+    async def refuse_browsers_and_rebinding(request: Request, call_next):
+        """A web page in a browser on the device host must not reach the API: browsers send ``Origin`` on every
+        cross-origin (and every POST) request, other clients do not; admin calls also need a loopback ``Host``
+        (DNS rebinding gives the attacker's name there)."""
+        origin = request.headers.get("origin")
+        if origin is not None and origin not in allowed_origins:
+            m.requests.labels("403").inc()
+            return JSONResponse({"detail": f"requests from web origin {origin[:100]!r} are not allowed "
+                                           "(device config allowed_origins)"}, status_code=403)
+        if request.url.path.startswith("/v1/admin/") and not _loopback_host(request.headers.get("host", "")):
+            return JSONResponse({"detail": "admin endpoints answer requests addressed to a loopback host only"},
+                                status_code=403)
+        return await call_next(request)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -141,20 +177,15 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
         return b"".join(chunks)
 
     async def _run(x: np.ndarray, top_k: int, want_probs: bool) -> dict:
-        if x.ndim == len(expected):
-            x = x[None]
-        if x.ndim != len(expected) + 1 or list(x.shape[1:]) != list(expected):
-            raise InputError(f"input has shape {list(x.shape)}, expected [N, {', '.join(map(str, expected))}] "
-                             f"or [{', '.join(map(str, expected))}]")
-        if len(x) == 0:
-            raise InputError("empty batch")
+        x = codec.as_batch(x)
         if len(x) > cfg.max_request_samples:
             raise InputError(f"{len(x)} samples in one request; the limit is {cfg.max_request_samples}")
-        if x.dtype.kind == "f":
-            if not np.isfinite(x).all():
-                raise InputError("input contains NaN or Inf")
-            x = x.astype(np.float32)
-        results = await asyncio.wait_for(asyncio.wrap_future(daemon.batcher.submit(x)), 60)
+        # the input boundary: shape, dtype, finiteness and the declared value range, per request (a bad request
+        # is refused alone, before it shares a batch, or the adaptation statistics, with anyone else's)
+        x, clipped = codec.check(x)
+        if clipped:
+            m.inputs_clipped.inc()
+        results = await asyncio.wait_for(asyncio.wrap_future(daemon.batcher.submit(x, adapt=not clipped)), 60)
         preds = []
         for r in results:
             p = r["probs"]
@@ -206,6 +237,9 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
                 if x.dtype.kind not in "uif" or (x.dtype.kind in "iu" and x.dtype != np.uint8):
                     raise InputError(f"array dtype {x.dtype} not supported; use uint8, float32 or float16")
             else:
+                if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+                    raise HTTPException(415, f"content-type {ctype[:100]!r} not supported: send application/json, "
+                                             "application/x-npy or application/octet-stream")
                 try:
                     req = PredictRequest.model_validate_json(body)
                 except Exception as exc:
@@ -218,6 +252,7 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
             out = await _run(x, top_k, want_probs)
         except InputError as exc:
             m.requests.labels("400").inc()
+            m.inputs_refused.labels(_refusal_kind(str(exc))).inc()
             raise HTTPException(400, str(exc)) from exc
         except HTTPException as exc:
             m.requests.labels(str(exc.status_code)).inc()
@@ -268,7 +303,10 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
 
     @app.get("/healthz")
     def healthz():
-        return {"ok": True, "param_version": daemon.engine.param_version}
+        """Liveness (it answers) with what part of the job fails now: ``status`` is ``degraded`` with reasons."""
+        degraded = daemon.degraded()
+        return {"ok": True, "status": "degraded" if degraded else "ok", "param_version": daemon.engine.param_version,
+                "reasons": {k: v["reason"] for k, v in degraded.items()}}
 
     @app.get("/metrics")
     def metrics():
