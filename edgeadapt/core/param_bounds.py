@@ -10,15 +10,21 @@ prediction into NaN. So each tensor of a new parameter set is checked against it
   strictly positive and at most ``MAX_VARIANCE``: a BatchNorm divides by sqrt(var + eps), and a negative
   variance is NaN;
 - the tensor's RMS and its largest |value| each at most ``factor`` x the bundle's (default 100) plus an
-  absolute ``floor`` (default 1.0).
+  absolute ``floor`` (default 10).
 
 Why 100x: adaptation moves these tensors by small factors (fine-tuned scales and shifts, statistics
 re-estimated under a corruption), so two orders of magnitude leave every plausible update through and stop
-the ones that can only be an attack or a bug (x1e30, or a variance turned negative). Why a floor: a tensor whose bundle value is zero or near it (an adapter's up-projection
-starts at exactly 0, biases and running means can be ~0) has no scale to be relative to, and its first
-trained values must pass; 1.0 is far above what such a tensor takes in training and far below what breaks a
-network. Shrinking is not bounded: a smaller scale or variance cannot make outputs non-finite (BatchNorm's
-eps bounds the division), and the watch catches a version that is merely worse.
+the ones that can only be an attack or a bug (x1e30, or a variance turned negative).
+
+Why a floor: a tensor whose bundle value is zero or near it (an adapter's up-projection starts at exactly 0;
+the test bundle's BatchNorm shifts have an RMS of 0.01-0.05) has no scale to be relative to, and its first
+trained values must pass. These tensors act on normalized activations of unit scale, where values up to ~10
+are numerically harmless (whether they are any good is the watch's question: a version with shifts of RMS 3
+is rolled back by it, test_update_loop), while what breaks a network is orders of magnitude beyond that. A
+false rejection is not free either: a device that refuses a real update never improves.
+
+Shrinking is not bounded: a smaller scale or variance cannot make outputs non-finite (BatchNorm's eps bounds
+the division), and the watch catches a version that is merely worse.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from collections.abc import Mapping
 import numpy as np
 
 DEFAULT_FACTOR = 100.0
-DEFAULT_FLOOR = 1.0
+DEFAULT_FLOOR = 10.0
 MAX_VARIANCE = 1e8  # activations are normalized inputs: a variance this large is never a real statistic
 
 

@@ -38,7 +38,7 @@ payload ≤ the size the header's tensor list implies, no decompression bombs). 
 link: every field is type-checked strictly (a version is a JSON integer, not ``0.9``; a dimension is an
 integer, sizes are Python ints, so ``[2**70]`` cannot overflow), and whatever a malformed header makes the
 parser raise (deep nesting: RecursionError) is an ``UpdateRejected``. The reconstructed parameters must also
-be plausible (``param_bounds``: variances > 0, each tensor within 100x of the bundle's) before they are used.
+be plausible (``param_bounds``: variances > 0, each tensor within 100x of the bundle's + 10) before they are used.
 """
 
 from __future__ import annotations
