@@ -198,3 +198,22 @@ def test_nonfinite_logits_are_answered_from_a_fallback(cloud_env, kit):
     assert np.isfinite(res.logits).all() and np.isfinite(res.probs).all()
     assert eng.guard_counters["nonfinite_batches"] == 1
     assert (res.pred == ref).mean() > 0.9  # answered by the bundle's version-0 parameters
+
+
+def test_large_nested_list_json_is_refused_before_parsing(cloud_env, tmp_path):
+    """An 8 MiB nested-list predict used to cost ~65 MiB of parsing (8x); above 2 MiB that form is refused with
+    the fix, and the same batch as base64 is served."""
+    import base64
+
+    dev = device_proc(cloud_env.bundle, tmp_path / "state", tmp_path / "device.log").start()
+    try:
+        x = np.random.default_rng(0).uniform(0, 1, (256, 1, 32, 32)).astype(np.float32)
+        r = dev.post("/v1/predict", content=json.dumps({"inputs": x.round(6).tolist()}),
+                     headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "array" in r.json()["detail"]
+        arr = {"dtype": "float32", "shape": list(x.shape), "data": base64.b64encode(x.tobytes()).decode()}
+        r = dev.post("/v1/predict", json={"array": arr})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 256
+        assert dev.post("/v1/predict", json={"inputs": x[:8].tolist()}).status_code == 200
+    finally:
+        dev.stop()

@@ -135,6 +135,8 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
     m = daemon.metrics
     expected = daemon.manifest.input.shape
     codec = daemon.engine.codec
+    # nested lists of numbers cost ~8x their JSON size to parse: at least one sample, else 2 MiB
+    json_list_limit = max(2 * 2**20, 16 * codec.sample_elems)
 
     allowed_origins = set(getattr(cfg, "allowed_origins", []) or [])
 
@@ -237,6 +239,10 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
                 if x.dtype.kind not in "uif" or (x.dtype.kind in "iu" and x.dtype != np.uint8):
                     raise InputError(f"array dtype {x.dtype} not supported; use uint8, float32 or float16")
             else:
+                if len(body) > json_list_limit and b'"inputs"' in body:
+                    raise HTTPException(413, f"nested-list JSON bodies are limited to {json_list_limit} bytes (parsing "
+                                             "one costs about 8x its size in memory); send larger batches as 'array' "
+                                             "(base64) or application/x-npy")
                 if ctype and ctype != "application/json" and not ctype.endswith("+json"):
                     raise HTTPException(415, f"content-type {ctype[:100]!r} not supported: send application/json, "
                                              "application/x-npy or application/octet-stream")
