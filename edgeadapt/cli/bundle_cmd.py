@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from edgeadapt.cli.common import console, fail, print_json
+from edgeadapt.cli.common import console, fail, plain, print_json
 
 app = typer.Typer(help="Inspect and verify exported bundles.", no_args_is_help=True)
 
@@ -26,7 +27,9 @@ def inspect(path: Path = typer.Argument(..., help="bundle directory"),
     if json_out:
         print_json(m.model_dump())
         return
-    console.print(f"[bold]{m.model_name}[/] v{m.model_version}  arch={m.arch}  input={m.input.shape} "
+    # a bundle is data: its strings are printed as text, never as markup
+    console.print(f"[bold]{escape(m.model_name)}[/] v{escape(str(m.model_version))}  arch={escape(m.arch)}  "
+                  f"input={m.input.shape} "
                   f"classes={m.num_classes} features={m.feature_dim}")
     kinds: dict[str, int] = {}
     for t in m.adaptable:
@@ -42,20 +45,23 @@ def inspect(path: Path = typer.Argument(..., help="bundle directory"),
 @app.command()
 def verify(path: Path = typer.Argument(..., help="bundle directory"),
            no_parity: bool = typer.Option(False, "--no-parity", help="only check file hashes"),
+           student_model: str = typer.Option(None, "--student-model", help="the module:factory the cloud will be "
+                                             "given for a bundle whose arch is not registered"),
            json_out: bool = typer.Option(False, "--json")) -> None:
-    """Verify every file's sha256 and both graphs' parity against the logits recorded at export.
+    """Verify every file's sha256, that the cloud would build the architecture the manifest names (registered,
+    or --student-model given), and both graphs' parity against the logits recorded at export.
 
-    Exits non-zero, naming the file or graph, when anything differs.
+    Exits non-zero, naming the file, graph or architecture, when anything is wrong.
     """
     from edgeadapt.export.verify import verify_bundle
 
-    res = verify_bundle(path, check_parity=not no_parity)
+    res = verify_bundle(path, check_parity=not no_parity, student_model=student_model)
     if json_out:
         print_json(res)
     elif res["ok"]:
-        console.print(f"[green]ok[/] {path}  parity: {res['parity']}")
+        console.print("[green]ok[/]", plain(f"{path}  parity: {res['parity']}", 2000))
     else:
         for p in res["problems"]:
-            console.print(f"[red]FAIL[/] {p}")
+            console.print("[red]FAIL[/]", plain(p, 2000))
     if not res["ok"]:
         raise typer.Exit(1)

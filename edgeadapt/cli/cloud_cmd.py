@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from edgeadapt.cli.common import console, fail, print_json
+from edgeadapt.cli.common import console, fail, plain, print_json
 
 app = typer.Typer(help="The cloud service: ingest uploads, distill a teacher, push signed updates.",
                   no_args_is_help=True)
@@ -79,6 +80,11 @@ def serve(
     bundle: Path = typer.Option(None, "--bundle", help="the bundle the devices run"),
     teacher: str = typer.Option(None, "--teacher", help="teacher: reference arch name or package.module:factory"),
     teacher_weights: Path = typer.Option(None, "--teacher-weights", help=".safetensors or .pt state dict"),
+    student_model: str = typer.Option(None, "--student-model",
+                                      help="package.module:factory that builds the bundle's model, for a bundle "
+                                           "exported with --model (a manifest's arch is never imported by itself)"),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate (chain): serve HTTPS"),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert"),
     listen: str = typer.Option(None, "--listen", help="HOST:PORT (default 127.0.0.1:8700)"),
     update_mode: str = typer.Option(None, "--update-mode", help="fp32 | fp16 | int8 | ternary | bitmask_fp16"),
     auto_rollout: bool = typer.Option(None, "--auto-rollout/--no-auto-rollout",
@@ -97,6 +103,8 @@ def serve(
         trainer["enabled"] = False
     cfg = _config(home, {"bundle": str(bundle) if bundle else None, "teacher": teacher,
                          "teacher_weights": str(teacher_weights) if teacher_weights else None, "listen": listen,
+                         "student_model": student_model, "tls_cert": str(tls_cert) if tls_cert else None,
+                         "tls_key": str(tls_key) if tls_key else None,
                          "update_mode": update_mode, "auto_rollout": auto_rollout, "log_level": log_level,
                          "trainer": trainer})
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -106,9 +114,9 @@ def serve(
 
     try:
         service = CloudService(cfg, home)
-    except (ConfigError, BundleError, ValueError, OSError) as exc:
+    except (ConfigError, BundleError, ValueError, OSError) as exc:  # ModelError (unregistered arch) is a ValueError
         fail(str(exc))
-    console.print(f"serving model [bold]{service.model_name}[/] on http://{cfg.listen} "
+    console.print(f"serving model [bold]{escape(service.model_name)}[/] on {cfg.scheme}://{cfg.listen} "
                   f"(latest version {service.store.latest_version()}, updates {cfg.update_mode}, "
                   f"trainer {'on' if service.trainer and cfg.trainer.enabled else 'off'})")
     run_server(service, log_level=cfg.log_level)
@@ -132,10 +140,10 @@ def devices(ctx: typer.Context, home: Path = HomeOpt, as_json: bool = JsonOpt) -
     table = Table(title="devices")
     for col in ("name", "version", "assigned", "last seen", "status", "revoked"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], str(r["version"] if r["version"] is not None else "-"),
+    for r in rows:  # name and status come from the store, status from the device itself: plain text only
+        table.add_row(plain(r["name"], 64), str(r["version"] if r["version"] is not None else "-"),
                       str(r["target_version"] if r["target_version"] is not None else "-"), _age(r["last_seen"]),
-                      r["status"] or "", "yes" if r["revoked"] else "")
+                      plain(r["status"]), "yes" if r["revoked"] else "")
     Console().print(table)
 
 
@@ -251,13 +259,17 @@ def versions(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
     if rejected:
         console.print(f"{len(rejected)} rejected candidate(s):")
         for c in rejected:
-            console.print(f"  #{c['id']} (base v{c['base_version']}, {c['created']}): {c['reason']}")
+            console.print(f"  #{c['id']} (base v{c['base_version']}, {c['created']}):", plain(c["reason"], 1000))
 
 
 @app.command("train")
 def train(home: Path = HomeOpt, url: str = typer.Option(None, "--url", help="server URL (default: from listen)"),
+          ca_file: Path = typer.Option(None, "--ca-file", help="CA that verifies an HTTPS server (default: the "
+                                       "configured tls_cert itself, then the system trust store)"),
           as_json: bool = JsonOpt) -> None:
     """Ask the running server to train on everything pending now (admin API)."""
+    import ssl
+
     import httpx
 
     from edgeadapt.cloud.admin import HomeError, read_admin_token
@@ -268,10 +280,15 @@ def train(home: Path = HomeOpt, url: str = typer.Option(None, "--url", help="ser
     except HomeError as exc:
         fail(str(exc))
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
-    base = url or f"http://{host}:{cfg.port}"
+    base = url or f"{cfg.scheme}://{host}:{cfg.port}"
+    verify: ssl.SSLContext | bool = True
+    if ca_file or cfg.tls_cert:
+        verify = ssl.create_default_context(cafile=str(ca_file or Path(cfg.tls_cert).expanduser()))
+        if not ca_file:  # the server's own certificate as the trust anchor
+            verify.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     try:
         r = httpx.post(base.rstrip("/") + "/v1/admin/train", headers={"Authorization": f"Bearer {token}"},
-                       timeout=3600)
+                       timeout=3600, verify=verify)
     except httpx.HTTPError as exc:
         fail(f"cannot reach the cloud at {base}: {exc}")
     if r.status_code != 200:

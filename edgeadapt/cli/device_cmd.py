@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from edgeadapt.cli.common import console, fail, print_json
+from edgeadapt.cli.common import console, fail, plain, print_json
 
 app = typer.Typer(help="Run and manage the edge adaptation daemon (torch-free).", no_args_is_help=True)
 
@@ -46,7 +48,11 @@ def run(
     bundle: Path = typer.Option(None, help="bundle directory from `edgeadapt export`"),
     state_dir: Path = typer.Option(None, help="where the daemon keeps its queue, versions and adaptation state"),
     cloud: str = typer.Option(None, "--cloud", help="cloud base URL (omit to run standalone)"),
-    token: str = typer.Option(None, help="this device's token from `edgeadapt cloud devices add`"),
+    token: str = typer.Option(None, help="this device's token from `edgeadapt cloud devices add` (visible to "
+                              "every local user in /proc/PID/cmdline: prefer --token-file or EDGEADAPT_TOKEN)"),
+    token_file: Path = typer.Option(None, "--token-file", help="file holding the device token (keep it 0600)"),
+    ca_file: Path = typer.Option(None, "--ca-file", help="PEM CA bundle that verifies an https:// cloud's "
+                                 "certificate (default: the system trust store)"),
     listen: str = typer.Option(None, help="HOST:PORT for the HTTP API (default 127.0.0.1:8470)"),
     source: str = typer.Option(None, help="npz:PATH — also stream this file's x through the device"),
     method: str = typer.Option(None, help="adaptation method spec, e.g. ema_stats+lame_guard, norm_stats, none"),
@@ -62,6 +68,7 @@ def run(
     import uvicorn
 
     from edgeadapt.core.bundle import BundleError
+    from edgeadapt.core.netguard import uvicorn_options
     from edgeadapt.core.serving import GracefulServer
     from edgeadapt.device.config import ConfigError, load_config
     from edgeadapt.device.daemon import DeviceDaemon
@@ -69,12 +76,17 @@ def run(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per poll hides errors
-    flags = dict(bundle=bundle, state_dir=state_dir, cloud_url=cloud, token=token, listen=listen, source=source,
-                 method=method, ood_detector=ood_detector, threads=threads)
+    flags = dict(bundle=bundle, state_dir=state_dir, cloud_url=cloud, token=token, token_file=token_file,
+                 ca_file=ca_file, listen=listen, source=source, method=method, ood_detector=ood_detector,
+                 threads=threads)
     try:
         cfg = load_config(flags, config)
     except ConfigError as exc:
         fail(str(exc))
+    if token:
+        logging.getLogger("edgeadapt.device").warning(
+            "--token is visible to every local user in /proc/%d/cmdline; use --token-file or EDGEADAPT_TOKEN",
+            os.getpid())
     if not Path(cfg.bundle).is_dir():
         fail(f"bundle {cfg.bundle} does not exist (run `edgeadapt export` first)")
     if cfg.source and not Path(cfg.source[4:]).is_file():
@@ -86,12 +98,12 @@ def run(
     daemon.start()
     host, _, port = cfg.listen.rpartition(":")
     server = GracefulServer(uvicorn.Config(create_app(daemon), host=host, port=int(port), log_level="warning",
-                                           access_log=False))
+                                           access_log=False, **uvicorn_options(cfg.net_limits())))
     stop = threading.Event()
     if cfg.source:
         threading.Thread(target=_stream_npz, args=(daemon, Path(cfg.source[4:]), cfg.source_batch, stop),
                          daemon=True, name="npz-source").start()
-    console.print(f"[green]edgeadapt device[/] {daemon.manifest.model_name} v{daemon.engine.param_version} "
+    console.print(f"[green]edgeadapt device[/] {escape(daemon.manifest.model_name)} v{daemon.engine.param_version} "
                   f"listening on http://{cfg.listen}  (cloud: {cfg.cloud_url or 'standalone'})")
     try:
         server.run()
@@ -116,11 +128,12 @@ def status(
     if json_out:
         print_json(st)
         return
-    console.print(f"model {st['model']}  version {st['param_version']}  samples {st['samples']}  "
-                  f"ood {st['ood_samples']}  uptime {st['uptime_s']}s")
-    console.print(f"queue: {st['queue']}")
+    # the daemon's answer quotes its clients' and the cloud's messages: printed as text, never as markup
+    console.print(plain(f"model {st['model']}  version {st['param_version']}  samples {st['samples']}  "
+                        f"ood {st['ood_samples']}  uptime {st['uptime_s']}s", 1000))
+    console.print("queue:", plain(st["queue"], 2000))
     if st.get("errors"):
-        console.print(f"[red]errors:[/] {st['errors']}")
+        console.print("[red]errors:[/]", plain(st["errors"], 4000))
 
 
 @app.command()

@@ -19,6 +19,7 @@ from pathlib import Path
 from edgeadapt.cloud.config import ADMIN_TOKEN_FILE, CONFIG_FILE, DEFAULT_TOML, ENV_PREFIX, CloudConfig, resolve_home
 from edgeadapt.cloud.store import NotFound, SQLiteStore, Store, StoreError, new_token
 from edgeadapt.core import signing
+from edgeadapt.core.fileperm import private_dir
 
 
 class HomeError(ValueError):
@@ -28,8 +29,7 @@ class HomeError(ValueError):
 def init_home(home: str | Path, force: bool = False) -> dict:
     """Create a cloud home: signing key pair, admin token, default config. Refuses to overwrite a key
     unless ``force``."""
-    home = Path(home).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
+    home = private_dir(Path(home).expanduser())  # 0700: signing key, admin token, store
     key_path = home / signing.PRIVATE_KEY_FILE
     if key_path.exists() and not force:
         raise HomeError(f"{key_path} already exists (use --force to replace the signing key; devices exported with "
@@ -42,7 +42,7 @@ def init_home(home: str | Path, force: bool = False) -> dict:
     cfg = home / CONFIG_FILE
     if not cfg.exists():
         cfg.write_text(DEFAULT_TOML)
-    (home / "store").mkdir(exist_ok=True)
+    private_dir(home / "store")
     return {"home": str(home), "public_key": signing.public_key_b64(key), "fingerprint": signing.key_fingerprint(key),
             "private_key": str(key_path), "public_key_file": str(home / signing.PUBLIC_KEY_FILE),
             "admin_token_file": str(home / ADMIN_TOKEN_FILE), "config": str(cfg)}

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from edgeadapt.core.update_package import MODES
 from edgeadapt.core.wire import MAX_BODY_BYTES
@@ -71,6 +71,10 @@ class TrainerConfig(BaseModel, extra="forbid"):
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="uploads held back for the gate, never trained")
     gate_samples: int = Field(2000, ge=1, description="most recent held-back uploads the gate evaluates")
     gate_tolerance: float = Field(0.0, ge=0, le=1, description="allowed drop in teacher agreement")
+    device_share_max: float = Field(0.5, gt=0, le=1, description="when several devices contributed, no one device "
+                                                                "makes up more than max(this, 1/n_devices) of a "
+                                                                "round's training uploads or of the gate's holdout; "
+                                                                "its excess uploads are left out (fleet poisoning)")
     gate_z: float = Field(1.64, ge=0, description="reject only a significant drop: paired (McNemar-style) z; 0 = any "
                                                  "drop beyond gate_tolerance")
     seed: int = 0
@@ -83,6 +87,9 @@ class CloudConfig(BaseModel, extra="forbid"):
     teacher: str | None = Field(None, description="reference arch name or package.module:factory")
     teacher_weights: str | None = Field(None, description=".safetensors (or .pt, loaded weights_only)")
     teacher_kwargs: dict[str, Any] = Field(default_factory=dict)
+    student_model: str | None = Field(None, description="builder of the bundle's architecture when the bundle names "
+                                                        "an unregistered one: package.module:factory (the manifest's "
+                                                        "arch is never imported by itself)")
     store_dir: str | None = Field(None, description="default: <home>/store")
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     update_mode: str = Field("int8", description=f"compression of served updates: one of {MODES}")
@@ -90,6 +97,14 @@ class CloudConfig(BaseModel, extra="forbid"):
     auto_rollout: bool = Field(True, description="new gated versions go to all devices")
     long_poll_max_s: float = Field(30.0, ge=0, le=600)
     metrics_public: bool = Field(True, description="serve /metrics without a token")
+    tls_cert: str | None = Field(None, description="PEM certificate (chain): serve HTTPS; without it the cloud "
+                                                   "speaks plain HTTP and belongs behind a TLS proxy")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert (omit if tls_cert holds it)")
+    max_connections: int = Field(1024, ge=16, description="open connections at most (fitted to the open-file "
+                                                          "limit); past it the longest-waiting idle or half-sent "
+                                                          "one is closed (core/netguard.py)")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request head must arrive within this")
+    body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request body must arrive within this")
     log_level: str = "info"
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
@@ -101,12 +116,33 @@ class CloudConfig(BaseModel, extra="forbid"):
             raise ValueError(f"listen must be HOST:PORT, not {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _tls(self) -> CloudConfig:
+        if self.tls_key and not self.tls_cert:
+            raise ValueError("tls_key needs tls_cert")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not Path(path).expanduser().is_file():
+                raise ValueError(f"{name} {path} is not a file")
+        return self
+
     @field_validator("update_mode")
     @classmethod
     def _mode(cls, v: str) -> str:
         if v not in MODES:
             raise ValueError(f"update_mode must be one of {MODES}, not {v!r}")
         return v
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    def net_limits(self):
+        """The connection limits both servers enforce (``edgeadapt.core.netguard``)."""
+        from edgeadapt.core.netguard import NetLimits
+
+        return NetLimits(max_connections=self.max_connections, header_timeout_s=self.header_timeout_s,
+                         body_timeout_s=self.body_timeout_s)
 
     @property
     def host(self) -> str:
@@ -208,6 +244,10 @@ update_mode = "int8"                    # fp32 | fp16 | int8 | int4 | ecq | tern
 auto_rollout = true                     # new gated versions go to all devices
 max_body_bytes = 16777216
 long_poll_max_s = 30
+# tls_cert = "/etc/edgeadapt/cloud.crt" # serve HTTPS (devices: --ca-file); without it put a TLS proxy in front
+# tls_key = "/etc/edgeadapt/cloud.key"
+# max_connections = 1024                # half-sent/idle connections past this are closed, oldest first
+# header_timeout_s = 10                 # a request head (body: body_timeout_s = 60) must arrive within this
 
 [cloud.update_opts]                     # options of the update mode
 # density = 0.1                         # ternary / bitmask_fp16: fraction of entries kept

@@ -17,7 +17,7 @@ from torch import nn
 from edgeadapt.core import bundle as B
 from edgeadapt.core.tensorfile import ParamSet, load_params
 from edgeadapt.models.adapters import insert_adapters
-from edgeadapt.models.reference import build_arch
+from edgeadapt.models.reference import build_arch, build_registered
 
 
 class ModelError(ValueError):
@@ -44,11 +44,26 @@ def apply_params(model: nn.Module, params: ParamSet) -> None:
             t.data.copy_(src.to(t.dtype))
 
 
-def rebuild_edge_model(bundle_dir: str | Path, params: ParamSet | None = None) -> nn.Module:
-    """The edge model as torch ``nn.Module`` (eval mode), with ``params`` (default: the bundle's version 0)."""
+def build_student(manifest: B.BundleManifest, student_model: str | None = None) -> nn.Module:
+    """The bundle's architecture as an untrained torch module: from the registry when the manifest names a
+    registered arch, or from ``student_model``, the ``module:factory`` (or registered name) the operator gave.
+    Never from the manifest's text alone: a bundle is data, and its ``arch`` would otherwise be imported and
+    called (``"os:system"`` ran a command, issue 22)."""
+    try:
+        if student_model:
+            return build_arch(student_model, **manifest.arch_kwargs)
+        return build_registered(manifest.arch, **manifest.arch_kwargs)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+
+
+def rebuild_edge_model(bundle_dir: str | Path, params: ParamSet | None = None,
+                       student_model: str | None = None) -> nn.Module:
+    """The edge model as torch ``nn.Module`` (eval mode), with ``params`` (default: the bundle's version 0);
+    ``student_model``: see ``build_student``."""
     bundle_dir = Path(bundle_dir)
     manifest = _manifest(bundle_dir)
-    model = build_arch(manifest.arch, **manifest.arch_kwargs)
+    model = build_student(manifest, student_model)
     if manifest.adapters:
         insert_adapters(model, int(manifest.adapters["rank"]), manifest.adapters.get("patterns"))
     source = load_params(bundle_dir / B.SOURCE_WEIGHTS)

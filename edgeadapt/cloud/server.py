@@ -40,6 +40,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from edgeadapt.cloud import admin as A
 from edgeadapt.cloud.service import CloudService, ServiceError
@@ -98,10 +99,13 @@ async def read_limited(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise TooLarge(f"request body exceeds the {limit}-byte limit")
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise TooLarge(f"request body exceeds the {limit}-byte limit")
+    except ClientDisconnect:  # gone, or cut off at the body deadline (core/netguard.py): nobody to answer
+        raise HTTPException(400, "client disconnected before the body was complete") from None
     return bytes(buf)
 
 
@@ -277,7 +281,8 @@ def create_app(service: CloudService) -> FastAPI:
         t = service.trainer
         return {"model": service.model_name, "latest_version": s.latest_version(),
                 "samples": {"train": s.count_samples("train"), "holdout": s.count_samples("holdout"),
-                            "novel": s.count_samples("novel"), "pending": s.count_samples("train", consumed=False)},
+                            "novel": s.count_samples("novel"), "pending": s.count_samples("train", consumed=False),
+                            "capped": s.count_samples("capped")},
                 "trainer": None if t is None else {"running": t.running, "version": t.version,
                                                    "last_result": t.last_result.to_dict() if t.last_result else None},
                 "update_mode": cfg.update_mode, "auto_rollout": cfg.auto_rollout,
@@ -346,18 +351,35 @@ def create_app_from_home(home: str | Path | None = None, overrides: dict | None 
     return create_app(CloudService(config, home, **service_kwargs))
 
 
-class ServerThread:
-    """Run an app with uvicorn in a background thread on an already-bound socket (port 0 = any free port)."""
+def _server_options(config, limits=None, raise_limit: bool = True) -> dict[str, Any]:
+    """uvicorn options shared by ``serve`` and ``ServerThread``: connection limits and read deadlines
+    (``edgeadapt.core.netguard``) and TLS when the config names a certificate."""
+    from edgeadapt.core.netguard import uvicorn_options
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    opts = uvicorn_options(limits or config.net_limits(), raise_limit=raise_limit)
+    if config.tls_cert:
+        opts["ssl_certfile"] = str(Path(config.tls_cert).expanduser())
+        if config.tls_key:
+            opts["ssl_keyfile"] = str(Path(config.tls_key).expanduser())
+    return opts
+
+
+class ServerThread:
+    """Run an app with uvicorn in a background thread on an already-bound socket (port 0 = any free port), with
+    the same connection limits (and TLS, when configured) as ``serve``."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 limits=None):
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
+        cfg = app.state.service.config
+        self.scheme = cfg.scheme
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
-                                access_log=False)
+                                access_log=False, **_server_options(cfg, limits, raise_limit=False))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="edgeadapt-cloud-http", daemon=True)
@@ -365,7 +387,7 @@ class ServerThread:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServerThread:
         self.thread.start()
@@ -395,4 +417,4 @@ def serve(service: CloudService, log_level: str = "info") -> None:
     import uvicorn
 
     uvicorn.run(create_app(service), host=service.config.host, port=service.config.port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, **_server_options(service.config))

@@ -112,7 +112,8 @@ class CloudService:
             from edgeadapt.cloud.trainer import Trainer
 
             self.trainer = Trainer(self.bundle_dir, self.store, teacher, config.trainer,
-                                   auto_rollout=config.auto_rollout, metrics=self.metrics, on_publish=self._bump)
+                                   auto_rollout=config.auto_rollout, metrics=self.metrics, on_publish=self._bump,
+                                   student_model=config.student_model)
         latest = self.store.latest_version()
         self.metrics.latest_version.set(latest or 0)
 

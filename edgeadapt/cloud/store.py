@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeadapt.core.fileperm import private_dir, private_sqlite
 from edgeadapt.core.tensorfile import ParamSet, params_from_bytes, params_hash, params_to_bytes
 
 
@@ -167,8 +168,7 @@ class BlobStore(ABC):
 
 class LocalBlobStore(BlobStore):
     def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(root)
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
@@ -232,6 +232,16 @@ class SampleStore(ABC):
     @abstractmethod
     def recent_samples(self, split: str, limit: int, consumed: bool | None = None) -> list[StoredSample]:
         """The most recent samples of a split, returned oldest first."""
+
+    def recent_samples_per_device(self, split: str, limit_per_device: int) -> list[StoredSample]:
+        """Each device's ``limit_per_device`` most recent samples of a split, all returned oldest first (the gate
+        draws a holdout no device dominates from these; see ``trainer.cap_device_share``)."""
+        out: dict[int, list[StoredSample]] = {}
+        for smp in reversed(self.recent_samples(split, 1 << 30)):
+            mine = out.setdefault(smp.device_id, [])
+            if len(mine) < limit_per_device:
+                mine.append(smp)
+        return sorted((x for xs in out.values() for x in xs), key=lambda x: x.seq)
 
     @abstractmethod
     def load_inputs(self, samples: list[StoredSample]) -> list[np.ndarray]: ...
@@ -305,12 +315,13 @@ class Store(SampleStore):
 
     def finish_round(self, base_version: int, params_hash_: str, metrics: dict, consumed: list[int],
                      params: ParamSet | None = None, reason: str = "", note: str = "",
-                     rollout: bool = False) -> tuple[int, int | None]:
+                     rollout: bool = False, capped: list[int] | None = None) -> tuple[int, int | None]:
         """Record a training round's outcome: publish ``params`` as a new version (rolled out to all devices when
         ``rollout``) or, with ``params=None``, a rejected candidate; and mark the uploads it trained on consumed.
-        -> (candidate id, new version or None). Implementations should make this one transaction, so that a
-        crash never leaves uploads marked consumed by a round that left no record (or a version without its
-        rollout); this default is not atomic."""
+        ``capped``: uploads the round left out because their device exceeded its share (moved to the split
+        ``capped``: never trained on, never replayed). -> (candidate id, new version or None). Implementations
+        should make this one transaction, so that a crash never leaves uploads marked consumed by a round that
+        left no record (or a version without its rollout); this default is not atomic."""
         version = None
         if params is not None:
             version = self.add_version(params, parent=base_version, note=note, metrics=metrics)
@@ -319,7 +330,11 @@ class Store(SampleStore):
         cid = self.add_candidate(base_version, "published" if params is not None else "rejected", version,
                                  params_hash_, reason, metrics)
         self.mark_consumed(consumed)
+        self.mark_capped(capped or [])
         return cid, version
+
+    def mark_capped(self, seqs: list[int]) -> None:  # pragma: no cover - SQLiteStore does it in finish_round
+        raise NotImplementedError
 
     # parameter sets a device may hold (exact versions and lossy reconstructions)
     @abstractmethod
@@ -395,9 +410,8 @@ class SQLiteStore(Store):
     """SQLite (WAL) metadata + a blob store (``<root>/blobs`` by default)."""
 
     def __init__(self, root: str | Path, blobs: BlobStore | None = None):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / "cloud.db"
+        self.root = private_dir(root)  # 0700; the database 0600 (devices, token hashes, statuses)
+        self.db_path = private_sqlite(self.root / "cloud.db")
         self.blobs = blobs or LocalBlobStore(self.root / "blobs")
         self._local = threading.local()
         self._write_lock = threading.RLock()
@@ -616,6 +630,11 @@ class SQLiteStore(Store):
         q += f" ORDER BY seq DESC LIMIT {int(limit)}"
         return [self._sample(r) for r in reversed(self._conn().execute(q, args).fetchall())]
 
+    def recent_samples_per_device(self, split: str, limit_per_device: int) -> list[StoredSample]:
+        q = ("SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY seq DESC) AS rn "
+             "FROM samples WHERE split=?) WHERE rn <= ? ORDER BY seq")
+        return [self._sample(r) for r in self._conn().execute(q, (split, int(limit_per_device)))]
+
     def load_inputs(self, samples: list[StoredSample]) -> list[np.ndarray]:
         out = []
         for s in samples:
@@ -685,8 +704,9 @@ class SQLiteStore(Store):
 
     def finish_round(self, base_version: int, params_hash_: str, metrics: dict, consumed: list[int],
                      params: ParamSet | None = None, reason: str = "", note: str = "",
-                     rollout: bool = False) -> tuple[int, int | None]:
-        """One transaction: version + its rollout + candidate record + uploads marked consumed (see Store)."""
+                     rollout: bool = False, capped: list[int] | None = None) -> tuple[int, int | None]:
+        """One transaction: version + its rollout + candidate record + uploads marked consumed or capped (see
+        Store)."""
         blob = self._put_params_blob(params) if params is not None else None
         with self._write_lock, self._tx() as c:
             version = None
@@ -702,6 +722,11 @@ class SQLiteStore(Store):
             for i in range(0, len(consumed), 500):
                 part = consumed[i : i + 500]
                 c.execute(f"UPDATE samples SET consumed=1 WHERE seq IN ({','.join('?' * len(part))})", part)
+            capped = capped or []
+            for i in range(0, len(capped), 500):
+                part = capped[i : i + 500]
+                c.execute(f"UPDATE samples SET consumed=1, split='capped' WHERE seq IN ({','.join('?' * len(part))})",
+                          part)
             return int(cur.lastrowid), version
 
     @staticmethod

@@ -32,6 +32,14 @@ Held-back uploads (``holdout_fraction``, decided at ingest, never trained on) fe
 whose argmax agrees with the teacher's less often than the current version's (minus ``gate_tolerance``) is
 rejected (when the drop is significant, paired per sample: see ``Trainer.gate``), recorded in the store and not
 published; the student then restarts from the published version. OOD-flagged ("novel") uploads are stored only.
+
+No single device dominates (DESIGN §15, issue 22: one device's 2,048 uploads once made both a round and the
+gate's holdout its own): when several devices contributed, each keeps at most a common number of its most
+recent uploads such that none makes up more than ``max(device_share_max, 1/n)`` (0.5 by default) of a round's
+training uploads or of the holdout the gate judges (``cap_device_share``). A round's excess uploads are left out
+for good (split ``capped``: never trained on, never replayed). A fleet whose devices upload alike is untouched.
+A round with a single contributor is not capped (a one-device fleet must train), but its gate still judges on
+every device's recent held-back uploads.
 """
 
 from __future__ import annotations
@@ -120,6 +128,51 @@ def sample_groups(samples: list, inputs: list[np.ndarray], size: int) -> list[li
     return groups
 
 
+def device_cap(counts: list[int], share: float, total: int | None = None) -> int:
+    """The largest per-device count ``c`` such that, keeping ``min(n_i, c)`` of each device's ``n_i`` samples, no
+    device holds more than ``max(share, 1/n_devices)`` of what is kept (and, with ``total``, at most ``total``
+    are kept). One device alone is not capped (all it has, up to ``total``)."""
+    counts = [n for n in counts if n > 0]
+    if not counts:
+        return 0
+    share = max(share, 1.0 / len(counts))
+    lo, hi = 1, max(counts)
+
+    def fits(c: int) -> bool:
+        kept = sum(min(n, c) for n in counts)
+        return c <= share * kept + 1e-9 and (total is None or kept <= total)
+    if not fits(lo):
+        return 0
+    while lo < hi:  # the set of fitting caps is an interval [1, c*]: c/kept(c) only grows with c
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def cap_device_share(samples: list, share: float, total: int | None = None) -> tuple[list, list]:
+    """Split samples (oldest first) into (kept, left out): each device keeps its most recent ``device_cap``
+    samples, so no single device makes up more than ``max(share, 1/n)`` of the kept ones when ``n`` devices
+    contributed (a device uploading 2,048 samples against two devices' 128 each keeps 256 at ``share`` 0.5).
+    Arrival order is kept."""
+    by_device: dict[int, list] = {}
+    for smp in samples:
+        by_device.setdefault(smp.device_id, []).append(smp)
+    cap = device_cap([len(v) for v in by_device.values()], share, total)
+    keep = {id(x) for xs in by_device.values() for x in xs[max(0, len(xs) - cap):]}
+    kept = [x for x in samples if id(x) in keep]
+    return kept, [x for x in samples if id(x) not in keep]
+
+
+def device_counts(samples: list) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for smp in samples:
+        out[str(smp.device_id)] = out.get(str(smp.device_id), 0) + 1
+    return out
+
+
 def to_float_batch(arrays: list[np.ndarray], manifest: B.BundleManifest) -> torch.Tensor:
     """Uploaded inputs (uint8 / float16, mixed) -> normalized float32 [N, *shape]."""
     codec = InputCodec(manifest.input)
@@ -164,6 +217,7 @@ class GateResult:
     candidate: float | None
     n: int
     reason: str = ""
+    by_device: dict = field(default_factory=dict)  # held-back uploads judged, per device id
 
 
 @dataclass
@@ -174,6 +228,8 @@ class TrainResult:
     candidate_id: int | None = None
     samples: int = 0
     skipped: int = 0  # older pending uploads a capped round sent to replay without training on them
+    capped: int = 0  # pending uploads left out because their device exceeded its share of the round
+    by_device: dict = field(default_factory=dict)  # uploads trained on, per device id
     steps: int = 0
     seconds: float = 0.0
     loss_before: float | None = None
@@ -195,7 +251,8 @@ class Trainer:
     """
 
     def __init__(self, bundle_dir: str | Path, store: Store, teacher: nn.Module, config: TrainerConfig | None = None,
-                 *, auto_rollout: bool = True, metrics=None, on_publish: Callable[[int], None] | None = None):
+                 *, auto_rollout: bool = True, metrics=None, on_publish: Callable[[int], None] | None = None,
+                 student_model: str | None = None):
         self.cfg = config or TrainerConfig()
         self.bundle_dir = Path(bundle_dir)
         self.store = store
@@ -227,10 +284,11 @@ class Trainer:
                 self.teacher_opt = SGD(params, lr=self.cfg.teacher_lr, momentum=self.cfg.momentum)
 
         self.version = int(store.latest_version())
-        self.student = rebuild_edge_model(self.bundle_dir, store.get_params(self.version))
+        # the bundle's arch from the registry, or the operator's --student-model: never imported from the manifest
+        self.student = rebuild_edge_model(self.bundle_dir, store.get_params(self.version), student_model)
         self.trainable = self._configure_student(self.student)
         self.optimizer = self._new_optimizer()
-        self.evaluator = rebuild_edge_model(self.bundle_dir, store.get_params(self.version)).eval()
+        self.evaluator = rebuild_edge_model(self.bundle_dir, store.get_params(self.version), student_model).eval()
         # replay: groups of past uploads (see sample_groups), at most replay_size samples in all
         self.replay: deque[list[np.ndarray]] = deque()
         self.replay_samples = 0
@@ -363,7 +421,10 @@ class Trainer:
         Rejects when the candidate agrees less by more than ``gate_tolerance`` and, paired per sample, the drop
         is significant: (b − c) > gate_z·sqrt(b + c), b / c = samples only the current / only the candidate
         gets right (with gate_z = 0 any drop beyond the tolerance rejects)."""
-        held = self.store.recent_samples("holdout", self.cfg.gate_samples)
+        # no device dominates the holdout: each contributes its most recent uploads up to a common cap
+        # (device_share_max), so a device that floods the cloud cannot make the gate judge on its own uploads
+        recent = self.store.recent_samples_per_device("holdout", self.cfg.gate_samples)
+        held, _ = cap_device_share(recent, self.cfg.device_share_max, self.cfg.gate_samples)
         if not held:
             return GateResult(True, None, None, 0, "no held-back samples yet: gate skipped")
         inputs = sample_groups(held, self.store.load_inputs(held), self.cfg.chunk)
@@ -376,11 +437,12 @@ class Trainer:
         cur, cand = float(a_cur.mean()), float(a_cand.mean())
         b, c = int((a_cur & ~a_cand).sum()), int((a_cand & ~a_cur).sum())
         worse = (b - c) > self.cfg.gate_tolerance * n and (b - c) > self.cfg.gate_z * math.sqrt(b + c)
+        by_device = device_counts(held)
         if worse:
             return GateResult(False, cur, cand, n,
                               f"teacher agreement on {n} held-back uploads fell from {cur:.4f} to {cand:.4f} "
-                              f"({b} samples lost, {c} gained)")
-        return GateResult(True, cur, cand, n, "")
+                              f"({b} samples lost, {c} gained)", by_device)
+        return GateResult(True, cur, cand, n, "", by_device)
 
     # ------------------------------------------------------------------ public
     def train_now(self, limit: int | None = None) -> TrainResult:
@@ -396,9 +458,14 @@ class Trainer:
             base = self.version
             if not pending:
                 return TrainResult("idle", base, reason="no pending uploads")
+            # no device more than device_share_max of the round when several contributed; the excess is left
+            # out (never trained on or replayed), so one device flooding the cloud cannot make the update its own
+            pending, capped = cap_device_share(pending, self.cfg.device_share_max)
             skipped: list = []
             if limit is not None and len(pending) > limit:
                 skipped, pending = pending[:-limit], pending[-limit:]
+                pending, more = cap_device_share(pending, self.cfg.device_share_max)
+                capped += more
             groups = sample_groups(pending, self.store.load_inputs(pending), self.cfg.chunk)
             if skipped and self.cfg.replay_size > 0:
                 for g in sample_groups(skipped, self.store.load_inputs(skipped), self.cfg.chunk):
@@ -424,11 +491,15 @@ class Trainer:
                 epoch += 1
             candidate = extract_params(self.student, self.manifest)
             loss_after = self.distill_loss(candidate, probe)
-            metrics = {"samples": len(pending), "skipped": len(skipped), "steps": steps, "loss_before": loss_before,
+            by_device = device_counts(pending)
+            metrics = {"samples": len(pending), "skipped": len(skipped), "capped": len(capped),
+                       "by_device": by_device, "steps": steps, "loss_before": loss_before,
                        "loss_after": loss_after, "train_loss_first": losses[0], "train_loss_last": losses[-1]}
             # the uploads are marked consumed in the same transaction that records the round's outcome
-            result = self._decide(candidate, base, metrics, consumed=[s.seq for s in skipped + pending])
+            result = self._decide(candidate, base, metrics, consumed=[s.seq for s in skipped + pending],
+                                  capped=[s.seq for s in capped])
             result.samples, result.skipped, result.steps = len(pending), len(skipped), steps
+            result.capped, result.by_device = len(capped), by_device
             result.loss_before, result.loss_after = loss_before, loss_after
             result.seconds = time.perf_counter() - t0
             if self.metrics is not None:
@@ -447,7 +518,8 @@ class Trainer:
             return self._decide({k: np.asarray(v, np.float32) for k, v in params.items()}, self.version,
                                 {"note": note})
 
-    def _decide(self, candidate: ParamSet, base: int, metrics: dict, consumed: list[int] | None = None) -> TrainResult:
+    def _decide(self, candidate: ParamSet, base: int, metrics: dict, consumed: list[int] | None = None,
+                capped: list[int] | None = None) -> TrainResult:
         phash = params_hash(candidate)
         if not all(np.all(np.isfinite(v)) for v in candidate.values()):
             g = GateResult(False, None, None, 0, "candidate has non-finite values")
@@ -455,7 +527,7 @@ class Trainer:
             g = self.gate(candidate, self.store.get_params(base))
         metrics = {**metrics, "gate": asdict(g)}
         if not g.passed:
-            cid, _ = self.store.finish_round(base, phash, metrics, consumed or [], reason=g.reason)
+            cid, _ = self.store.finish_round(base, phash, metrics, consumed or [], reason=g.reason, capped=capped)
             log.warning("candidate %d rejected by the gate: %s", cid, g.reason)
             if self.metrics is not None:
                 self.metrics.versions_rejected.inc()
@@ -463,7 +535,8 @@ class Trainer:
             return TrainResult("rejected", base, None, cid, gate=asdict(g), reason=g.reason, params_hash=phash)
         # one transaction: a crash leaves either no trace of this round or all of it (version, rollout, record)
         cid, version = self.store.finish_round(base, phash, metrics, consumed or [], params=candidate,
-                                               note=metrics.get("note", "trained"), rollout=self.auto_rollout)
+                                               note=metrics.get("note", "trained"), rollout=self.auto_rollout,
+                                               capped=capped)
         self.version = version
         apply_params(self.student, candidate)
         if self.metrics is not None:

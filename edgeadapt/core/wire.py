@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator
 
+from edgeadapt.core.safetext import MAX_NAME_CHARS, MAX_STATUS_CHARS, clean_text
+
 MAX_SAMPLES_PER_BATCH = 512
 MAX_BODY_BYTES = 16 * 1024 * 1024
 ALLOWED_INPUT_DTYPES = ("uint8", "float16")
@@ -73,10 +75,21 @@ class SampleBatchResult(BaseModel):
 
 
 class Heartbeat(BaseModel):
-    model: str
+    model: str = Field(max_length=256)
     param_version: int = Field(ge=0, le=MAX_VERSION)
     counters: dict[str, float] = Field(default_factory=dict)
     status: str = "ok"
+
+    @field_validator("status")
+    @classmethod
+    def _printable_status(cls, v: str) -> str:
+        """Printed in the admin's terminal: control characters stripped, length capped (core/safetext.py)."""
+        return clean_text(v, MAX_STATUS_CHARS)
+
+    @field_validator("counters")
+    @classmethod
+    def _printable_counter_names(cls, v: dict[str, float]) -> dict[str, float]:
+        return {clean_text(k, MAX_NAME_CHARS): x for k, x in list(v.items())[:256]}
 
 
 class UpdateInfo(BaseModel):

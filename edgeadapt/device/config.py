@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Literal
@@ -33,7 +34,11 @@ class DeviceConfig(BaseModel, extra="forbid"):
     bundle: Path
     state_dir: Path
     cloud_url: str | None = None
-    token: str | None = None
+    token: str | None = Field(None, description="this device's cloud token; prefer token_file or EDGEADAPT_TOKEN: "
+                                                "a --token flag is visible to every local user in /proc/PID/cmdline")
+    token_file: Path | None = Field(None, description="file holding the token (first line); keep it 0600")
+    ca_file: Path | None = Field(None, description="PEM CA bundle that verifies an https cloud_url's certificate "
+                                                   "(default: the system's trust store)")
     listen: str = "127.0.0.1:8470"
     source: str | None = Field(None, description="npz:PATH streams a file through the device instead of HTTP only")
     source_batch: int = Field(64, ge=1, le=4096)
@@ -56,6 +61,11 @@ class DeviceConfig(BaseModel, extra="forbid"):
     keep_versions: int = Field(5, ge=1)
     watch_batches: int = Field(8, ge=1)
     save_state_every_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(256, ge=16, description="open HTTP connections at most (fitted to the open-file "
+                                                         "limit); past it the longest-waiting idle or half-sent "
+                                                         "one is closed (core/netguard.py)")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request head must arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body must arrive within this")
     input_range_policy: Literal["reject", "clip"] = Field(
         "reject", description="float inputs outside the bundle's declared value range: refused (400) or clipped")
     allowed_origins: list[str] = Field(
@@ -80,12 +90,54 @@ class DeviceConfig(BaseModel, extra="forbid"):
             self.method = LOOP_METHOD if self.cloud_url else STANDALONE_METHOD
         return self
 
+    @model_validator(mode="after")
+    def _secrets_and_tls(self) -> DeviceConfig:
+        if self.token_file is not None:
+            if self.token:
+                raise ValueError("give the token once: token (or EDGEADAPT_TOKEN) or token_file, not both")
+            self.token = read_token_file(self.token_file)
+        if self.ca_file is not None:
+            if not Path(self.ca_file).is_file():
+                raise ValueError(f"ca_file {self.ca_file} is not a file")
+            if not (self.cloud_url or "").startswith("https://"):
+                raise ValueError("ca_file verifies an https:// cloud_url; cloud_url is not one")
+        return self
+
+    def tls_verify(self) -> ssl.SSLContext | bool:
+        """What the device's HTTP clients verify the cloud's certificate with: the CA file, else the system store."""
+        return True if self.ca_file is None else ssl.create_default_context(cafile=str(self.ca_file))
+
+    def net_limits(self):
+        """The connection limits the HTTP API enforces (``edgeadapt.core.netguard``)."""
+        from edgeadapt.core.netguard import NetLimits
+
+        return NetLimits(max_connections=self.max_connections, header_timeout_s=self.header_timeout_s,
+                         body_timeout_s=self.body_timeout_s)
+
     @field_validator("source")
     @classmethod
     def _source(cls, v: str | None) -> str | None:
         if v is not None and not v.startswith("npz:"):
             raise ValueError(f"source must be npz:PATH, got {v!r}")
         return v
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path`` (its first line); warns when other users may read the file."""
+    try:
+        text = Path(path).read_text()
+        mode = Path(path).stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"token_file {path}: {exc.strerror or exc}") from None
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not token:
+        raise ValueError(f"token_file {path} is empty")
+    if mode & 0o077:
+        import logging
+
+        logging.getLogger(__name__).warning("token file %s is readable by other users (mode %o); chmod 600 it",
+                                            path, mode & 0o777)
+    return token
 
 
 def load_config(flags: dict, config_file: Path | None = None, env: dict[str, str] | None = None) -> DeviceConfig:

@@ -73,7 +73,7 @@ class DeviceDaemon:
             from edgeadapt.device.uploader import Uploader
 
             self.uploader = Uploader(self.queue, config.cloud_url, config.token, self.manifest.model_name,
-                                     poll_interval=config.upload_interval_s)
+                                     poll_interval=config.upload_interval_s, verify=config.tls_verify())
         if config.cloud_url and config.token and self.versions is not None:
             try:
                 from edgeadapt.device.updater import Updater
@@ -105,8 +105,10 @@ class DeviceDaemon:
         self.errors[key] = msg
 
     def _prepare_state_dir(self) -> bool:
+        from edgeadapt.core.fileperm import private_dir
+
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.state_dir)  # 0700: it holds queued user inputs and the adaptation state
             probe = self.state_dir / ".write-probe"
             probe.write_bytes(b"ok")
             probe.unlink()

@@ -101,7 +101,8 @@ class Updater:
         self.poll_s = poll_s
         self.watch_batches = watch_batches
         self.policy = policy or WatchPolicy()
-        self.client = client or httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}"})
+        self.client = client or httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}"},
+                                             verify=daemon.config.tls_verify())
         # value bounds: every new version is checked against the bundle's own (version 0) tensors, by kind
         self.reference = dict(daemon.bundle.params)
         self.kinds = {t.name: t.kind for t in daemon.manifest.adaptable}

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
+from edgeadapt.core.fileperm import private_sqlite
 from edgeadapt.core.wire import UploadSample
 
 DropPolicy = Literal["drop_oldest", "drop_newest"]
@@ -82,6 +83,7 @@ class UploadQueue:
         self.max_attempts = max_attempts
         self._rng = random.Random()
         self._lock = threading.RLock()
+        private_sqlite(self.path)  # 0600, and so its -wal/-shm: the queue holds users' input images
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={synchronous}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 import time
 
@@ -41,6 +42,7 @@ class Uploader:
         client: httpx.Client | None = None,
         poll_interval: float = 1.0,
         max_body_bytes: int = MAX_BODY_BYTES,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
         self.queue = queue
         self.url = cloud_url.rstrip("/") + "/v1/samples"
@@ -50,7 +52,7 @@ class Uploader:
         self.poll_interval = float(poll_interval)
         self.max_body_bytes = int(max_body_bytes)
         self._own_client = client is None
-        self.client = client if client is not None else httpx.Client(timeout=timeout)
+        self.client = client if client is not None else httpx.Client(timeout=timeout, verify=verify)
         self.stats = dict.fromkeys(STAT_NAMES, 0)
         self.last_status: int | None = None
         self.last_error: str | None = None
@@ -91,6 +93,9 @@ class Uploader:
         except httpx.HTTPError as e:
             self.stats["errors"] += 1
             self.last_status, self.last_error = None, f"{type(e).__name__}: {e}"
+            if "CERTIFICATE_VERIFY_FAILED" in str(e):
+                self.last_error = (f"TLS: the cloud's certificate did not verify ({e}); give the device the CA that "
+                                   "signed it (--ca-file / ca_file)")
             log.warning("upload of %d samples failed (%s); will retry", len(ids), self.last_error)
             self._failing = True
             self.stats["retried"] += self.queue.nack(ids, now)

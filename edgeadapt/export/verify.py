@@ -7,11 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.core import bundle as B
+from edgeadapt.core.archs import arch_problem
 from edgeadapt.core.tensorfile import load_params
 
 
-def verify_bundle(path: str | Path, check_parity: bool = True) -> dict:
-    """Return {"ok": bool, "problems": [...], "parity": {...}}; never raises on a bad bundle."""
+def verify_bundle(path: str | Path, check_parity: bool = True, student_model: str | None = None) -> dict:
+    """Return {"ok": bool, "problems": [...], "parity": {...}}; never raises on a bad bundle.
+
+    An architecture the cloud would refuse to build (not registered, and no ``student_model`` named by the
+    operator) is a problem: the bundle cannot be served as it stands."""
     path = Path(path)
     result: dict = {"bundle": str(path), "ok": False, "problems": [], "parity": {}}
     try:
@@ -20,6 +24,9 @@ def verify_bundle(path: str | Path, check_parity: bool = True) -> dict:
         result["problems"].append(str(exc))
         return result
     result["problems"] = B.verify_hashes(path, manifest)
+    problem = arch_problem(manifest.arch, student_model)
+    if problem:
+        result["problems"].append(problem)
     if result["problems"] or not check_parity:
         result["ok"] = not result["problems"]
         return result

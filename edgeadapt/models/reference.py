@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from edgeadapt.core.archs import REGISTERED_ARCHS, arch_problem
+
 FMNIST_MEAN = 0.2860
 FMNIST_STD = 0.3530
 FMNIST_LABELS = [
@@ -169,8 +171,15 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+if set(ARCHS) != REGISTERED_ARCHS:  # the torch-free list `bundle verify` checks against must match
+    raise RuntimeError(f"edgeadapt.core.archs.REGISTERED_ARCHS {sorted(REGISTERED_ARCHS)} != ARCHS {sorted(ARCHS)}")
+
+
 def build_arch(name: str, **kwargs) -> nn.Module:
-    """Build a reference arch by name, or a user model from ``package.module:factory``."""
+    """Build a reference arch by name, or a user model from ``package.module:factory``.
+
+    Only for names an operator gives (command line, config): a name read from a bundle or a weights file goes
+    through ``build_registered`` (or the operator's factory), never here."""
     if name in ARCHS:
         return ARCHS[name](**kwargs)
     if ":" in name:
@@ -189,3 +198,14 @@ def build_arch(name: str, **kwargs) -> nn.Module:
             raise ValueError(f"{name} returned {type(model).__name__}, not a torch.nn.Module")
         return model
     raise ValueError(f"unknown arch {name!r}: use one of {sorted(ARCHS)} or package.module:factory")
+
+
+def build_registered(name: str, **kwargs) -> nn.Module:
+    """Build an architecture named by data (a manifest, weights metadata): registered names only, nothing
+    imported."""
+    if name not in ARCHS:
+        raise ValueError(arch_problem(name))
+    try:
+        return ARCHS[name](**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"arch {name!r} does not take arch_kwargs {sorted(kwargs)}: {exc}") from None

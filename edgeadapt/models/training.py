@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeadapt.models.reference import build_arch
+from edgeadapt.models.reference import build_arch, build_registered
 
 WEIGHTS_FORMAT = "edgeadapt-weights/1"
 
@@ -434,6 +434,6 @@ def load_reference_model(path: str | Path) -> nn.Module:
     if not isinstance(arch, str):
         raise ValueError(f"{path}: no 'arch' in the metadata; build the model yourself and use load_weights")
     kwargs = meta.get("arch_kwargs") or {}
-    model = build_arch(arch, **kwargs)
+    model = build_registered(arch, **kwargs)  # metadata is data: registered names only, nothing imported
     load_weights(model, path)
     return model.eval()

@@ -1,0 +1,223 @@
+"""Connection limits and request-read deadlines for both HTTP servers (device and cloud); torch-free.
+
+uvicorn bounds neither how many connections it holds nor how long a request may take to arrive: its only
+timer (``timeout_keep_alive``) starts after a response, so a client that opens a connection and sends half a
+request head holds a socket (and a file descriptor) for ever. A few hundred of those exhausted the process's
+descriptors and took ``/healthz`` down (issue 22). This module adds what is missing, as an h11 protocol
+subclass that uvicorn runs in place of its own (``uvicorn.Config(http=...)``):
+
+- **Read deadlines.** A request head must arrive completely within ``header_timeout_s`` of the connection
+  opening (or of its first byte, for a later request on a kept-alive connection), and its body within
+  ``body_timeout_s`` of the head; otherwise the connection gets ``408`` and is closed. The deadline is not
+  renewed by each byte, so a head or body dripped one byte at a time is cut off too.
+- **A connection cap.** At most ``max_connections`` are open at once (never more than the descriptor limit
+  allows, minus a reserve for the process's own files). When a new connection would exceed it, the
+  connection that has waited longest *without a request being handled* (idle keep-alive first, then one still
+  sending its head, then one still sending its body) is closed to make room; a connection whose request the
+  app is handling is never closed. Only when every connection is busy is the new one refused with ``503``.
+  So an attacker's half-open connections push out each other, not the health check.
+- ``raise_nofile_limit`` raises the soft ``RLIMIT_NOFILE`` to the hard limit at start (many systems default
+  to a soft limit of 1024 with a far higher hard one).
+
+TLS: asyncio completes the TLS handshake before the protocol sees a connection, so a half-done handshake is
+bounded by asyncio's own handshake timeout (60 s), not by these deadlines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+#: descriptors kept free for the process's own files (SQLite and its WAL, models, logs, outgoing clients)
+FD_RESERVE = 96
+MIN_CONNECTIONS = 16
+
+
+@dataclass(frozen=True)
+class NetLimits:
+    """What both servers enforce on their connections (see the module docstring)."""
+
+    max_connections: int = 512
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_s: int = 5
+    backlog: int = 1024
+    max_head_bytes: int = 16 * 1024
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft descriptor limit to the hard one; -> (soft, hard) now in force."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return (1 << 20, 1 << 20)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # pragma: no cover - a platform that refuses
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    elif hard == resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 65536), hard))
+            soft = max(soft, 65536)
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+    return int(soft), int(hard)
+
+
+def connection_cap(requested: int, soft_limit: int, reserve: int = FD_RESERVE) -> int:
+    """The connection cap that fits the descriptor limit: ``requested``, at most ``soft_limit - reserve``."""
+    return max(MIN_CONNECTIONS, min(int(requested), int(soft_limit) - reserve))
+
+
+_RANK = {"idle": 0, "head": 1, "body": 2}
+
+
+def _raw_response(status: int, reason: str, message: str) -> bytes:
+    body = message.encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with read deadlines and a connection cap (module docstring). Configure through
+    ``guarded_protocol``, which makes a subclass with the limits as class attributes."""
+
+    limits: ClassVar[NetLimits] = NetLimits()
+    max_connections: ClassVar[int] = NetLimits().max_connections
+    stats: ClassVar[dict[str, int]] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = "head"  # idle | head | body | busy
+        self._since = time.monotonic()
+        self._deadline: Any = None  # asyncio.TimerHandle
+
+    # ---------------------------------------------------------------- uvicorn's protocol interface
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._enter("head")
+        self._enforce_cap()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._sync()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._sync(after_response=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    # ---------------------------------------------------------------- phases and deadlines
+    def _sync(self, after_response: bool = False) -> None:
+        if self.transport is None or self.transport.is_closing():
+            self._cancel()
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            if self.conn.trailing_data[0] or (self._phase == "head" and not after_response):
+                if self._phase != "head":
+                    self._enter("head")
+            else:
+                self._enter("idle")
+        elif state is h11.SEND_BODY:
+            if self._phase != "body":
+                self._enter("body")
+        elif self._phase != "busy":
+            self._enter("busy")
+
+    def _enter(self, phase: str) -> None:
+        self._cancel()
+        self._phase = phase
+        self._since = time.monotonic()
+        timeout = {"head": self.limits.header_timeout_s, "body": self.limits.body_timeout_s}.get(phase)
+        if timeout is not None:
+            self._deadline = self.loop.call_later(timeout, self._expired, phase)
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, phase: str) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or self._phase != phase:
+            return
+        what = "request head" if phase == "head" else "request body"
+        limit = self.limits.header_timeout_s if phase == "head" else self.limits.body_timeout_s
+        self._count(f"{phase}_timeouts")
+        self._close(408, "Request Timeout", f"the {what} did not arrive within {limit:g} s")
+
+    def _close(self, status: int, reason: str, message: str) -> None:
+        """Answer, unless a response has begun on this request (or none is pending: idle), and close.
+        Closing makes uvicorn tell an app still reading the body that the client disconnected."""
+        if self._phase == "head" or (self._phase == "body" and self.cycle is not None
+                                     and not self.cycle.response_started):
+            try:
+                self.transport.write(_raw_response(status, reason, message))
+            except Exception:  # pragma: no cover - the peer is gone
+                pass
+        self._cancel()
+        self.transport.close()
+
+    # ---------------------------------------------------------------- the cap
+    def _enforce_cap(self) -> None:
+        live = [p for p in self.connections if p.transport is not None and not p.transport.is_closing()]
+        excess = len(live) - self.max_connections
+        if excess <= 0:
+            return
+        victims = sorted((p for p in live if p is not self and isinstance(p, GuardedH11Protocol) and p._phase in _RANK),
+                         key=lambda p: (_RANK[p._phase], p._since))
+        for p in victims[:excess]:
+            self._count("evicted")
+            p._close(503, "Service Unavailable", "too many connections: this one waited longest")
+        if excess > len(victims):
+            self._count("refused")
+            self._close(503, "Service Unavailable", "too many connections in use; retry later")
+
+    @classmethod
+    def _count(cls, what: str) -> None:
+        cls.stats[what] = cls.stats.get(what, 0) + 1
+
+
+def guarded_protocol(limits: NetLimits, max_connections: int | None = None) -> type[GuardedH11Protocol]:
+    """A protocol class enforcing ``limits`` (with the cap ``max_connections``, default ``limits``')."""
+    cap = limits.max_connections if max_connections is None else max_connections
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"limits": limits, "max_connections": cap, "stats": {}})
+
+
+def uvicorn_options(limits: NetLimits | None = None, raise_limit: bool = True) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.Config`` that apply ``limits``: the guarded h11 protocol, the backlog,
+    keep-alive, head-size limit, and ``limit_concurrency`` just above the cap (uvicorn counts idle connections
+    against it and answers 503 to whatever arrives past it, so it only backs up the cap, never undercuts it).
+    ``raise_limit``: raise the soft descriptor limit first (the cap is then fitted to it)."""
+    limits = limits or NetLimits()
+    if raise_limit:
+        soft, _ = raise_nofile_limit()
+    else:
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except ImportError:  # pragma: no cover
+            soft = 1 << 20
+    cap = connection_cap(limits.max_connections, soft)
+    if cap < limits.max_connections:
+        log.warning("connection cap lowered from %d to %d to fit the open-file limit (%d)", limits.max_connections,
+                    cap, soft)
+    return {"http": guarded_protocol(limits, cap), "backlog": limits.backlog,
+            "timeout_keep_alive": limits.keep_alive_s, "h11_max_incomplete_event_size": limits.max_head_bytes,
+            "limit_concurrency": cap + 8}
