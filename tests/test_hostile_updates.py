@@ -389,6 +389,26 @@ def test_update_download_is_bounded_in_size_time_and_memory(cloud_env, tmp_path,
         d.stop()
 
 
+@pytest.mark.slow
+def test_the_issue_drip_with_the_default_deadline(cloud_env, tmp_path):
+    """The issue's drip (one byte per 5 s) against the defaults: 30 s deadline, 10 s reads. It is refused at
+    the deadline, plus at most one read timeout."""
+    from edgeadapt.device.updater import DEFAULT_DOWNLOAD_TIMEOUT_S
+
+    d = _daemon(cloud_env, tmp_path / "s")
+    try:
+        with HostileCloud("drip", drip_s=5.0) as hostile:
+            up = _updater(d, hostile.url)
+            assert up.download_timeout_s == DEFAULT_DOWNLOAD_TIMEOUT_S == 30.0
+            t0 = time.monotonic()
+            assert up.check_once() == "refused"
+            took = time.monotonic() - t0
+        assert 30.0 <= took < 30.0 + 10.0 + 1.0, took
+        report("drip_default_deadline", seconds=round(took, 1), bytes=hostile.sent, reason=up.events[-1]["reason"])
+    finally:
+        d.stop()
+
+
 def test_a_drip_does_not_hang_the_heartbeats_and_a_real_package_streams_through(cloud_env, tmp_path):
     """With the updater's own thread polling a dripping server, heartbeats keep coming (each poll ends at the
     deadline); the same streaming path applies a real signed package (well under the cap) from a real server."""

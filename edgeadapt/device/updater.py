@@ -424,10 +424,14 @@ class Updater:
         counters = {k: float(v) for k, v in self.counters.items()}
         counters["samples"] = float(self.daemon.samples_seen)
         hb = Heartbeat(model=self.model, param_version=self.engine.param_version, counters=counters,
-                       status="watching" if self._watch else "ok")
+                       status="watching" if self._watch else "pinned" if self._pin else "ok")
+        # bounded like the download: a cloud that drips its answer must not hold the updater's loop
+        t0, per_read = time.monotonic(), min(10.0, self.download_timeout_s)
         try:
-            self.client.post(f"{self.url}/v1/heartbeat", content=hb.model_dump_json(),
-                             headers={"content-type": "application/json"})
+            with self.client.stream("POST", f"{self.url}/v1/heartbeat", content=hb.model_dump_json(),
+                                    headers={"content-type": "application/json"},
+                                    timeout=httpx.Timeout(per_read)) as r:
+                self._read(r, 64 << 10, t0, self.download_timeout_s)
         except httpx.HTTPError:
             pass
 
