@@ -1,31 +1,51 @@
-"""Micro-batching: concurrent requests are grouped into one forward pass (max batch, max wait)."""
+"""Dynamic batching: concurrent requests share one forward pass, and a lone request does not wait for company.
+
+The policy is Triton's default dynamic batcher: the worker takes whatever is queued when it becomes free, up to
+``max_batch`` samples, and runs it at once. Under load the queue fills while a batch runs, so batches grow by
+themselves; with one client each request runs alone, immediately. ``max_wait_ms`` (Triton's
+``max_queue_delay_microseconds``, default 0) lets a batch wait for more requests, counted from when its first
+request was queued, never from when the worker picked it up.
+"""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
+log = logging.getLogger("edgeadapt.device")
+
+#: process(batch, adapt) -> per-sample results, sliceable (``results[i:j]`` is the part of one request)
+ProcessFn = Callable[[np.ndarray, bool], Sequence[Any]]
+#: after(batch, results, adapt): work that need not delay the answer (runs once every request has its result)
+AfterFn = Callable[[np.ndarray, Any, bool], None]
+
 
 class MicroBatcher:
-    """Requests go in with ``submit``; one worker thread concatenates up to ``max_batch`` samples (waiting at
-    most ``max_wait_ms`` for more) and calls ``process(batch, adapt) -> list of per-sample results``. Requests
-    submitted with ``adapt=False`` (e.g. inputs clipped into range) are served in a batch of their own that adapts
-    nothing, so they never share statistics with anyone else's."""
+    """Requests go in with ``submit``; one worker thread concatenates what is queued (up to ``max_batch``
+    samples) and calls ``process(batch, adapt)``. Requests submitted with ``adapt=False`` (inputs clipped into
+    range) run in a batch of their own that adapts nothing, so they never share statistics with anyone else's.
 
-    def __init__(self, process: Callable[[np.ndarray, bool], list], max_batch: int = 64, max_wait_ms: float = 5.0,
-                 to_float: Callable[[np.ndarray], np.ndarray] | None = None):
+    ``after`` runs in the worker once the batch's futures are resolved: selection, upload queueing and metrics
+    are then off the answer's path, yet still happen before the next batch (the same order as before)."""
+
+    def __init__(self, process: ProcessFn, max_batch: int = 64, max_wait_ms: float = 0.0,
+                 to_float: Callable[[np.ndarray], np.ndarray] | None = None, after: AfterFn | None = None):
         self.process = process
+        self.after = after
         # mixed uint8/float requests in one batch: the input codec's dequantization (value units)
         self.to_float = to_float or (lambda a: a.astype(np.float32) / 255.0 if a.dtype == np.uint8
                                      else a.astype(np.float32))
-        self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
-        self._q: queue.Queue = queue.Queue()
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.batches = 0
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._thread.start()
@@ -35,51 +55,73 @@ class MicroBatcher:
         if self._stop.is_set():
             fut.set_exception(RuntimeError("shutting down"))
             return fut
-        self._q.put((x, fut, adapt))
+        self._q.put((x, fut, adapt, time.monotonic()))
         return fut
+
+    def _collect(self, first: tuple) -> tuple[list[tuple], tuple | None]:
+        """``first`` and what is queued behind it, up to ``max_batch`` samples -> (items, the one that did not
+        fit). Waits for more only while ``max_wait`` since ``first`` was queued has not passed."""
+        items, total = [first], len(first[0])
+        deadline = first[3] + self.max_wait
+        while total < self.max_batch:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    item = self._q.get(timeout=left)
+                except queue.Empty:
+                    break
+            if total + len(item[0]) > self.max_batch:
+                return items, item
+            items.append(item)
+            total += len(item[0])
+        return items, None
 
     def _run(self) -> None:
         pending = None
-        while not self._stop.is_set() or not self._q.empty():
-            try:
-                first = pending or self._q.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            pending = None
-            items = [first]
-            total = len(first[0])
-            deadline = time.monotonic() + self.max_wait
-            while total < self.max_batch:
+        while not self._stop.is_set() or pending is not None or not self._q.empty():
+            if pending is None:
                 try:
-                    item = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                    pending = self._q.get(timeout=0.05)
                 except queue.Empty:
-                    break
-                if total + len(item[0]) > self.max_batch:
-                    pending = item
-                    break
-                items.append(item)
-                total += len(item[0])
-            for adapt in (True, False):
-                group = [it for it in items if it[2] is adapt]
-                if group:
-                    self._run_group(group, adapt)
+                    continue
+            items, pending = self._collect(pending)
+            adapting = [it for it in items if it[2]]
+            if adapting:
+                self._run_group(adapting, True)
+            if len(adapting) < len(items):
+                self._run_group([it for it in items if not it[2]], False)
 
     def _run_group(self, items: list, adapt: bool) -> None:
-        dtypes = {it[0].dtype for it in items}
-        if len(dtypes) > 1:  # mixed uint8/float requests: all in value units
-            arrays = [self.to_float(it[0]) for it in items]
+        if len(items) == 1:
+            batch = items[0][0]
+        elif len({it[0].dtype for it in items}) > 1:  # mixed uint8/float requests: all in value units
+            batch = np.concatenate([self.to_float(it[0]) for it in items])
         else:
-            arrays = [it[0] for it in items]
+            batch = np.concatenate([it[0] for it in items])
+        # from here on a caller can no longer cancel (a cancelled one is still computed: it shares the batch)
+        live = [it[1].set_running_or_notify_cancel() for it in items]
         try:
-            results = self.process(np.concatenate(arrays), adapt)
-            i = 0
-            for x, fut, _ in items:
-                fut.set_result(results[i : i + len(x)])
-                i += len(x)
+            results = self.process(batch, adapt)
         except Exception as exc:
-            for _, fut, _ in items:
-                if not fut.done():
-                    fut.set_exception(exc)
+            for it, ok in zip(items, live, strict=True):
+                if ok:
+                    it[1].set_exception(exc)
+            return
+        self.batches += 1
+        i = 0
+        for (x, fut, _, _), ok in zip(items, live, strict=True):
+            if ok:
+                fut.set_result(results[i : i + len(x)])
+            i += len(x)
+        if self.after is not None:
+            try:
+                self.after(batch, results, adapt)
+            except Exception as exc:  # bookkeeping after the answer must never stop the worker
+                log.exception("after-batch work failed: %s", exc)
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -48,7 +48,8 @@ class DeviceConfig(BaseModel, extra="forbid"):
     threads: int = Field(2, ge=1, le=256)
     backend: str = "onnxruntime"
     max_batch: int = Field(64, ge=1, le=4096)
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="how long a batch may wait for more requests "
+                               "(Triton's max queue delay; 0: run what is queued at once, a lone request never waits)")
     max_request_samples: int = Field(256, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     queue_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)

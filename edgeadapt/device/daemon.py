@@ -22,6 +22,7 @@ from edgeadapt.device.batcher import MicroBatcher
 from edgeadapt.device.config import DeviceConfig
 from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 from edgeadapt.device.metrics import DeviceMetrics
+from edgeadapt.device.predictions import Predictions
 from edgeadapt.device.selection import SampleSelector
 from edgeadapt.device.upload_queue import UploadQueue
 from edgeadapt.device.versions import VersionStore, VersionStoreError
@@ -83,7 +84,7 @@ class DeviceDaemon:
                 self.updater = Updater(self, config.cloud_url, config.token, poll_s=config.update_poll_s,
                                        watch_batches=config.watch_batches)
         self.batcher = MicroBatcher(self._process_batch, config.max_batch, config.max_wait_ms,
-                                    to_float=self.codec.to_values)
+                                    to_float=self.codec.to_values, after=self._after_batch)
         self._stop = threading.Event()
         self._saver = threading.Thread(target=self._save_loop, name="state-saver", daemon=True)
         self.started = time.time()
@@ -211,14 +212,20 @@ class DeviceDaemon:
             self.save_state()
 
     # -- the hot path ------------------------------------------------------------------------------
-    def _process_batch(self, x: np.ndarray, adapt: bool = True) -> list[dict]:
-        """One micro-batch. ``adapt=False``: inputs that had to be clipped into range are served from the current
-        state and neither adapt it nor get uploaded."""
-        res = self.engine.process(x, adapt=adapt)
+    def _process_batch(self, x: np.ndarray, adapt: bool = True) -> Predictions:
+        """One batch, validated at the input boundary (``codec.check``). ``adapt=False``: inputs that had to be
+        clipped into range are served from the current state and neither adapt it nor get uploaded. What need
+        not delay the answer (the update watch, metrics, selection and queueing) is ``_after_batch``'s."""
+        res = self.engine.process(x, adapt=adapt, validated=True)
         if self.engine.guard_counters != self._guard_seen:
             self._report_guard()
         elif "adaptation_guard" in self.errors and time.monotonic() - self._guard_at > GUARD_QUIET_S:
             self.errors.pop("adaptation_guard", None)  # degraded until the guard has been quiet a while
+        return Predictions.from_result(res, self.manifest.labels)
+
+    def _after_batch(self, x: np.ndarray, served: Predictions, adapt: bool) -> None:
+        """After the batch's requests have their answers, before the next batch runs (the batcher's worker)."""
+        res = served.result
         if self.updater is not None:
             try:
                 self.updater.observe(x, res)
@@ -227,22 +234,16 @@ class DeviceDaemon:
                 self._error("updater", f"update watch failed: {exc}")
         n = len(x)
         self.samples_seen += n
-        self.ood_seen += int(res.ood.sum())
+        n_ood = int(res.ood.sum())
+        self.ood_seen += n_ood
         m = self.metrics
         m.samples.inc(n)
         m.batch_size.observe(n)
-        m.ood.inc(int(res.ood.sum()))
-        m.ood_rate.set(float(res.ood.mean()))
+        m.ood.inc(n_ood)
+        m.ood_rate.set(n_ood / n)
         m.mean_entropy.set(float(res.entropy.mean()))
         if adapt:
             self._select_and_queue(x, res)
-        labels = self.manifest.labels
-        out = []
-        for i in range(n):
-            out.append({"class": int(res.pred[i]), "label": labels[int(res.pred[i])], "probs": res.probs[i],
-                        "ood": bool(res.ood[i]), "ood_score": float(res.ood_score[i]),
-                        "entropy": float(res.entropy[i]), "param_version": res.param_version})
-        return out
 
     def _report_guard(self) -> None:
         """The engine's guard refused batch statistics, reset the state or answered a batch from a fallback: the
@@ -285,8 +286,10 @@ class DeviceDaemon:
             except Exception as exc:  # disk full etc.: predictions go on
                 self._error("queue", f"could not queue uploads: {_describe(exc)} ({self._disk_hint()})")
 
-    def predict(self, x: np.ndarray, timeout: float = 30.0) -> list[dict]:
-        return self.batcher.submit(x).result(timeout)
+    def predict(self, x: np.ndarray, timeout: float = 30.0) -> Predictions:
+        """Library callers: validated here (as the HTTP boundary does), then batched with everyone else."""
+        x, clipped = self.codec.check(x)
+        return self.batcher.submit(x, adapt=not clipped).result(timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:

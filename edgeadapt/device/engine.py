@@ -276,8 +276,10 @@ class AdaptiveEngine:
         return self.backend.run_adaptive(x, dict(self.bundle.params), None)
 
     # -- the loop ----------------------------------------------------------------------------------
-    def process(self, x: np.ndarray, adapt: bool = True) -> BatchResult:
-        xf = self.prepare(x)
+    def process(self, x: np.ndarray, adapt: bool = True, validated: bool = False) -> BatchResult:
+        """One batch. ``validated=True``: ``x`` came out of this engine's ``codec.check`` (the daemon's input
+        boundary checks every request there): it is only normalized, not checked a second time."""
+        xf = self.codec.normalize(x) if validated else self.prepare(x)
         with self._lock:
             return self._process(xf, adapt)
 

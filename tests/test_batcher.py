@@ -1,0 +1,153 @@
+"""Dynamic batching (device/batcher.py): a lone request runs at once, queued requests share a batch up to the max,
+clipped (adapt=False) requests never share one with adapting requests, and bookkeeping runs after the answers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgeadapt.device.batcher import MicroBatcher
+
+
+class Recorder:
+    """A batch function that echoes its input (so each caller can check it got its own rows back) and records
+    every batch; ``gate`` holds the worker inside a batch so that requests queue up behind it."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, bool, np.dtype]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, x: np.ndarray, adapt: bool) -> np.ndarray:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append((len(x), adapt, x.dtype))
+        return x.copy()
+
+
+def _images(i: int, n: int = 1) -> np.ndarray:
+    return np.full((n, 1, 4, 4), i, np.uint8)
+
+
+@pytest.mark.parametrize("max_wait_ms", [0.0, 5.0])
+def test_a_lone_request_does_not_wait_out_a_delay_of_zero(max_wait_ms):
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=64, max_wait_ms=max_wait_ms)
+    try:
+        b.submit(_images(0)).result(5)  # warm the worker thread
+        lat = []
+        for i in range(30):
+            t0 = time.perf_counter()
+            out = b.submit(_images(i)).result(5)
+            lat.append(time.perf_counter() - t0)
+            assert (out == i).all() and out.shape == (1, 1, 4, 4)
+        p50 = float(np.median(lat)) * 1000
+        if max_wait_ms == 0:
+            assert p50 < 3.0, p50  # was max_wait_ms (5 ms) for every lone request
+        else:
+            assert p50 >= 4.5, p50  # an explicit queue delay is honoured
+    finally:
+        b.close()
+
+
+def test_queued_requests_share_a_batch_up_to_the_max_and_get_their_own_rows():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=8, max_wait_ms=0)
+    try:
+        rec.gate.clear()
+        first = b.submit(_images(100))
+        assert rec.entered.wait(5)  # the worker is busy with the first request
+        futs = [b.submit(_images(i, n=2)) for i in range(10)]  # 20 samples queue behind it
+        big = b.submit(_images(200, n=20))  # larger than max_batch: runs alone
+        rec.gate.set()
+        assert (first.result(5) == 100).all()
+        for i, f in enumerate(futs):
+            out = f.result(5)
+            assert out.shape == (2, 1, 4, 4) and (out == i).all()
+        assert big.result(5).shape == (20, 1, 4, 4) and (big.result(5) == 200).all()
+        sizes = [n for n, _, _ in rec.batches]
+        assert sizes == [1, 8, 8, 4, 20], sizes  # what was queued, taken in max_batch-sized bites, in order
+    finally:
+        b.close()
+
+
+def test_clipped_requests_never_share_a_batch_with_adapting_ones():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=64, max_wait_ms=0)
+    try:
+        rec.gate.clear()
+        b.submit(_images(0))
+        assert rec.entered.wait(5)
+        futs = [(b.submit(_images(i), adapt=i % 3 != 0), i % 3 != 0) for i in range(12)]
+        floats = b.submit(np.full((1, 1, 4, 4), 0.5, np.float32))
+        rec.gate.set()
+        for f, _ in futs:
+            f.result(5)
+        assert floats.result(5).dtype == np.float32
+        adapting = sum(n for n, a, _ in rec.batches[1:] if a)
+        kept_out = sum(n for n, a, _ in rec.batches[1:] if not a)
+        assert adapting == 8 + 1 and kept_out == 4
+        assert len(rec.batches) == 3  # one adapting batch (uint8 and float mixed, in value units), one not
+        assert rec.batches[1][2] == np.float32 and rec.batches[2][2] == np.uint8
+    finally:
+        b.close()
+
+
+def test_after_runs_once_the_answers_are_out_and_a_failure_there_does_not_stop_the_worker():
+    seen: list[tuple[int, bool]] = []
+    answered = threading.Event()
+
+    def after(x, results, adapt):
+        assert answered.wait(5)  # the caller already has its result
+        seen.append((len(x), adapt))
+        raise RuntimeError("bookkeeping failed")
+
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=4, after=after)
+    try:
+        f = b.submit(_images(1))
+        f.result(5)
+        answered.set()
+        answered2 = b.submit(_images(2), adapt=False).result(5)  # the worker survived the failing after()
+        assert (answered2 == 2).all()
+        deadline = time.monotonic() + 5
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [(1, True), (1, False)]
+    finally:
+        b.close()
+
+
+def test_a_failing_batch_fails_its_requests_only_and_a_cancelled_one_is_skipped():
+    calls = {"n": 0}
+
+    def process(x, adapt):
+        calls["n"] += 1
+        if (x == 9).any():
+            raise ValueError("bad batch")
+        return x
+
+    b = MicroBatcher(process, max_batch=1)
+    try:
+        with pytest.raises(ValueError, match="bad batch"):
+            b.submit(_images(9)).result(5)
+        assert (b.submit(_images(3)).result(5) == 3).all()
+    finally:
+        b.close()
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=64)
+    try:
+        rec.gate.clear()
+        b.submit(_images(0))
+        assert rec.entered.wait(5)
+        gone = b.submit(_images(1))
+        kept = b.submit(_images(2))
+        assert gone.cancel()  # the caller gave up while it was queued
+        rec.gate.set()
+        assert (kept.result(5) == 2).all() and gone.cancelled()
+    finally:
+        b.close()
