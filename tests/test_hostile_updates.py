@@ -349,10 +349,11 @@ def test_update_download_is_bounded_in_size_time_and_memory(cloud_env, tmp_path,
     """Must show: a 768 MiB or endless response is refused at the size cap (derived from the bundle), a dripped
     body at the deadline (3 s here; 30 s by default) plus at most one read timeout; Python allocations and RSS
     stay bounded; the refusal is counted, in status errors, an event, and backs the polling off."""
-    d = _daemon(cloud_env, tmp_path / "s")
+    d = _daemon(cloud_env, tmp_path / "s", update_download_timeout_s=3.0)  # the device config's setting
     try:
         with HostileCloud(mode, drip_s=drip_s) as hostile:
-            up = _updater(d, hostile.url, download_timeout_s=3.0)
+            up = _updater(d, hostile.url)
+            assert up.download_timeout_s == 3.0
             cap = up.max_download_bytes
             rss0 = _vmrss_kib()
             hwm_reset = _reset_peak_rss()
@@ -393,13 +394,11 @@ def test_update_download_is_bounded_in_size_time_and_memory(cloud_env, tmp_path,
 def test_the_issue_drip_with_the_default_deadline(cloud_env, tmp_path):
     """The issue's drip (one byte per 5 s) against the defaults: 30 s deadline, 10 s reads. It is refused at
     the deadline, plus at most one read timeout."""
-    from edgeadapt.device.updater import DEFAULT_DOWNLOAD_TIMEOUT_S
-
     d = _daemon(cloud_env, tmp_path / "s")
     try:
         with HostileCloud("drip", drip_s=5.0) as hostile:
             up = _updater(d, hostile.url)
-            assert up.download_timeout_s == DEFAULT_DOWNLOAD_TIMEOUT_S == 30.0
+            assert up.download_timeout_s == 30.0  # DeviceConfig.update_download_timeout_s
             t0 = time.monotonic()
             assert up.check_once() == "refused"
             took = time.monotonic() - t0

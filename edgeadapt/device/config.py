@@ -59,6 +59,8 @@ class DeviceConfig(BaseModel, extra="forbid"):
     upload_all: bool = Field(False, description="upload every in-distribution sample (the benchmark's baseline)")
     upload_interval_s: float = Field(0.5, gt=0)
     update_poll_s: float = Field(2.0, gt=0)
+    update_download_timeout_s: float = Field(30.0, gt=0, description="total deadline for one update download "
+                                             "(each network read also at most min(10 s, this))")
     keep_versions: int = Field(5, ge=1)
     watch_batches: int = Field(8, ge=1)
     save_state_every_s: float = Field(30.0, gt=0)

@@ -76,7 +76,6 @@ class RollbackRefused(Exception):
 DOWNLOAD_BYTES_PER_VALUE = 8
 DOWNLOAD_HEADER_ALLOWANCE = 64 << 10
 DOWNLOAD_BYTES_PER_TENSOR = 256  # the header's tensor entry, uncompressed
-DEFAULT_DOWNLOAD_TIMEOUT_S = 30.0
 #: polling outcomes after which the next poll comes sooner than a backoff
 _HEALTHY = ("current", "applied", "busy", "error")
 
@@ -90,7 +89,7 @@ def max_update_bytes(params: dict) -> int:
 class Updater:
     def __init__(self, daemon, cloud_url: str, token: str, poll_s: float = 2.0, watch_batches: int = 8,
                  policy: WatchPolicy | None = None, client: httpx.Client | None = None,
-                 download_timeout_s: float = DEFAULT_DOWNLOAD_TIMEOUT_S, max_download_bytes: int | None = None,
+                 download_timeout_s: float | None = None, max_download_bytes: int | None = None,
                  max_backoff_s: float | None = None):
         self.daemon = daemon
         self.engine = daemon.engine
@@ -106,7 +105,8 @@ class Updater:
         # value bounds: every new version is checked against the bundle's own (version 0) tensors, by kind
         self.reference = dict(daemon.bundle.params)
         self.kinds = {t.name: t.kind for t in daemon.manifest.adaptable}
-        self.download_timeout_s = float(download_timeout_s)
+        # the total deadline of one download: this argument, else the device config's update_download_timeout_s
+        self.download_timeout_s = float(download_timeout_s or daemon.config.update_download_timeout_s)
         self.max_download_bytes = int(max_download_bytes or max_update_bytes(self.reference))
         self.max_backoff_s = float(max_backoff_s) if max_backoff_s is not None else max(poll_s, min(60.0, 16 * poll_s))
         self._failures = 0  # hostile outcomes in a row: the backoff exponent
