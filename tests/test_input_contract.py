@@ -65,7 +65,7 @@ def test_codec_limits_follow_the_spec(rgb_bundle):
 
 
 def test_rgb_224_uploads_reach_the_cloud_and_out_of_range_is_refused(rgb_bundle, live_cloud, kit, tmp_path):
-    cloud = live_cloud(bundle=str(rgb_bundle))
+    cloud = live_cloud(bundle=str(rgb_bundle), student_model="tests.test_input_contract:_tiny_rgb_model")
     token = cloud.add_device("cam-rgb")
     dev = device_proc(rgb_bundle, tmp_path / "state", tmp_path / "device.log", cloud_url=cloud.url, token=token,
                       upload_all=1, upload_interval_s=0.2).start()

@@ -303,19 +303,14 @@ def build_fmnist_c(
         workers = 1 if total < _MIN_IMAGES_FOR_POOL else min(os.cpu_count() or 1, len(tasks))
     results: list[np.ndarray] = []
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    bar = Progress(
-        TextColumn("[bold]FMNIST-C[/] s{task.fields[sev]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[current]}"),
-        console=Console(stderr=True),
-        disable=not progress,
-        transient=False,
-    )
+    from edgeadapt.progress import progress as make_progress
+
+    bar = make_progress(
+        "FMNIST-C", TextColumn("[bold]FMNIST-C[/] s{task.fields[sev]}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("{task.fields[current]}"), fmt="severity {sev} {current}",
+        disable=not progress)
     with bar:
         tid = bar.add_task("build", total=total, sev=severity, current="")
         if workers <= 1:

@@ -244,26 +244,15 @@ def train_model(
     model = build_arch(arch, **arch_kwargs).to(memory_format=torch.channels_last)
     opt, sched = _make_optimizer(model, cfg, total_steps)
 
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    bar = Progress(
-        TextColumn(f"[bold]train {arch}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+    from edgeadapt.progress import progress as make_progress
+
+    bar = make_progress(
+        f"train {arch}", TextColumn(f"[bold]train {arch}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("epoch {task.fields[epoch]:.2f} loss {task.fields[loss]:.3f} acc {task.fields[acc]:.3f}"),
-        console=Console(stderr=True),
-        disable=not progress,
-    )
+        fmt="steps; epoch {epoch:.2f} loss {loss:.3f} acc {acc:.3f}", disable=not progress)
     model.train()
     loss_ema, acc_ema = float("nan"), float("nan")
     step = 0
