@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.procs import cloud_proc, device_proc, fresh_cloud_home
+from tests.procs import cloud_proc, device_proc, fresh_cloud_home, npy, wait_for
 
 pytest_plugins = ["tests.cloud_fixtures"]
 pytestmark = pytest.mark.timeout(300)
@@ -290,6 +290,105 @@ def test_tls_device_uploads_verify_the_cloud_certificate(live_cloud, kit, tmp_pa
     report("tls in-process", uploads_with_ca=8, uploads_without_ca=0, stored=stored, error=bad.last_error[:80])
     good.client.close()
     bad.client.close()
+
+
+def _wait_https(proc, url: str, verify, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"{proc.name} exited:\n{proc.tail()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2, verify=verify).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{proc.name} not healthy at {url}:\n{proc.tail()}")
+
+
+def _predict(dev, kit, n: int = 6) -> None:
+    for i in range(n):
+        r = dev.post("/v1/predict", content=npy(kit.synthetic_images(16, seed=50 + i, shift=kit.TEST_SHIFT)),
+                     headers={"content-type": "application/x-npy"})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.slow
+def test_tls_token_file_and_file_modes_real_processes(cloud_env, kit, tmp_path):
+    """Real `cloud serve --tls-cert --tls-key` and two `device run --cloud https://...` processes, the token given
+    by ``--token-file`` (not on the command line). With ``--ca-file`` the device's uploads arrive over a verified
+    TLS link; without it nothing is sent and the device's status says the certificate did not verify. The token
+    is in no process's /proc/PID/cmdline; the cloud store and the device state are 0700/0600 under umask 022."""
+    ca, cert, key = make_tls(tmp_path)
+    verify = ssl.create_default_context(cafile=str(ca))
+    home = fresh_cloud_home(cloud_env, tmp_path / "home")
+    cloud = cloud_proc(cloud_env, home, tmp_path / "cloud.log", extra=("--tls-cert", str(cert), "--tls-key", str(key)))
+    url = cloud.url.replace("http://", "https://")
+    admin = {"Authorization": f"Bearer {cloud_env.admin_token}"}
+    devs = []
+    old_umask = os.umask(0o022)
+    try:
+        cloud.start(wait=False)
+        _wait_https(cloud, url, verify)
+        with pytest.raises(httpx.HTTPError):  # the system trust store does not know the test CA
+            httpx.get(f"{url}/healthz", timeout=5)
+        tokens = {}
+        for name in ("with-ca", "without-ca"):
+            r = httpx.post(f"{url}/v1/admin/devices", json={"name": name}, headers=admin, verify=verify, timeout=30)
+            assert r.status_code == 201, r.text
+            tokens[name] = r.json()["token"]
+            (tmp_path / f"{name}.token").write_text(tokens[name] + "\n")
+            os.chmod(tmp_path / f"{name}.token", 0o600)
+        for name in ("with-ca", "without-ca"):
+            dev = device_proc(cloud_env.bundle, tmp_path / f"state-{name}", tmp_path / f"{name}.log", upload_all=1,
+                              upload_interval_s=0.2, update_poll_s=0.5)
+            dev.args += ["--cloud", url, "--token-file", str(tmp_path / f"{name}.token")]
+            if name == "with-ca":
+                dev.args += ["--ca-file", str(ca)]
+            devs.append(dev.start())
+        for dev in devs:
+            _predict(dev, kit)
+
+        def stored() -> dict:
+            out = {}
+            for name in tokens:
+                r = httpx.get(f"{url}/v1/devices/{name}", headers={"Authorization": f"Bearer {tokens[name]}"},
+                              verify=verify, timeout=10)
+                out[name] = r.json()
+            return out
+
+        sent = wait_for(lambda: devs[0].get("/v1/status").json()["queue"].get("sent", 0) >= 96 and
+                        devs[0].get("/v1/status").json()["queue"]["sent"], 60, "uploads over TLS")
+        bad = wait_for(lambda: devs[1].get("/v1/status").json()["uploader"].get("last_error"), 60,
+                       "the untrusting device's upload error")
+        assert "certificate did not verify" in bad, bad
+        st_bad = devs[1].get("/v1/status").json()
+        assert st_bad["queue"].get("sent", 0) == 0 and st_bad["queue"].get("queued", 0) > 0, st_bad["queue"]
+        rows = stored()
+        r = httpx.get(f"{url}/v1/admin/status", headers=admin, verify=verify, timeout=10).json()
+        n_stored = sum(r["samples"][k] for k in ("train", "holdout", "novel"))
+        assert n_stored >= 96, r
+        assert rows["without-ca"]["last_seen"] is None  # it never got through: no upload, no heartbeat
+        for proc in (cloud, *devs):
+            cmdline = Path(f"/proc/{proc.popen.pid}/cmdline").read_bytes()
+            assert all(t.encode() not in cmdline for t in tokens.values()), proc.name
+        modes = {"store": mode(home / "store"), **{p.name: mode(p) for p in (home / "store").iterdir()
+                                                     if p.name.startswith("cloud.db")}}
+        for name in tokens:
+            state = tmp_path / f"state-{name}"
+            modes[f"{name}/state"] = mode(state)
+            modes.update({f"{name}/{p.name}": mode(p) for p in state.iterdir() if p.name.startswith("queue.sqlite")})
+        assert all(m == 0o700 for k, m in modes.items() if k.endswith("store") or k.endswith("/state")), modes
+        assert all(m == 0o600 for k, m in modes.items() if "cloud.db" in k or "queue.sqlite" in k), modes
+        assert any("cloud.db-wal" in k for k in modes) and any("queue.sqlite-wal" in k for k in modes), modes
+    finally:
+        os.umask(old_umask)
+        for dev in devs:
+            dev.stop()
+        cloud.stop()
+    report("tls real processes", stored=n_stored, sent_with_ca=sent, sent_without_ca=st_bad["queue"].get("sent", 0),
+           queued_without_ca=st_bad["queue"].get("queued"), untrusting_error=bad[:90],
+           modes={k: oct(v) for k, v in modes.items()})
 
 
 # ------------------------------------------------------------------------------------------ secrets

@@ -11,7 +11,8 @@ subclass that uvicorn runs in place of its own (``uvicorn.Config(http=...)``):
   ``body_timeout_s`` of the head; otherwise the connection gets ``408`` and is closed. The deadline is not
   renewed by each byte, so a head or body dripped one byte at a time is cut off too.
 - **A connection cap.** At most ``max_connections`` are open at once (never more than the descriptor limit
-  allows, minus a reserve for the process's own files). When a new connection would exceed it, the
+  allows, minus a reserve for the process's own files and the listen backlog, which asyncio may accept in one
+  go before the cap sees any of them). When a new connection would exceed it, the
   connection that has waited longest *without a request being handled* (idle keep-alive first, then one still
   sending its head, then one still sending its body) is closed to make room; a connection whose request the
   app is handling is never closed. Only when every connection is busy is the new one refused with ``503``.
@@ -74,9 +75,14 @@ def raise_nofile_limit() -> tuple[int, int]:
     return int(soft), int(hard)
 
 
-def connection_cap(requested: int, soft_limit: int, reserve: int = FD_RESERVE) -> int:
-    """The connection cap that fits the descriptor limit: ``requested``, at most ``soft_limit - reserve``."""
-    return max(MIN_CONNECTIONS, min(int(requested), int(soft_limit) - reserve))
+def fit_to_descriptors(limits: NetLimits, soft_limit: int, reserve: int = FD_RESERVE) -> tuple[int, int]:
+    """(connection cap, listen backlog) that fit the descriptor limit. asyncio accepts up to ``backlog``
+    connections in one go before any of them reaches the protocol (and so the cap), so cap + backlog + the
+    process's own files must stay under the limit."""
+    room = max(2 * MIN_CONNECTIONS, int(soft_limit) - reserve)
+    backlog = max(MIN_CONNECTIONS, min(int(limits.backlog), room // 4))
+    cap = max(MIN_CONNECTIONS, min(int(limits.max_connections), room - backlog))
+    return cap, backlog
 
 
 _RANK = {"idle": 0, "head": 1, "body": 2}
@@ -214,10 +220,10 @@ def uvicorn_options(limits: NetLimits | None = None, raise_limit: bool = True) -
             soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         except ImportError:  # pragma: no cover
             soft = 1 << 20
-    cap = connection_cap(limits.max_connections, soft)
-    if cap < limits.max_connections:
-        log.warning("connection cap lowered from %d to %d to fit the open-file limit (%d)", limits.max_connections,
-                    cap, soft)
-    return {"http": guarded_protocol(limits, cap), "backlog": limits.backlog,
+    cap, backlog = fit_to_descriptors(limits, soft)
+    if cap < limits.max_connections or backlog < limits.backlog:
+        log.warning("connection cap %d -> %d, listen backlog %d -> %d to fit the open-file limit (%d)",
+                    limits.max_connections, cap, limits.backlog, backlog, soft)
+    return {"http": guarded_protocol(limits, cap), "backlog": backlog,
             "timeout_keep_alive": limits.keep_alive_s, "h11_max_incomplete_event_size": limits.max_head_bytes,
             "limit_concurrency": cap + 8}
