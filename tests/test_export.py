@@ -138,7 +138,10 @@ def test_cli_user_model_factory(cli_files):
                             "--weights", str(d / "mb.safetensors"), "--calib", str(d / "calib.npz"),
                             "--profile", str(d / "profile.toml"), "--out", str(d / "mb")])
     assert r.exit_code == 0, r.output
-    assert runner.invoke(app, ["bundle", "verify", str(d / "mb")]).exit_code == 0
+    # an unregistered arch verifies once the cloud is told its builder (issue 22: never imported from a manifest)
+    assert runner.invoke(app, ["bundle", "verify", str(d / "mb")]).exit_code == 1
+    assert runner.invoke(app, ["bundle", "verify", str(d / "mb"), "--student-model",
+                               "edgeadapt.models.reference:MobileNetTiny"]).exit_code == 0
 
 
 @pytest.mark.parametrize("args,message", [

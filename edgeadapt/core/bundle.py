@@ -70,6 +70,8 @@ class BundleManifest(BaseModel):
     profile: dict = Field(default_factory=dict)
     parity_max_abs_logit_diff: float = 0.0
     created: str = ""
+    warnings: list[str] = Field(default_factory=list, description="what export found weak but exported anyway "
+                                "(e.g. too few calibration samples per class for class-conditional OOD detectors)")
 
     @property
     def num_classes(self) -> int:

@@ -8,7 +8,10 @@
   BatchNormalization also computes its input's batch mean/variance, mixes them with the given statistics by
   a per-layer weight ``stat_mix`` (0 = given statistics only -> parity with the static graph; n/(N+n) =
   Schneider et al.'s prior), and exposes the batch statistics as outputs ``<layer>.batch_mean|batch_var``.
-  The penultimate feature (the head's input) is exposed as ``features``.
+  The penultimate feature (the head's input) is exposed as ``features``. LayerNorm and GroupNorm have no
+  batch statistics: their affine parameters are inputs like any adaptable tensor, nothing else changes.
+* weights once: ``externalize`` points initializers at the bytes of the bundle's ``source.safetensors`` (ONNX
+  external data with the safetensors offsets), so both graphs share the one copy of the weights.
 
 Pure onnx, no torch: the device can re-derive graphs too.
 """
@@ -16,7 +19,10 @@ Pure onnx, no torch: the device can re-derive graphs too.
 from __future__ import annotations
 
 import copy
+import json
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,7 +40,7 @@ class GraphSurgeryError(ValueError):
 @dataclass
 class NormNode:
     layer: str
-    kind: str  # "batchnorm" | "layernorm"
+    kind: str  # "batchnorm" | "layernorm" | "groupnorm"
     channels: int
     eps: float
     tensors: dict[str, str]  # role -> tensor name
@@ -75,6 +81,55 @@ def find_norm_nodes(model: onnx.ModelProto) -> list[NormNode]:
                 roles["bias"] = n.input[2]
             out.append(NormNode(layer, "layernorm", 0, eps, roles))
     return out
+
+
+def affine_norm_nodes(model: onnx.ModelProto, layers: list[tuple[str, str, float]]) -> list[NormNode]:
+    """Norm layers found by module name rather than by node (GroupNorm: at opset < 18 the exporter writes it
+    as Reshape + InstanceNormalization + Mul/Add, no single node): their ``.weight``/``.bias`` wherever the
+    graph uses them as named initializers. ``layers``: (module name, kind, eps)."""
+    inits = {i.name for i in model.graph.initializer}
+    used = {i for n in model.graph.node for i in n.input}
+    out = []
+    for name, kind, eps in layers:
+        roles = {r: f"{name}.{r}" for r in ("weight", "bias") if f"{name}.{r}" in inits and f"{name}.{r}" in used}
+        if roles:
+            out.append(NormNode(name, kind, 0, eps, roles))
+    return out
+
+
+def safetensors_layout(path: str | Path) -> dict[str, tuple[int, int]]:
+    """name -> (absolute byte offset, byte length) of every tensor in a safetensors file (its header: u64
+    little-endian length, JSON, then the data block)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return {k: (base + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__" and v.get("dtype") == "F32"}
+
+
+def externalize(model: onnx.ModelProto, location: str, layout: dict[str, tuple[int, int]],
+                values: dict[str, np.ndarray]) -> int:
+    """Make every float32 initializer whose bytes equal ``values[name]`` external data at ``location`` (a file
+    next to the graph, laid out as ``layout``); returns the bytes moved out of the graph. An initializer that
+    differs (or has no entry) stays inline."""
+    from onnx.external_data_helper import set_external_data
+
+    moved = 0
+    for t in model.graph.initializer:
+        if t.name not in layout or t.data_type != TensorProto.FLOAT or not t.HasField("raw_data"):
+            continue
+        v = values.get(t.name)
+        offset, length = layout[t.name]
+        if v is None or list(t.dims) != list(v.shape) or len(t.raw_data) != length:
+            continue
+        if not np.array_equal(np.frombuffer(t.raw_data, np.float32), v.reshape(-1)):
+            continue
+        set_external_data(t, location, offset=offset, length=length)
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        moved += length
+    return moved
 
 
 def _head_input(model: onnx.ModelProto, head_weight: str) -> str:

@@ -17,8 +17,9 @@ class ExportProfile(BaseModel, extra="forbid"):
     name: str = "onnx-cpu"
     target: str = Field("onnx", pattern="^(onnx|tensorrt)$")
     opset: int = Field(17, ge=17, le=21)
-    parity_tolerance: float = Field(1e-4, gt=0)
-    parity_batch: int = Field(64, ge=1)
+    parity_tolerance: float = Field(1e-4, gt=0, description="max |Δlogit| / max(1, max|logit|), both graphs vs torch")
+    parity_batch: int = Field(64, ge=6, description="the calibration batch export traces and checks at; parity is "
+                              "also checked at batch 1 and 5, so this one must differ from both")
     calib_samples: int = Field(2048, ge=64)
     ood_detectors: list[str] = Field(default_factory=lambda: ["msp", "maxlogit", "energy", "gen", "mahalanobis", "rmds", "vim"])
     ood_tpr: float = Field(0.95, gt=0, lt=1)

@@ -33,7 +33,8 @@ def build_engine(bundle_dir: str | Path, fp16: bool = True, workspace_mb: int = 
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse((bundle_dir / B.STATIC_GRAPH).read_bytes()):
+    # from the file, not its bytes: the graph's weights are external data in source.safetensors next to it
+    if not parser.parse_from_file(str(bundle_dir / B.STATIC_GRAPH)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse the static graph: {errors}")
     config = builder.create_builder_config()
