@@ -1,4 +1,12 @@
-"""The device's HTTP API: predict (JSON or binary), status, health, Prometheus metrics."""
+"""The device's HTTP API: predict (JSON, binary), status, health, Prometheus metrics.
+
+The predict route is the hot path. It is answered by a plain ASGI handler in front of FastAPI's middleware and
+routing (``DeviceApp.__call__``): at one small image per request those layers cost more than the model (a
+profile of the old route: ~60% of the event loop in ``BaseHTTPMiddleware`` task groups, request streaming and
+routing, docs/NOTES.md "Serving"). The same guard as everywhere else runs first (browser Origin, loopback Host
+for admin calls, the body limit), and the route stays in ``/openapi.json`` (its description is written below).
+Everything else is ordinary FastAPI.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +17,34 @@ import io
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from edgeadapt.device.daemon import DeviceDaemon
 from edgeadapt.device.engine import InputError
+from edgeadapt.device.predictions import Predictions
+
+log = logging.getLogger("edgeadapt.device")
 
 ALLOWED = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16}
+MAX_DIMS = 8
+BATCH_TIMEOUT_S = 60.0
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
 
 
 class ArrayIn(BaseModel):
     dtype: str = Field(description="uint8 (0-255), float32 or float16 (0-1)")
-    shape: list[int] = Field(max_length=8)
+    shape: list[int] = Field(max_length=MAX_DIMS)
     data: str = Field(description="base64 of the raw little-endian bytes")
 
 
@@ -41,22 +61,59 @@ class RollbackRequest(BaseModel):
     to: int | None = Field(None, ge=0)
 
 
+class Refused(Exception):
+    """A request refused with an HTTP status other than 400 (413 too large, 415 unsupported type, 422 ...)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived: nothing to answer."""
+
+
+def _array_size(dtype: str, shape: list[int], max_bytes: int) -> np.dtype:
+    """The little-endian dtype of an array described by a client, after its size is checked in Python ints: a
+    hostile shape cannot overflow into a small product, nor ask for more than the body limit."""
+    if dtype not in ALLOWED:
+        raise InputError(f"dtype {dtype!r} not supported; use one of {sorted(ALLOWED)}")
+    if any(d <= 0 for d in shape):
+        raise InputError(f"shape {shape} has a non-positive dimension")
+    dt = np.dtype(ALLOWED[dtype]).newbyteorder("<")
+    need = math.prod(shape) * dt.itemsize
+    if need > max_bytes:
+        raise InputError(f"array of {need} bytes exceeds the {max_bytes}-byte limit")
+    return dt
+
+
+def _array_from_bytes(raw: bytes, dtype: str, shape: list[int], max_bytes: int) -> np.ndarray:
+    """Raw little-endian bytes of ``shape`` and ``dtype`` -> an array (read in place for uint8)."""
+    dt = _array_size(dtype, shape, max_bytes)
+    need = math.prod(shape) * dt.itemsize
+    if len(raw) != need:
+        raise InputError(f"data has {len(raw)} bytes; shape {shape} of {dtype} needs {need}")
+    x = np.frombuffer(raw, dtype=dt).reshape(shape)
+    return x if dt.itemsize == 1 else x.astype(dt.newbyteorder("="))
+
+
 def _decode_array(a: ArrayIn, max_bytes: int) -> np.ndarray:
-    if a.dtype not in ALLOWED:
-        raise InputError(f"dtype {a.dtype!r} not supported; use one of {sorted(ALLOWED)}")
-    if any(d <= 0 for d in a.shape):
-        raise InputError(f"shape {a.shape} has a non-positive dimension")
-    dt = np.dtype(ALLOWED[a.dtype]).newbyteorder("<")
-    n = math.prod(a.shape)  # Python ints: a hostile shape cannot overflow into a small product
-    if n * dt.itemsize > max_bytes:
-        raise InputError(f"array of {n * dt.itemsize} bytes exceeds the {max_bytes}-byte limit")
+    _array_size(a.dtype, a.shape, max_bytes)  # before decoding anything
     try:
         raw = base64.b64decode(a.data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"data is not valid base64: {exc}") from exc
-    if len(raw) != n * dt.itemsize:
-        raise InputError(f"data has {len(raw)} bytes; shape {a.shape} of {a.dtype} needs {n * dt.itemsize}")
-    return np.frombuffer(raw, dtype=dt).reshape(a.shape).astype(dt.newbyteorder("="))
+    return _array_from_bytes(raw, a.dtype, a.shape, max_bytes)
+
+
+def _raw_shape(header: str) -> list[int]:
+    try:
+        dims = [int(s) for s in header.split(",") if s.strip()]
+    except ValueError as exc:
+        raise InputError(f"X-Shape must be at most {MAX_DIMS} comma-separated integers: {exc}") from exc
+    if len(dims) > MAX_DIMS:
+        raise InputError(f"X-Shape must be at most {MAX_DIMS} comma-separated integers, not {len(dims)}")
+    return dims
 
 
 def _load_npy(body: bytes, max_bytes: int) -> np.ndarray:
@@ -69,7 +126,7 @@ def _load_npy(body: bytes, max_bytes: int) -> np.ndarray:
         read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
         if read is None:
             raise ValueError(f"unsupported .npy format version {version}")
-        shape, _, dtype = read(f)
+        shape, fortran, dtype = read(f)
     except Exception as exc:
         raise InputError(f"body is not a valid .npy array: {exc}") from exc
     if dtype.hasobject:
@@ -79,13 +136,15 @@ def _load_npy(body: bytes, max_bytes: int) -> np.ndarray:
         raise InputError(f"the .npy header declares {list(shape)} of {dtype} ({need} bytes); the body holds "
                          f"{len(body) - f.tell()} bytes of data (limit {max_bytes})")
     try:
-        return np.load(io.BytesIO(body), allow_pickle=False)
+        # the header is known good and the size matches: the data is read in place, not copied by np.load
+        x = np.frombuffer(body, dtype=dtype, offset=f.tell())
+        return x.reshape(shape[::-1]).T if fortran else x.reshape(shape)
     except Exception as exc:
         raise InputError(f"body is not a valid .npy array: {exc}") from exc
 
 
-def _query_int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
+def _query_int(query: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = query.get(name)
     if raw is None:
         return default
     try:
@@ -129,147 +188,192 @@ def _loopback_host(host: str) -> bool:
     return h in ("localhost", "127.0.0.1", "::1") or h.startswith("127.")
 
 
-def create_app(daemon: DeviceDaemon) -> FastAPI:
-    app = FastAPI(title="edgeadapt device", version="1", description="Forward-only adapting inference daemon.")
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _media_type(headers: dict[str, str]) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json",
+                  extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), (b"content-length", b"%d" % len(body)), *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body, cut off (413) once past ``limit`` bytes while it streams in."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = msg.get("body", b"")
+        if chunk:
+            total += len(chunk)
+            if total > limit:
+                raise Refused(413, f"body exceeds the {limit}-byte limit")
+            chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def v1_payload(preds: Predictions, model: str, top_k: int, want_probs: bool) -> bytes:
+    """/v1's answer, built from the batch's arrays with one conversion per array (not one per number)."""
+    probs = preds.probs
+    labels = preds.labels
+    k = min(top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(probs, order, 1).tolist()
+    order_l = order.tolist()
+    cls, ood, score, ent = preds.pred.tolist(), preds.ood.tolist(), preds.ood_score.tolist(), preds.entropy.tolist()
+    all_probs = probs.tolist() if want_probs else None
+    out = []
+    for i, c in enumerate(cls):
+        item = {"class": c, "label": labels[c], "ood": ood[i], "ood_score": score[i], "entropy": ent[i],
+                "top_k": [{"class": j, "label": labels[j], "prob": p} for j, p in zip(order_l[i], top[i], strict=True)]}
+        if all_probs is not None:
+            item["probs"] = all_probs[i]
+        out.append(item)
+    return orjson.dumps({"model": model, "param_version": preds.param_version, "predictions": out})
+
+
+class DeviceApp(FastAPI):
+    """FastAPI, with every HTTP request passing ``front`` first: it refuses what the guard refuses and answers
+    the hot routes itself; anything it leaves goes through FastAPI as usual."""
+
+    front: Callable[[Scope, Receive, Send], Awaitable[bool]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.front is not None and await self.front(scope, receive, send):
+            return
+        await super().__call__(scope, receive, send)
+
+
+def create_app(daemon: DeviceDaemon) -> DeviceApp:
+    app = DeviceApp(title="edgeadapt device", version="1", description="Forward-only adapting inference daemon.")
     cfg = daemon.config
     m = daemon.metrics
-    expected = daemon.manifest.input.shape
+    manifest = daemon.manifest
+    expected = manifest.input.shape
     codec = daemon.engine.codec
     # nested lists of numbers cost ~8x their JSON size to parse: at least one sample, else 2 MiB
     json_list_limit = max(2 * 2**20, 16 * codec.sample_elems)
-
     allowed_origins = set(getattr(cfg, "allowed_origins", []) or [])
 
-    @app.middleware("http")
-    async def refuse_browsers_and_rebinding(request: Request, call_next):
+    def guard(path: str, headers: dict[str, str]) -> tuple[int, str] | None:
         """A web page in a browser on the device host must not reach the API: browsers send ``Origin`` on every
         cross-origin (and every POST) request, other clients do not; admin calls also need a loopback ``Host``
-        (DNS rebinding gives the attacker's name there)."""
-        origin = request.headers.get("origin")
+        (DNS rebinding gives the attacker's name there). A declared body over the limit is refused unread."""
+        origin = headers.get("origin")
         if origin is not None and origin not in allowed_origins:
-            m.requests.labels("403").inc()
-            return JSONResponse({"detail": f"requests from web origin {origin[:100]!r} are not allowed "
-                                           "(device config allowed_origins)"}, status_code=403)
-        if request.url.path.startswith("/v1/admin/") and not _loopback_host(request.headers.get("host", "")):
-            return JSONResponse({"detail": "admin endpoints answer requests addressed to a loopback host only"},
-                                status_code=403)
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
+            return 403, (f"requests from web origin {origin[:100]!r} are not allowed "
+                         "(device config allowed_origins)")
+        if path.startswith("/v1/admin/") and not _loopback_host(headers.get("host", "")):
+            return 403, "admin endpoints answer requests addressed to a loopback host only"
+        length = headers.get("content-length")
         if length is not None:
             try:
                 too_big = int(length) > cfg.max_body_bytes
             except ValueError:
-                return JSONResponse({"detail": "invalid Content-Length"}, status_code=400)
+                return 400, "invalid Content-Length"
             if too_big:
-                m.requests.labels("413").inc()
-                return JSONResponse({"detail": f"body of {length} bytes exceeds the {cfg.max_body_bytes}-byte limit"},
-                                    status_code=413)
-        return await call_next(request)
+                return 413, f"body of {length} bytes exceeds the {cfg.max_body_bytes}-byte limit"
+        return None
 
-    async def _read_body(request: Request) -> bytes:
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > cfg.max_body_bytes:
-                raise HTTPException(413, f"body exceeds the {cfg.max_body_bytes}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _run(x: np.ndarray, top_k: int, want_probs: bool) -> dict:
+    async def serve(x: np.ndarray) -> Predictions:
+        """The input boundary and the batcher: shape, dtype, finiteness and the declared value range, per request
+        (a bad request is refused alone, before it shares a batch, or the adaptation statistics, with anyone
+        else's); a clipped request is served but adapts nothing."""
         x = codec.as_batch(x)
         if len(x) > cfg.max_request_samples:
             raise InputError(f"{len(x)} samples in one request; the limit is {cfg.max_request_samples}")
-        # the input boundary: shape, dtype, finiteness and the declared value range, per request (a bad request
-        # is refused alone, before it shares a batch, or the adaptation statistics, with anyone else's)
         x, clipped = codec.check(x)
         if clipped:
             m.inputs_clipped.inc()
-        results = await asyncio.wait_for(asyncio.wrap_future(daemon.batcher.submit(x, adapt=not clipped)), 60)
-        preds = []
-        for r in results:
-            p = r["probs"]
-            k = min(top_k, len(p))
-            order = np.argsort(-p)[:k]
-            item = {"class": r["class"], "label": r["label"], "ood": r["ood"], "ood_score": r["ood_score"],
-                    "entropy": r["entropy"],
-                    "top_k": [{"class": int(c), "label": daemon.manifest.labels[int(c)], "prob": float(p[c])}
-                              for c in order]}
-            if want_probs:
-                item["probs"] = [float(v) for v in p]
-            preds.append(item)
-        return {"model": daemon.manifest.model_name, "param_version": results[0]["param_version"],
-                "predictions": preds}
+        return await asyncio.wait_for(asyncio.wrap_future(daemon.batcher.submit(x, adapt=not clipped)),
+                                      BATCH_TIMEOUT_S)
 
-    binary = {"schema": {"type": "string", "format": "binary"}}
-    predict_doc = {
-        "requestBody": {"required": True, "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
-            "application/x-npy": binary, "application/octet-stream": binary}},
-        "parameters": [
-            {"name": "top_k", "in": "query", "required": False, "description": "binary bodies: top classes to list",
-             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-            {"name": "X-Dtype", "in": "header", "required": False, "description": "octet-stream bodies",
-             "schema": {"type": "string", "enum": sorted(ALLOWED)}},
-            {"name": "X-Shape", "in": "header", "required": False,
-             "description": "octet-stream bodies: comma-separated dimensions", "schema": {"type": "string"}}]}
+    def v1_input(ctype: str, headers: dict[str, str], body: bytes, query: dict[str, str]
+                 ) -> tuple[np.ndarray, int, bool]:
+        """A /v1 predict body -> (array, top_k, probs)."""
+        top_k = _query_int(query, "top_k", 3, 1, 1000)
+        if ctype == "application/x-npy":
+            x = _load_npy(body, cfg.max_body_bytes)
+        elif ctype == "application/octet-stream":
+            x = _array_from_bytes(body, headers.get("x-dtype", "uint8"), _raw_shape(headers.get("x-shape", "")),
+                                  cfg.max_body_bytes)
+        else:
+            if len(body) > json_list_limit and b'"inputs"' in body:
+                raise Refused(413, f"nested-list JSON bodies are limited to {json_list_limit} bytes (parsing one "
+                                   "costs about 8x its size in memory); send larger batches as 'array' (base64) "
+                                   "or application/x-npy")
+            if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+                raise Refused(415, f"content-type {ctype[:100]!r} not supported: send application/json, "
+                                   "application/x-npy or application/octet-stream")
+            try:
+                req = PredictRequest.model_validate_json(body)
+            except Exception as exc:
+                raise Refused(422, f"invalid JSON request: {str(exc)[:500]}") from exc
+            if (req.inputs is None) == (req.array is None):
+                raise InputError("give exactly one of 'inputs' (nested lists) or 'array' (base64)")
+            x = _from_lists(req.inputs, expected) if req.inputs is not None else \
+                _decode_array(req.array, cfg.max_body_bytes)
+            return x, req.top_k, req.probs
+        if x.dtype.kind not in "uif" or (x.dtype.kind in "iu" and x.dtype != np.uint8):
+            raise InputError(f"array dtype {x.dtype} not supported; use uint8, float32 or float16")
+        return x, top_k, False
 
-    @app.post("/v1/predict", summary="Predict a batch (JSON: inputs or base64 array; or binary .npy / raw bytes)",
-              openapi_extra=predict_doc)
-    async def predict(request: Request):
+    async def predict_v1(scope: Scope, headers: dict[str, str], receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        qs = scope.get("query_string", b"")
+        query = dict(parse_qsl(qs.decode("latin-1"), keep_blank_values=True)) if qs else {}
         try:
-            body = await _read_body(request)
-            top_k, want_probs = _query_int(request, "top_k", 3, 1, 1000), False
-            if ctype in ("application/x-npy", "application/octet-stream"):
-                if ctype == "application/x-npy":
-                    x = _load_npy(body, cfg.max_body_bytes)
-                else:
-                    dtype = request.headers.get("x-dtype", "uint8")
-                    shape = request.headers.get("x-shape", "")
-                    try:
-                        dims = [int(s) for s in shape.split(",") if s.strip()]
-                        arr_in = ArrayIn(dtype=dtype, shape=dims, data=base64.b64encode(body).decode())
-                    except ValueError as exc:  # pydantic's ValidationError is a ValueError too
-                        raise InputError(f"X-Shape must be at most 8 comma-separated integers: {exc}") from exc
-                    x = _decode_array(arr_in, cfg.max_body_bytes)
-                if x.dtype.kind not in "uif" or (x.dtype.kind in "iu" and x.dtype != np.uint8):
-                    raise InputError(f"array dtype {x.dtype} not supported; use uint8, float32 or float16")
-            else:
-                if len(body) > json_list_limit and b'"inputs"' in body:
-                    raise HTTPException(413, f"nested-list JSON bodies are limited to {json_list_limit} bytes (parsing "
-                                             "one costs about 8x its size in memory); send larger batches as 'array' "
-                                             "(base64) or application/x-npy")
-                if ctype and ctype != "application/json" and not ctype.endswith("+json"):
-                    raise HTTPException(415, f"content-type {ctype[:100]!r} not supported: send application/json, "
-                                             "application/x-npy or application/octet-stream")
-                try:
-                    req = PredictRequest.model_validate_json(body)
-                except Exception as exc:
-                    raise HTTPException(422, f"invalid JSON request: {str(exc)[:500]}") from exc
-                top_k, want_probs = req.top_k, req.probs
-                if (req.inputs is None) == (req.array is None):
-                    raise InputError("give exactly one of 'inputs' (nested lists) or 'array' (base64)")
-                x = _from_lists(req.inputs, expected) if req.inputs is not None else \
-                    _decode_array(req.array, cfg.max_body_bytes)
-            out = await _run(x, top_k, want_probs)
+            body = await read_body(receive, cfg.max_body_bytes)
+            x, top_k, want_probs = v1_input(_media_type(headers), headers, body, query)
+            out = v1_payload(await serve(x), manifest.model_name, top_k, want_probs)
+        except ClientGone:
+            return
         except InputError as exc:
             m.requests.labels("400").inc()
             m.inputs_refused.labels(_refusal_kind(str(exc))).inc()
-            raise HTTPException(400, str(exc)) from exc
-        except HTTPException as exc:
-            m.requests.labels(str(exc.status_code)).inc()
-            raise
+            await respond(send, 400, orjson.dumps({"detail": str(exc)}))
+            return
+        except Refused as exc:
+            m.requests.labels(str(exc.status)).inc()
+            await respond(send, exc.status, orjson.dumps({"detail": str(exc)}))
+            return
         except Exception as exc:
             m.requests.labels("500").inc()
-            logging.getLogger("edgeadapt.device").exception("predict failed: %s", exc)
-            raise HTTPException(500, f"internal error: {type(exc).__name__}: {exc}") from exc
+            log.exception("predict failed: %s", exc)
+            await respond(send, 500, orjson.dumps({"detail": f"internal error: {type(exc).__name__}: {exc}"}))
+            return
         m.requests.labels("200").inc()
         m.latency.observe(time.perf_counter() - t0)
-        return out
+        await respond(send, 200, out)
+
+    async def front(scope: Scope, receive: Receive, send: Send) -> bool:
+        headers = _headers(scope)
+        path = scope["path"]
+        refused = guard(path, headers)
+        if refused is not None:
+            status, message = refused
+            if status in (403, 413):
+                m.requests.labels(str(status)).inc()
+            await respond(send, status, orjson.dumps({"detail": message}))
+            return True
+        if path == "/v1/predict":
+            if scope["method"] != "POST":
+                await respond(send, 405, b'{"detail":"Method Not Allowed"}', extra=((b"allow", b"POST"),))
+            else:
+                await predict_v1(scope, headers, receive, send)
+            return True
+        return False
+
+    app.front = front
 
     @app.get("/v1/status")
     def status():
@@ -320,7 +424,7 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
         return Response(daemon.metrics.render(), media_type="text/plain; version=0.0.4")
 
     def openapi() -> dict:
-        # /v1/predict reads its body by hand (to limit its size while streaming): its schema is added here
+        # the hot routes are answered in front of FastAPI's router: their descriptions are added here
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
@@ -330,8 +434,35 @@ def create_app(daemon: DeviceDaemon) -> FastAPI:
             js = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             comps.update(js.pop("$defs", {}))
             comps["PredictRequest"] = js
+            schema.setdefault("paths", {}).update(_hot_paths())
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi
     return app
+
+
+def _error_responses(key: str) -> dict:
+    err = {"application/json": {"schema": {"type": "object", "properties": {key: {"type": "string"}}}}}
+    return {str(code): {"description": what, "content": err} for code, what in (
+        (400, "the input does not match the model's input spec"), (413, "too large"),
+        (415, "unsupported content type"), (422, "malformed request"))}
+
+
+def _hot_paths() -> dict:
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {"/v1/predict": {"post": {
+        "summary": "Predict a batch (JSON: inputs or base64 array; or binary .npy / raw bytes)",
+        "operationId": "predict_v1_predict_post",
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
+            "application/x-npy": binary, "application/octet-stream": binary}},
+        "parameters": [
+            {"name": "top_k", "in": "query", "required": False, "description": "binary bodies: top classes to list",
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            {"name": "X-Dtype", "in": "header", "required": False, "description": "octet-stream bodies",
+             "schema": {"type": "string", "enum": sorted(ALLOWED)}},
+            {"name": "X-Shape", "in": "header", "required": False,
+             "description": "octet-stream bodies: comma-separated dimensions", "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "predictions", "content": {"application/json": {"schema": {
+            "type": "object"}}}}, **_error_responses("detail")}}}}
