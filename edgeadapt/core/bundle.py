@@ -35,6 +35,17 @@ class InputSpec(BaseModel):
     mean: list[float] = Field(default_factory=lambda: [0.0])
     std: list[float] = Field(default_factory=lambda: [1.0])
     uint8_scale: float = Field(1.0 / 255.0, description="uint8 inputs are multiplied by this before normalization")
+    # how an image file (JPEG/PNG/WebP sent to the device) becomes a uint8 tensor of ``shape``; the defaults are
+    # what the reference model was trained on: grey, resized straight to H×W
+    image_mode: Literal["L", "RGB"] | None = Field(None, description="colour mode files are converted to "
+                                                   "(default: L for 1 channel, RGB for 3)")
+    image_resize: int | None = Field(None, ge=1, description="with image_crop=center: the shorter side is resized "
+                                     "to this first (default max(H, W)), e.g. 256 before a 224 crop")
+    image_crop: Literal["none", "center"] = Field("none", description="none: resized straight to H×W (aspect "
+                                                  "not kept); center: shorter side resized, centre crop of H×W")
+    image_resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    max_image_pixels: int | None = Field(None, ge=1, description="files of more pixels are refused before they "
+                                         "are decoded (decompression bombs); default max(4096², 64·H·W)")
 
 
 class AdaptableTensor(BaseModel):

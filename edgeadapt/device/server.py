@@ -1,4 +1,4 @@
-"""The device's HTTP API: predict (JSON, binary), status, health, Prometheus metrics.
+"""The device's HTTP API: predict (JSON, binary arrays, image files), status, health, Prometheus metrics.
 
 The predict route is the hot path. It is answered by a plain ASGI handler in front of FastAPI's middleware and
 routing (``DeviceApp.__call__``): at one small image per request those layers cost more than the model (a
@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -29,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from edgeadapt.device.daemon import DeviceDaemon
 from edgeadapt.device.engine import InputError
+from edgeadapt.device.image_decode import IMAGE_TYPES, ImageDecoder, ImageError
 from edgeadapt.device.predictions import Predictions
 
 log = logging.getLogger("edgeadapt.device")
@@ -36,6 +38,8 @@ log = logging.getLogger("edgeadapt.device")
 ALLOWED = {"uint8": np.uint8, "float32": np.float32, "float16": np.float16}
 MAX_DIMS = 8
 BATCH_TIMEOUT_S = 60.0
+#: image bodies larger than this are decoded on a worker thread (Pillow releases the GIL), smaller ones inline
+DECODE_INLINE_BYTES = 32 * 1024
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -170,9 +174,89 @@ def _from_lists(inputs: list, expected: list[int]) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _query_bool(query: dict[str, str], name: str, default: bool) -> bool:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on", ""):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"query parameter {name} must be true or false, not {raw[:50]!r}")
+
+
+def parse_multipart(body: bytes, content_type: str, max_files: int) -> tuple[list[bytes], dict[str, str]]:
+    """A ``multipart/form-data`` body -> (the files' bytes in order, the text fields). A part is a file when it
+    has a filename or an ``image/*`` type. Parsed in memory (the body is already within the body limit), never
+    spooled to disk; at most ``max_files`` files."""
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InputError("multipart/form-data body without a boundary parameter")
+    parts: list[dict] = []
+    head: dict[str, bytes] = {"field": b"", "value": b""}
+    state = {"ended": 0, "closed": False}
+
+    def on_part_begin() -> None:
+        if len(parts) >= max_files + 16:  # files, plus room for a few text fields
+            raise Refused(413, f"more than {max_files} files in one request")
+        parts.append({"headers": {}, "chunks": []})
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        head["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        head["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        parts[-1]["headers"][head["field"].strip().lower()] = head["value"].strip()
+        head["field"], head["value"] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1]["chunks"].append(data[start:end])
+
+    def on_part_end() -> None:
+        state["ended"] += 1
+
+    def on_end() -> None:
+        state["closed"] = True
+
+    parser = MultipartParser(boundary, callbacks={
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_end": on_end}, max_size=len(body))
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InputError(f"malformed multipart/form-data body: {exc}") from exc
+    if not state["closed"] or state["ended"] != len(parts):
+        raise InputError("multipart/form-data body ends before its closing boundary")
+    files, fields = [], {}
+    for part in parts:
+        h = part["headers"]
+        _, disp = parse_options_header(h.get(b"content-disposition", b""))
+        ptype = h.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        data = b"".join(part["chunks"])
+        if b"filename" in disp or ptype.startswith("image/"):
+            files.append(data)
+        else:
+            name = disp.get(b"name", b"").decode("latin-1")
+            fields[name] = data[:100].decode("utf-8", "replace")
+    if not files:
+        raise InputError("multipart/form-data body holds no file (send each image as a file part)")
+    if len(files) > max_files:
+        raise Refused(413, f"{len(files)} files in one request; the limit is {max_files}")
+    return files, fields
+
+
 def _refusal_kind(message: str) -> str:
     """A bounded label for the inputs-refused metric."""
-    for kind in ("range", "NaN", "shape", "dtype", "limit", "base64", "npy"):
+    for kind in ("range", "NaN", "shape", "dtype", "limit", "base64", "npy", "image", "multipart"):
         if kind in message:
             return kind.lower()
     return "other"
@@ -301,6 +385,8 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
                  ) -> tuple[np.ndarray, int, bool]:
         """A /v1 predict body -> (array, top_k, probs)."""
         top_k = _query_int(query, "top_k", 3, 1, 1000)
+        if ctype.startswith("image/"):
+            raise Refused(415, f"image type {ctype[:100]!r} not supported: send image/jpeg, image/png or image/webp")
         if ctype == "application/x-npy":
             x = _load_npy(body, cfg.max_body_bytes)
         elif ctype == "application/octet-stream":
@@ -313,7 +399,8 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
                                    "or application/x-npy")
             if ctype and ctype != "application/json" and not ctype.endswith("+json"):
                 raise Refused(415, f"content-type {ctype[:100]!r} not supported: send application/json, "
-                                   "application/x-npy or application/octet-stream")
+                                   "application/x-npy, application/octet-stream, image/jpeg, image/png, "
+                                   "image/webp or multipart/form-data")
             try:
                 req = PredictRequest.model_validate_json(body)
             except Exception as exc:
@@ -325,7 +412,36 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
             return x, req.top_k, req.probs
         if x.dtype.kind not in "uif" or (x.dtype.kind in "iu" and x.dtype != np.uint8):
             raise InputError(f"array dtype {x.dtype} not supported; use uint8, float32 or float16")
-        return x, top_k, False
+        return x, top_k, _query_bool(query, "probs", False)
+
+    decoder = ImageDecoder(manifest.input)
+    decode_pool = ThreadPoolExecutor(max_workers=max(1, min(4, cfg.threads)), thread_name_prefix="image-decode")
+
+    async def decode(files: list[bytes]) -> np.ndarray:
+        if sum(len(f) for f in files) <= DECODE_INLINE_BYTES:
+            return decoder.decode_many(files)
+        loop = asyncio.get_running_loop()
+        if len(files) == 1:
+            return (await loop.run_in_executor(decode_pool, decoder.decode, files[0]))[None]
+        parts = await asyncio.gather(*(loop.run_in_executor(decode_pool, decoder.decode, f) for f in files),
+                                     return_exceptions=True)
+        for i, part in enumerate(parts):
+            if isinstance(part, ImageError):
+                raise ImageError(f"file {i + 1} of {len(files)}: {part}", part.status)
+            if isinstance(part, BaseException):
+                raise part
+        return np.stack(parts)
+
+    async def image_input(ctype: str, headers: dict[str, str], body: bytes, query: dict[str, str]
+                          ) -> tuple[np.ndarray, int, bool]:
+        """An image body (one file) or a multipart form (one or more) -> (uint8 batch, top_k, probs)."""
+        if ctype == "multipart/form-data":
+            files, fields = parse_multipart(body, headers.get("content-type", ""), cfg.max_request_samples)
+            query = {**{k: v for k, v in fields.items() if k in ("top_k", "probs")}, **query}
+        else:
+            files = [body]
+        top_k, want_probs = _query_int(query, "top_k", 3, 1, 1000), _query_bool(query, "probs", False)
+        return await decode(files), top_k, want_probs
 
     async def predict_v1(scope: Scope, headers: dict[str, str], receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
@@ -333,14 +449,19 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
         query = dict(parse_qsl(qs.decode("latin-1"), keep_blank_values=True)) if qs else {}
         try:
             body = await read_body(receive, cfg.max_body_bytes)
-            x, top_k, want_probs = v1_input(_media_type(headers), headers, body, query)
+            ctype = _media_type(headers)
+            if ctype in IMAGE_TYPES or ctype == "multipart/form-data":
+                x, top_k, want_probs = await image_input(ctype, headers, body, query)
+            else:
+                x, top_k, want_probs = v1_input(ctype, headers, body, query)
             out = v1_payload(await serve(x), manifest.model_name, top_k, want_probs)
         except ClientGone:
             return
         except InputError as exc:
-            m.requests.labels("400").inc()
+            status = getattr(exc, "status", 400)  # an ImageError says 413 or 415 where that is the reason
+            m.requests.labels(str(status)).inc()
             m.inputs_refused.labels(_refusal_kind(str(exc))).inc()
-            await respond(send, 400, orjson.dumps({"detail": str(exc)}))
+            await respond(send, status, orjson.dumps({"detail": str(exc)}))
             return
         except Refused as exc:
             m.requests.labels(str(exc.status)).inc()
@@ -413,10 +534,27 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
 
     @app.get("/healthz")
     def healthz():
-        """Liveness (it answers) with what part of the job fails now: ``status`` is ``degraded`` with reasons."""
+        """Liveness (it answers) with what part of the job fails now: ``status`` is ``degraded`` with reasons
+        (each with since-when and a count under ``degraded``), and whether it can serve predictions (``ready``)."""
         degraded = daemon.degraded()
-        return {"ok": True, "status": "degraded" if degraded else "ok", "param_version": daemon.engine.param_version,
-                "reasons": {k: v["reason"] for k, v in degraded.items()}}
+        not_ready = daemon.not_ready()
+        return {"ok": True, "status": "not ready" if not_ready else "degraded" if degraded else "ok",
+                "ready": not_ready is None, "not_ready": not_ready, "param_version": daemon.engine.param_version,
+                "reasons": {k: v["reason"] for k, v in degraded.items()}, "degraded": degraded}
+
+    @app.get("/livez")
+    def livez():
+        """Liveness for an orchestrator: the process answers (restart it when this fails)."""
+        return {"ok": True}
+
+    @app.get("/readyz")
+    def readyz():
+        """Readiness: 200 when predictions can be served (engine built, batch worker running), else 503 with why
+        (take it out of the load balancer; a degraded device is still ready)."""
+        why = daemon.not_ready()
+        if why is not None:
+            return JSONResponse({"ready": False, "reason": why}, status_code=503)
+        return {"ready": True}
 
     @app.get("/metrics")
     def metrics():
@@ -452,14 +590,19 @@ def _error_responses(key: str) -> dict:
 def _hot_paths() -> dict:
     binary = {"schema": {"type": "string", "format": "binary"}}
     return {"/v1/predict": {"post": {
-        "summary": "Predict a batch (JSON: inputs or base64 array; or binary .npy / raw bytes)",
+        "summary": "Predict a batch (JSON: inputs or base64 array; binary .npy / raw bytes; image files)",
         "operationId": "predict_v1_predict_post",
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}},
-            "application/x-npy": binary, "application/octet-stream": binary}},
+            "application/x-npy": binary, "application/octet-stream": binary,
+            "image/jpeg": binary, "image/png": binary, "image/webp": binary,
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+                "type": "array", "items": {"type": "string", "format": "binary"}}}, "required": ["file"]}}}},
         "parameters": [
             {"name": "top_k", "in": "query", "required": False, "description": "binary bodies: top classes to list",
              "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+            {"name": "probs", "in": "query", "required": False,
+             "description": "binary bodies: return the full probability vector", "schema": {"type": "boolean"}},
             {"name": "X-Dtype", "in": "header", "required": False, "description": "octet-stream bodies",
              "schema": {"type": "string", "enum": sorted(ALLOWED)}},
             {"name": "X-Shape", "in": "header", "required": False,
