@@ -6,6 +6,7 @@ has: images neither model has seen, like the test stream's. A dev stream of trai
 teacher's labels are worth (docs/NOTES.md).
 
     python scripts/dev_holdout.py setup            # ~6 min on 2 cores: models, stream, bundle under --out
+    python scripts/dev_holdout.py gradual          # the dev stream's gradual companion (severity 1->5->1)
     python scripts/dev_holdout.py device           # device alone on the dev stream (--method SPEC)
     python scripts/dev_holdout.py loop NAME        # the full loop (real processes, lockstep 8); knobs via env:
                                                    # EDGEADAPT_CLOUD_TRAINER__STEPS_PER_CHUNK=1 ..., --method,
@@ -24,6 +25,7 @@ import numpy as np
 
 HELD_OUT = 2000
 SEED = 2026
+DEV_SEED = 4242  # corruption seed of the dev stream (the test stream's is 0)
 
 
 def setup(out: Path) -> None:
@@ -41,7 +43,7 @@ def setup(out: Path) -> None:
     held = np.sort(np.random.default_rng(SEED).choice(len(x), HELD_OUT, replace=False))
     keep = np.setdiff1d(np.arange(len(x)), held)
     if not (out / "dev_stream.npz").is_file():
-        parts = [_corrupt_chunk((name, 5, 4242, ci, x[held][s : s + CHUNK]))
+        parts = [_corrupt_chunk((name, 5, DEV_SEED, ci, x[held][s : s + CHUNK]))
                  for name in CORRUPTIONS for ci, s in enumerate(range(0, HELD_OUT, CHUNK))]
         np.savez(out / "dev_stream.npz", x=np.concatenate(parts), y=np.tile(y[held], len(CORRUPTIONS)).astype(np.int64),
                  corruption=np.repeat(np.arange(len(CORRUPTIONS)), HELD_OUT), corruption_names=np.array(CORRUPTIONS))
@@ -59,6 +61,22 @@ def setup(out: Path) -> None:
                                         input_shape=[1, 32, 32], cloud_public_key=key), x[idx], y[idx],
                       out / "bundle", profile)
     print(f"dev setup ready in {out}")
+
+
+def dev_clean() -> tuple[np.ndarray, np.ndarray]:
+    """The held-out training images (and labels) the dev stream is built from, in its order."""
+    from edgeadapt.datasets.fmnist import load_fmnist
+
+    x, y = load_fmnist("train")
+    held = np.sort(np.random.default_rng(SEED).choice(len(x), HELD_OUT, replace=False))
+    return x[held], y[held]
+
+
+def gradual(out: Path) -> Path:
+    """The dev stream's gradual companion (severity 1 -> 5 -> 1 per corruption, same held-out images)."""
+    from edgeadapt.bench.streams import build_gradual
+
+    return build_gradual(out / "dev_stream.npz", dev_clean()[0], seed=DEV_SEED)
 
 
 def device(out: Path, method: str) -> None:
@@ -89,7 +107,7 @@ def main() -> None:
     from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["setup", "device", "loop"])
+    ap.add_argument("what", choices=["setup", "gradual", "device", "loop"])
     ap.add_argument("name", nargs="?", default="run", help="loop: the run's name")
     ap.add_argument("--method", default=DEFAULT_DEVICE_METHOD)
     ap.add_argument("--upload-all", action="store_true", help="loop: every sample uploaded (loop_upload_all)")
@@ -99,6 +117,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.what == "setup":
         setup(a.out)
+        gradual(a.out)
+    elif a.what == "gradual":
+        print(gradual(a.out))
     elif a.what == "device":
         device(a.out, a.method)
     else:

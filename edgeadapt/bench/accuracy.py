@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeadapt.bench.streams import Stream, build_gradual, build_stream, gradual_path, load_gradual, parse_spec
 from edgeadapt.core.bundle import Bundle
 from edgeadapt.core.wire import UploadSample, WireArray
 from edgeadapt.device.config import LOOP_METHOD
@@ -21,12 +22,6 @@ from edgeadapt.device.selection import SampleSelector
 
 #: device_best and the loop rows run the same method, the one a device in the loop runs
 DEFAULT_DEVICE_METHOD = LOOP_METHOD
-
-
-def class_sorted(x: np.ndarray, y: np.ndarray, domain: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Same images; within each domain segment sorted by label, so batches hold one or two classes."""
-    order = np.lexsort((y, domain))
-    return x[order], y[order], domain[order]
 
 
 def wire_bytes(x: np.ndarray, num_classes: int) -> int:
@@ -42,7 +37,7 @@ def run_device(bundle: Bundle, x: np.ndarray, y: np.ndarray, batch: int, method:
     engine = AdaptiveEngine(bundle, EngineConfig(method=method, ood_detector=ood_detector, threads=threads,
                                                  **engine_opts))
     selector = SampleSelector(bundle.manifest.num_classes) if select else None
-    correct = 0
+    hits = np.zeros(len(x), bool)
     uploaded = 0
     lat = []
     t0 = time.perf_counter()
@@ -51,7 +46,7 @@ def run_device(bundle: Bundle, x: np.ndarray, y: np.ndarray, batch: int, method:
         t = time.perf_counter()
         res = engine.process(xb)
         lat.append(time.perf_counter() - t)
-        correct += int((res.pred == y[i : i + batch]).sum())
+        hits[i : i + len(xb)] = res.pred == y[i : i + batch]
         if selector is not None:
             sel = selector.select(res.probs, res.entropy, res.ood, sample_bytes=xb[0].nbytes,
                                   ood_scores=res.ood_score)
@@ -60,52 +55,84 @@ def run_device(bundle: Bundle, x: np.ndarray, y: np.ndarray, batch: int, method:
             progress(len(xb))
     dt = time.perf_counter() - t0
     per = wire_bytes(x[0], bundle.manifest.num_classes)
-    return {"acc": correct / len(x), "upload_frac": uploaded / len(x), "bytes_up": uploaded * per, "bytes_down": 0,
+    return {"acc": float(hits.mean()), "hits": hits, "upload_frac": uploaded / len(x), "bytes_up": uploaded * per, "bytes_down": 0,
             "img_s": len(x) / dt, "batch_ms_p50": float(np.percentile(lat, 50) * 1e3),
             "method": method}
+
+
+def _summary(hits: np.ndarray, stream: Stream) -> dict:
+    """What a setting needs beyond one number: accuracy per pass (recurring) and per severity (gradual)."""
+    out: dict = {}
+    if stream.passes > 1:
+        out["acc_per_pass"] = [round(float(hits[stream.pass_index == k].mean()), 4) for k in range(stream.passes)]
+    if stream.severity is not None:
+        out["acc_per_severity"] = {int(s): round(float(hits[stream.severity == s].mean()), 4)
+                                   for s in np.unique(stream.severity)}
+    dom = stream.domain
+    out["acc_per_domain"] = {stream.names[d]: round(float(hits[dom == d].mean()), 4) for d in np.unique(dom)}
+    return out
+
+
+def load_bench_stream(stream_path: str | Path, spec: str = "continual", limit: int | None = None, seed: int = 0,
+                      num_classes: int | None = None) -> Stream:
+    """The setting ``spec`` built from the stream file (see bench/streams.py). ``gradual`` reads the companion file
+    next to it, building it for the FMNIST-C test stream (its clean images are the first test images)."""
+    from edgeadapt.datasets.fmnist import load_fmnist, load_stream
+
+    data = load_stream(stream_path)
+    gradual = None
+    if parse_spec(spec)[0] == "gradual":
+        path = gradual_path(stream_path)
+        if not path.is_file():
+            if "per_corruption" not in data or "seed" not in data:
+                raise ValueError(f"{path} is missing: build the gradual companion of this stream first "
+                                 f"(bench/streams.py build_gradual with its clean images)")
+            clean, _ = load_fmnist("test")
+            build_gradual(stream_path, clean[: int(data["per_corruption"])], int(data["seed"]))
+        gradual = load_gradual(path)
+    return build_stream(spec, data["x"], data["y"], data["corruption"], data.get("corruption_names"), seed=seed,
+                        limit=limit, gradual=gradual, num_classes=num_classes)
 
 
 def run_accuracy_bench(bundle_dir: str | Path, stream_path: str | Path, stream: str = "continual", batch: int = 64,
                        rows: list[str] | None = None, device_method: str = DEFAULT_DEVICE_METHOD,
                        limit: int | None = None, fisher_path: str | Path | None = None, threads: int = 2,
                        progress_factory=None, sync_every: int = 8, teacher: tuple[str, Path] | None = None,
-                       signing_home: Path | None = None) -> dict:
-    from edgeadapt.datasets.fmnist import load_stream
-
-    data = load_stream(stream_path)
-    x, y, dom = data["x"], data["y"], data["corruption"]
-    if limit:
-        # a subset that keeps every domain: the first `limit` per domain
-        keep = np.concatenate([np.flatnonzero(dom == d)[:limit] for d in np.unique(dom)])
-        x, y, dom = x[keep], y[keep], dom[keep]
-    if stream == "class-sorted":
-        x, y, dom = class_sorted(x, y, dom)
-    elif stream != "continual":
-        raise ValueError(f"stream must be continual or class-sorted, got {stream!r}")
-    names = data.get("corruption_names")
-    domain_names = np.array([str(names[d]) for d in dom]) if names is not None else dom
+                       signing_home: Path | None = None, seed: int = 0, methods: dict[str, str] | None = None,
+                       fisher_x: np.ndarray | None = None) -> dict:
+    """Online accuracy of each row on one setting. ``methods`` adds device rows by name -> method spec (screening
+    several methods in one run, so they are compared on the same stream)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     bundle = Bundle(bundle_dir)
+    st = load_bench_stream(stream_path, stream, limit=limit, seed=seed, num_classes=bundle.manifest.num_classes)
+    x, y = st.x, st.y
+    domain_names = st.domain_names()
     rows = rows or ["source", "norm_stats", "device_best", "tent", "eata"]
-    out: dict = {"stream": stream, "n": int(len(x)), "batch": batch, "rows": {}}
-    specs = {"source": "none", "norm_stats": "norm_stats", "device_best": device_method}
+    out: dict = {"stream": stream, "seed": seed, "n": int(len(x)), "batch": batch, "rows": {}}
+    specs = {"source": "none", "norm_stats": "norm_stats", "device_best": device_method, **(methods or {})}
     for row in rows:
         bar = progress_factory(row, len(x)) if progress_factory else None
         t0 = time.perf_counter()
         if row in specs:
             res = run_device(bundle, x, y, batch, specs[row], select=(row == "device_best"), threads=threads,
                              progress=bar)
+            hits = res.pop("hits")
         elif row in ("tent", "eata"):
             from edgeadapt.bench.torch_refs import run_torch_reference
 
-            fisher_x = None
+            fx = None
             if row == "eata":
-                from edgeadapt.datasets.fmnist import load_fmnist
+                fx = fisher_x
+                if fx is None:
+                    from edgeadapt.datasets.fmnist import load_fmnist
 
-                fx, _ = load_fmnist("train")
-                fisher_x = fx[np.random.default_rng(0).choice(len(fx), 2000, replace=False)]
-            preds = run_torch_reference(row, bundle_dir, x, batch, bundle.manifest.num_classes, fisher_x=fisher_x,
+                    tx, _ = load_fmnist("train")
+                    fx = tx[np.random.default_rng(0).choice(len(tx), 2000, replace=False)]
+            preds = run_torch_reference(row, bundle_dir, x, batch, bundle.manifest.num_classes, fisher_x=fx,
                                         threads=threads, progress=bar)
-            res = {"acc": float((preds == y).mean()), "upload_frac": 0.0, "bytes_up": 0, "bytes_down": 0,
+            hits = preds == y
+            res = {"acc": float(hits.mean()), "upload_frac": 0.0, "bytes_up": 0, "bytes_down": 0,
                    "img_s": len(x) / (time.perf_counter() - t0)}
         elif row in ("loop", "loop_upload_all"):
             from edgeadapt.bench.loop import run_loop
@@ -115,8 +142,11 @@ def run_accuracy_bench(bundle_dir: str | Path, stream_path: str | Path, stream: 
             res = run_loop(Path(bundle_dir), teacher[0], teacher[1], signing_home, x, y, batch=batch,
                            sync_every=sync_every, upload_all=(row == "loop_upload_all"), method=device_method,
                            progress=bar, domains=domain_names)
+            hits = None
         else:
             raise ValueError(f"unknown row {row!r}")
+        if hits is not None:
+            res.update(_summary(hits, st))
         out["rows"][row] = res
         out["rows"][row]["seconds"] = round(time.perf_counter() - t0, 2)
     return out

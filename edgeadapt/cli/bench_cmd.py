@@ -37,7 +37,11 @@ def _assets(bundle: Path | None, stream: Path | None):
 
 @app.command()
 def accuracy(
-    stream: str = typer.Option("continual", help="continual, or class-sorted (same images, batches sorted by label)"),
+    stream: str = typer.Option("continual", help="the setting (same images): continual, class-sorted, correlated:DELTA "
+                                                 "(Dirichlet-ordered labels per domain, e.g. 0.1 or 0.01), mixed "
+                                                 "(domains interleaved), gradual (severity 1->5->1 per domain), "
+                                                 "recurring:K (the sequence K times)"),
+    seed: int = typer.Option(0, help="seed of the stream's ordering (correlated, mixed)"),
     bundle: Path = typer.Option(None, help="bundle (default: the reference edge model, built and cached)"),
     data: Path = typer.Option(None, help="FMNIST-C stream .npz (default: built and cached)"),
     rows: str = typer.Option("source,norm_stats,device_best,tent,eata",
@@ -46,7 +50,7 @@ def accuracy(
     method: str = typer.Option(None, help="the method spec of device_best and the loop rows (default: the method a "
                                           "device in the loop runs, ema_stats:transductive=true)"),
     limit: int = typer.Option(None, help="use only the first N images of each corruption (quick runs)"),
-    batch: int = typer.Option(64),
+    batch: int = typer.Option(64, min=1, help="images per request (down to 1)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Online accuracy of source, norm statistics, the device's best forward-only method, Tent and EATA."""
@@ -64,7 +68,7 @@ def accuracy(
         res = run_accuracy_bench(b, s, stream=stream, batch=batch, rows=row_list,
                                  device_method=method or DEFAULT_DEVICE_METHOD, limit=limit,
                                  progress_factory=factory, sync_every=sync_every, teacher=teacher,
-                                 signing_home=home)
+                                 signing_home=home, seed=seed)
     except ValueError as exc:
         fail(str(exc))
     finally:
@@ -73,7 +77,9 @@ def accuracy(
         print_json(res)
     else:
         for name, r in res["rows"].items():
-            console.print(f"{name:14s} acc {r['acc']:.4f}  upload {r['upload_frac']:.3f}  {r.get('img_s', 0):.0f} img/s")
+            passes = f"  per pass {r['acc_per_pass']}" if "acc_per_pass" in r else ""
+            console.print(f"{name:14s} acc {r['acc']:.4f}  upload {r['upload_frac']:.3f}  {r.get('img_s', 0):.0f} img/s"
+                          f"{passes}")
 
 
 @app.command()
