@@ -233,3 +233,54 @@ def build(family: str, input_shape: tuple[int, int, int], num_classes: int, seed
         for _ in range(2):
             model(torch.rand(16, *input_shape))
     return model.eval()
+
+
+# -- factories for `edgeadapt export --model tests.export_zoo:NAME` (no arguments) -------------------------------
+class RGBResNet(ResNet):
+    """A 3x40x40, 7-class ResNet that declares its input shape (as timm models do), so export reads it."""
+
+    input_shape = (3, 40, 40)
+
+    def __init__(self) -> None:
+        super().__init__(3, 7)
+
+
+class ErfinvNet(ResNet):
+    """Uses an operator the ONNX exporter does not have (aten::erfinv at opset 17)."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.erfinv(x * 0.1))
+
+
+class BakedBatchNet(ResNet):
+    """Flattens with ``len(x)``: a Python int the tracer records as a constant (the batch size is baked)."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).view(len(x), -1))
+
+
+class ShapeBatchNet(BakedBatchNet):
+    """The same with ``x.reshape(x.shape[0], -1)``: traced as a shape op, so any batch size works."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        p = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(p.reshape(p.shape[0], -1))
+
+
+class BatchNorm1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.bn(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1)))

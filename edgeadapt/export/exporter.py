@@ -196,6 +196,7 @@ def _ort_session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2):
 
     so = session_options(threads)
     so.enable_cpu_mem_arena = False
+    so.log_severity_level = 4  # a failing batch-size check is reported as one line, not an ORT log record
     data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     if isinstance(data, Path):
         data = str(data)
