@@ -442,6 +442,12 @@ def test_state_directories_0700_databases_and_queues_0600(cloud_env, tmp_path):
         assert {f: mode(tmp_path / "store" / f) for f in files} == dict.fromkeys(files, 0o600)
         again.close()
         store.close()
+        from edgeadapt.core.fileperm import private_dir
+
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o500)  # made read-only by its owner (the faults tests do): not loosened
+        assert mode(private_dir(tmp_path / "ro")) == 0o500
+        os.chmod(tmp_path / "ro", 0o700)
 
         cfg = load_config({"bundle": str(cloud_env.bundle), "state_dir": str(tmp_path / "dev" / "state")}, env={})
         daemon = DeviceDaemon(cfg)

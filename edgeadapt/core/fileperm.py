@@ -3,7 +3,8 @@
 A device's queue holds its users' input images, the cloud's database its devices, token hashes and
 statuses; under the usual umask 022 both were world-readable (issue 22). SQLite creates a database's
 ``-wal``, ``-shm`` and ``-journal`` files with the database file's own mode, so creating the database 0600
-before SQLite opens it covers them; files left by an older version are chmodded too.
+before SQLite opens it covers them. What an older version left readable to others loses those bits on open;
+nothing is ever made more permissive (a directory its owner made read-only stays read-only).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
 def _chmod(path: Path, mode: int) -> None:
+    """Take away what ``mode`` does not grant (group and others); never add a permission: a directory its owner
+    made read-only stays read-only."""
     try:
-        if path.stat().st_mode & 0o777 != mode:
-            os.chmod(path, mode)
+        have = path.stat().st_mode & 0o777
+        if have & ~mode:
+            os.chmod(path, have & mode)
     except FileNotFoundError:
         pass
     except OSError as exc:  # a file owned by someone else: say so, do not fail
@@ -30,7 +34,7 @@ def _chmod(path: Path, mode: int) -> None:
 
 
 def private_dir(path: str | Path) -> Path:
-    """Create ``path`` (and parents) if needed and make it 0700."""
+    """Create ``path`` (and parents) if needed, 0700; an existing one loses its group and other permissions."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
     _chmod(path, DIR_MODE)
@@ -38,7 +42,8 @@ def private_dir(path: str | Path) -> Path:
 
 
 def private_sqlite(path: str | Path) -> Path:
-    """Make a SQLite database (created empty if missing) and its side files 0600, before it is opened."""
+    """Make a SQLite database (created empty, 0600, if missing) and its side files private (group and other
+    permissions removed), before it is opened."""
     path = Path(path)
     if not path.exists():
         fd = os.open(path, os.O_CREAT | os.O_WRONLY, FILE_MODE)
