@@ -50,6 +50,11 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The worker runs (readiness: a dead worker would leave every request waiting)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def submit(self, x: np.ndarray, adapt: bool = True) -> Future:
         fut: Future = Future()
         if self._stop.is_set():

@@ -1,10 +1,12 @@
-"""The device's HTTP API: predict (JSON, binary arrays, image files), status, health, Prometheus metrics.
+"""The device's HTTP API: predict (JSON, binary arrays, image files), the Open Inference Protocol (KServe v2 REST,
+as Triton serves it: device/oip.py), status, health, Prometheus metrics.
 
-The predict route is the hot path. It is answered by a plain ASGI handler in front of FastAPI's middleware and
-routing (``DeviceApp.__call__``): at one small image per request those layers cost more than the model (a
-profile of the old route: ~60% of the event loop in ``BaseHTTPMiddleware`` task groups, request streaming and
-routing, docs/NOTES.md "Serving"). The same guard as everywhere else runs first (browser Origin, loopback Host
-for admin calls, the body limit), and the route stays in ``/openapi.json`` (its description is written below).
+The predict routes (``/v1/predict``, ``/v2/models/{name}/infer``) are the hot path. They are answered by plain
+ASGI handlers in front of FastAPI's middleware and routing (``DeviceApp.__call__``): at one small image per
+request those layers cost more than the model (a profile of the old route: ~60% of the event loop in
+``BaseHTTPMiddleware`` task groups, request streaming and routing, docs/NOTES.md "Serving"). The same guard as
+everywhere else runs first (browser Origin, loopback Host for admin calls, the body limit), and the routes stay
+in ``/openapi.json`` (their descriptions are written below).
 Everything else is ordinary FastAPI.
 """
 
@@ -28,6 +30,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
+from edgeadapt.device import oip
 from edgeadapt.device.daemon import DeviceDaemon
 from edgeadapt.device.engine import InputError
 from edgeadapt.device.image_decode import IMAGE_TYPES, ImageDecoder, ImageError
@@ -476,6 +479,49 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
         m.latency.observe(time.perf_counter() - t0)
         await respond(send, 200, out)
 
+    model_name, model_version = manifest.model_name, manifest.model_version
+
+    async def infer_v2(scope: Scope, headers: dict[str, str], receive: Receive, send: Send, name: str,
+                       version: str | None) -> None:
+        """``POST /v2/models/{name}[/versions/{version}]/infer``: JSON tensors or the binary tensor extension."""
+        t0 = time.perf_counter()
+        try:
+            if name != model_name or version not in (None, model_version):
+                raise oip.ProtocolError(f"Request for unknown model: '{name[:100]}'"
+                                        + (f" version {version[:20]}" if version else "") + " is not found", 404)
+            if headers.get("content-encoding", "identity").strip().lower() != "identity":
+                raise oip.ProtocolError("compressed inference requests are not supported (Content-Encoding)", 415)
+            body = await read_body(receive, cfg.max_body_bytes)
+            req = oip.decode_request(body, headers.get("inference-header-content-length"), cfg.max_body_bytes,
+                                     json_list_limit, cfg.max_request_samples)
+            if req.array is not None and list(req.array.shape[1:]) != list(expected) or \
+                    (req.array is not None and req.array.ndim != len(expected) + 1):
+                raise oip.ProtocolError(f"unexpected shape for input '{oip.INPUT_NAME}' for model '{model_name}': "
+                                        f"expected {[-1, *expected]}, got {list(req.array.shape)}")
+            x = req.array if req.files is None else await decode(req.files)
+            out, head_len = oip.encode_response(await serve(x), req, model_name, model_version)
+        except ClientGone:
+            return
+        except (InputError, Refused) as exc:
+            status = getattr(exc, "status", 400)
+            m.requests.labels(str(status)).inc()
+            if isinstance(exc, InputError):
+                m.inputs_refused.labels(_refusal_kind(str(exc))).inc()
+            await respond(send, status, oip.error_body(str(exc)))
+            return
+        except Exception as exc:
+            m.requests.labels("500").inc()
+            log.exception("v2 infer failed: %s", exc)
+            await respond(send, 500, oip.error_body(f"internal error: {type(exc).__name__}: {exc}"))
+            return
+        m.requests.labels("200").inc()
+        m.latency.observe(time.perf_counter() - t0)
+        if head_len is None:
+            await respond(send, 200, out)
+        else:
+            await respond(send, 200, out, b"application/octet-stream",
+                          ((b"inference-header-content-length", b"%d" % head_len),))
+
     async def front(scope: Scope, receive: Receive, send: Send) -> bool:
         headers = _headers(scope)
         path = scope["path"]
@@ -484,7 +530,8 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
             status, message = refused
             if status in (403, 413):
                 m.requests.labels(str(status)).inc()
-            await respond(send, status, orjson.dumps({"detail": message}))
+            key = "error" if path.startswith("/v2") else "detail"  # each protocol's own error document
+            await respond(send, status, orjson.dumps({key: message}))
             return True
         if path == "/v1/predict":
             if scope["method"] != "POST":
@@ -492,6 +539,14 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
             else:
                 await predict_v1(scope, headers, receive, send)
             return True
+        if path.startswith("/v2/models/") and path.endswith("/infer"):
+            parts = path[len("/v2/models/") : -len("/infer")].split("/")
+            if len(parts) == 1 or (len(parts) == 3 and parts[1] == "versions"):
+                if scope["method"] != "POST":
+                    await respond(send, 405, oip.error_body("Method Not Allowed"), extra=((b"allow", b"POST"),))
+                else:
+                    await infer_v2(scope, headers, receive, send, parts[0], parts[2] if len(parts) == 3 else None)
+                return True
         return False
 
     app.front = front
@@ -534,32 +589,59 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
 
     @app.get("/healthz")
     def healthz():
-        """Liveness (it answers) with what part of the job fails now: ``status`` is ``degraded`` with reasons
-        (each with since-when and a count under ``degraded``), and whether it can serve predictions (``ready``)."""
+        """Liveness (it answers) with what part of the job fails now: ``status`` is ``degraded`` with reasons."""
         degraded = daemon.degraded()
-        not_ready = daemon.not_ready()
-        return {"ok": True, "status": "not ready" if not_ready else "degraded" if degraded else "ok",
-                "ready": not_ready is None, "not_ready": not_ready, "param_version": daemon.engine.param_version,
-                "reasons": {k: v["reason"] for k, v in degraded.items()}, "degraded": degraded}
-
-    @app.get("/livez")
-    def livez():
-        """Liveness for an orchestrator: the process answers (restart it when this fails)."""
-        return {"ok": True}
-
-    @app.get("/readyz")
-    def readyz():
-        """Readiness: 200 when predictions can be served (engine built, batch worker running), else 503 with why
-        (take it out of the load balancer; a degraded device is still ready)."""
-        why = daemon.not_ready()
-        if why is not None:
-            return JSONResponse({"ready": False, "reason": why}, status_code=503)
-        return {"ready": True}
+        return {"ok": True, "status": "degraded" if degraded else "ok", "param_version": daemon.engine.param_version,
+                "reasons": {k: v["reason"] for k, v in degraded.items()}}
 
     @app.get("/metrics")
     def metrics():
         daemon.status()  # refresh gauges
         return Response(daemon.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # -- the Open Inference Protocol's documents (the infer route is in front) ------------------------------
+    def _model_or_404(name: str, version: str | None) -> JSONResponse | None:
+        if name != model_name or version not in (None, model_version):
+            what = f"'{name[:100]}'" + (f" version {version[:20]}" if version else "")
+            return JSONResponse({"error": f"Request for unknown model: {what} is not found"}, status_code=404)
+        return None
+
+    def _ready() -> bool:
+        return daemon.batcher.alive
+
+    @app.get("/v2", summary="Open Inference Protocol: server metadata")
+    def v2_server():
+        from edgeadapt import __version__
+
+        return oip.server_metadata(__version__)
+
+    @app.get("/v2/health/live", summary="Open Inference Protocol: liveness")
+    def v2_live():
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", summary="Open Inference Protocol: readiness (the batch worker runs)")
+    def v2_ready():
+        return Response(status_code=200 if _ready() else 503)
+
+    @app.get("/v2/models/{name}", summary="Open Inference Protocol: model metadata")
+    def v2_model(name: str):
+        return _model_or_404(name, None) or oip.model_metadata(manifest)
+
+    @app.get("/v2/models/{name}/versions/{version}", summary="Open Inference Protocol: model metadata")
+    def v2_model_version(name: str, version: str):
+        return _model_or_404(name, version) or oip.model_metadata(manifest)
+
+    @app.get("/v2/models/{name}/ready", summary="Open Inference Protocol: model readiness")
+    def v2_model_ready(name: str):
+        return _model_or_404(name, None) or Response(status_code=200 if _ready() else 503)
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", summary="Open Inference Protocol: model readiness")
+    def v2_model_version_ready(name: str, version: str):
+        return _model_or_404(name, version) or Response(status_code=200 if _ready() else 503)
+
+    @app.get("/v2/models/{name}/config", summary="Triton's model configuration extension")
+    def v2_model_config(name: str):
+        return _model_or_404(name, None) or oip.model_config(manifest, cfg.max_request_samples, cfg.max_wait_ms)
 
     def openapi() -> dict:
         # the hot routes are answered in front of FastAPI's router: their descriptions are added here
@@ -572,7 +654,16 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
             js = PredictRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             comps.update(js.pop("$defs", {}))
             comps["PredictRequest"] = js
-            schema.setdefault("paths", {}).update(_hot_paths())
+            comps["InferRequest"] = _infer_request_schema()
+            paths = schema.setdefault("paths", {})
+            paths.update(_hot_paths())
+            for path, item in paths.items():  # the one model served, by name and version
+                if path.startswith("/v2/models/{name}"):
+                    for op in item.values():
+                        for p in op.get("parameters", []):
+                            if p.get("in") == "path" and p.get("name") in ("name", "version"):
+                                p["schema"] = {"type": "string", "enum": [
+                                    model_name if p["name"] == "name" else model_version]}
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -587,9 +678,48 @@ def _error_responses(key: str) -> dict:
         (415, "unsupported content type"), (422, "malformed request"))}
 
 
+def _infer_request_schema() -> dict:
+    """The v2 inference request (JSON part), as far as this model takes it."""
+    return {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"},
+        "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+        "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+            "type": "object", "required": ["name", "shape", "datatype"], "properties": {
+                "name": {"type": "string", "enum": [oip.INPUT_NAME]},
+                "shape": {"type": "array", "maxItems": 8, "items": {"type": "integer", "minimum": 0}},
+                "datatype": {"type": "string", "enum": [*oip.DATATYPES, "BYTES"]},
+                "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer",
+                                                                                     "minimum": 0}}},
+                "data": {"type": "array", "items": {"type": "number"}}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "enum": list(oip.OUTPUTS)},
+            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}}}}
+
+
+def _infer_op(versioned: bool) -> dict:
+    params = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    if versioned:
+        params.append({"name": "version", "in": "path", "required": True, "schema": {"type": "string"}})
+    params.append({"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                   "description": "binary tensor extension: bytes of JSON before the tensors' raw data",
+                   "schema": {"type": "integer", "minimum": 0}})
+    ok = {"application/json": {"schema": {"type": "object"}},
+          "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    return {"post": {
+        "summary": "Open Inference Protocol: infer (JSON tensors, or the binary tensor extension)",
+        "operationId": "v2_infer" + ("_version" if versioned else ""),
+        "parameters": params,
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"200": {"description": "outputs", "content": ok}, "404": {"description": "unknown model"},
+                      **_error_responses("error")}}}
+
+
 def _hot_paths() -> dict:
     binary = {"schema": {"type": "string", "format": "binary"}}
-    return {"/v1/predict": {"post": {
+    return {"/v2/models/{name}/infer": _infer_op(False), "/v2/models/{name}/versions/{version}/infer": _infer_op(True),
+            "/v1/predict": {"post": {
         "summary": "Predict a batch (JSON: inputs or base64 array; binary .npy / raw bytes; image files)",
         "operationId": "predict_v1_predict_post",
         "requestBody": {"required": True, "content": {
