@@ -151,3 +151,30 @@ def test_a_failing_batch_fails_its_requests_only_and_a_cancelled_one_is_skipped(
         assert (kept.result(5) == 2).all() and gone.cancelled()
     finally:
         b.close()
+
+
+def test_async_callers_get_their_own_rows_and_one_that_gave_up_is_skipped():
+    import asyncio
+
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=64)
+
+    async def main() -> None:
+        rec.gate.clear()
+        first = b.submit_async(_images(0))
+        assert await asyncio.to_thread(rec.entered.wait, 5)
+        futs = [b.submit_async(_images(i)) for i in range(1, 6)]
+        gone = b.submit_async(_images(9))
+        gone.cancel()  # e.g. its client disconnected, or its timeout passed
+        rec.gate.set()
+        outs = await asyncio.wait_for(asyncio.gather(first, *futs), 5)
+        assert [int(o[0, 0, 0, 0]) for o in outs] == [0, 1, 2, 3, 4, 5]
+        assert gone.cancelled()
+        # and a thread caller alongside still works
+        assert (await asyncio.to_thread(lambda: b.submit(_images(7)).result(5)) == 7).all()
+
+    try:
+        asyncio.run(main())
+        assert [n for n, _, _ in rec.batches] == [1, 6, 1]  # the cancelled request still shared its batch
+    finally:
+        b.close()

@@ -113,12 +113,16 @@ def test_gate_rejects_bad_candidate(live_cloud, cloud_env, kit):
         assert c.get("/v1/updates", params={"model": "fmnist-edge", "have": 1}).status_code == 204
     nan = {k: np.full_like(v, np.nan) for k, v in p1.items()}
     assert cloud.service.trainer.submit_candidate(nan).status == "rejected"
+    # finite but out of the bounds every device applies (a negative variance): never published
+    var = next(k for k in p1 if k.endswith("running_var"))
+    neg = cloud.service.trainer.submit_candidate({**p1, var: -np.ones_like(p1[var])})
+    assert neg.status == "rejected" and "out of bounds" in neg.reason and var in neg.reason
     # a candidate as good as the current one passes; every decision is listed
     assert cloud.service.trainer.submit_candidate({k: v.copy() for k, v in p1.items()}).status == "published"
     with cloud.client(cloud.admin) as c:
         cands = c.get("/v1/admin/versions").json()["candidates"]
-    assert [c_["status"] for c_ in cands] == ["published", "rejected", "rejected", "published"]
-    assert "edgeadapt_cloud_versions_rejected_total 2.0" in cloud.client().get("/metrics").text
+    assert [c_["status"] for c_ in cands] == ["published", "rejected", "rejected", "rejected", "published"]
+    assert "edgeadapt_cloud_versions_rejected_total 3.0" in cloud.client().get("/metrics").text
 
 
 def test_training_is_seeded(cloud_env, tmp_path, kit):

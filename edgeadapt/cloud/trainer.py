@@ -63,6 +63,7 @@ from edgeadapt.cloud.config import TrainerConfig
 from edgeadapt.cloud.edge_model import apply_params, extract_params, rebuild_edge_model
 from edgeadapt.cloud.store import Store, register_bundle
 from edgeadapt.core import bundle as B
+from edgeadapt.core import param_bounds
 from edgeadapt.core.input_codec import InputCodec
 from edgeadapt.core.tensorfile import ParamSet, params_hash
 
@@ -521,8 +522,12 @@ class Trainer:
     def _decide(self, candidate: ParamSet, base: int, metrics: dict, consumed: list[int] | None = None,
                 capped: list[int] | None = None) -> TrainResult:
         phash = params_hash(candidate)
-        if not all(np.all(np.isfinite(v)) for v in candidate.values()):
-            g = GateResult(False, None, None, 0, "candidate has non-finite values")
+        # the bounds every device applies before it takes a version (core/param_bounds.py): publishing one that
+        # devices would refuse only wastes a round and their downloads
+        bad = param_bounds.violation(candidate, {t.name: t.kind for t in self.manifest.adaptable},
+                                     self.store.get_params(0))
+        if bad is not None:
+            g = GateResult(False, None, None, 0, f"candidate out of bounds: {bad}")
         else:
             g = self.gate(candidate, self.store.get_params(base))
         metrics = {**metrics, "gate": asdict(g)}

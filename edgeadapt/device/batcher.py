@@ -9,6 +9,7 @@ request was queued, never from when the worker picked it up.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -56,11 +57,23 @@ class MicroBatcher:
         return self._thread.is_alive() and not self._stop.is_set()
 
     def submit(self, x: np.ndarray, adapt: bool = True) -> Future:
+        """From any thread: a ``concurrent.futures.Future`` of this request's results."""
         fut: Future = Future()
         if self._stop.is_set():
             fut.set_exception(RuntimeError("shutting down"))
             return fut
-        self._q.put((x, fut, adapt, time.monotonic()))
+        self._q.put((x, fut, adapt, time.monotonic(), None))
+        return fut
+
+    def submit_async(self, x: np.ndarray, adapt: bool = True) -> asyncio.Future:
+        """From a running event loop: an asyncio future. A batch's answers reach their loop in one
+        ``call_soon_threadsafe`` (one wake-up of the loop per batch, not one per request)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if self._stop.is_set():
+            fut.set_exception(RuntimeError("shutting down"))
+            return fut
+        self._q.put((x, fut, adapt, time.monotonic(), loop))
         return fut
 
     def _collect(self, first: tuple) -> tuple[list[tuple], tuple | None]:
@@ -107,27 +120,54 @@ class MicroBatcher:
             batch = np.concatenate([self.to_float(it[0]) for it in items])
         else:
             batch = np.concatenate([it[0] for it in items])
-        # from here on a caller can no longer cancel (a cancelled one is still computed: it shares the batch)
-        live = [it[1].set_running_or_notify_cancel() for it in items]
+        # from here on a thread caller can no longer cancel (a cancelled one is still computed: it shares the
+        # batch); an asyncio caller's future is checked when its answer arrives in its loop
+        live = [it[4] is not None or it[1].set_running_or_notify_cancel() for it in items]
         try:
             results = self.process(batch, adapt)
         except Exception as exc:
-            for it, ok in zip(items, live, strict=True):
-                if ok:
-                    it[1].set_exception(exc)
+            self._deliver(items, live, [exc] * len(items))
             return
         self.batches += 1
-        i = 0
-        for (x, fut, _, _), ok in zip(items, live, strict=True):
-            if ok:
-                fut.set_result(results[i : i + len(x)])
-            i += len(x)
+        parts, i = [], 0
+        for it in items:
+            parts.append(results[i : i + len(it[0])])
+            i += len(it[0])
+        self._deliver(items, live, parts)
         if self.after is not None:
             try:
                 self.after(batch, results, adapt)
             except Exception as exc:  # bookkeeping after the answer must never stop the worker
                 log.exception("after-batch work failed: %s", exc)
 
+    @staticmethod
+    def _deliver(items: list, live: list[bool], answers: list) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for it, ok, answer in zip(items, live, answers, strict=True):
+            loop = it[4]
+            if loop is not None:
+                by_loop.setdefault(loop, []).append((it[1], answer))
+            elif ok:
+                if isinstance(answer, BaseException):
+                    it[1].set_exception(answer)
+                else:
+                    it[1].set_result(answer)
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, pairs)
+            except RuntimeError:  # the loop is closed: nobody waits for these any more
+                pass
+
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+
+
+def _resolve(pairs: list[tuple[asyncio.Future, Any]]) -> None:
+    """In the requests' event loop: each future gets its answer unless its caller gave up (timeout, disconnect)."""
+    for fut, answer in pairs:
+        if not fut.done():
+            if isinstance(answer, BaseException):
+                fut.set_exception(answer)
+            else:
+                fut.set_result(answer)

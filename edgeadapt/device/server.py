@@ -350,6 +350,7 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
     # nested lists of numbers cost ~8x their JSON size to parse: at least one sample, else 2 MiB
     json_list_limit = max(2 * 2**20, 16 * codec.sample_elems)
     allowed_origins = set(getattr(cfg, "allowed_origins", []) or [])
+    served_ok = m.requests.labels("200")  # the labelled child once, not a labels() lookup per request
 
     def guard(path: str, headers: dict[str, str]) -> tuple[int, str] | None:
         """A web page in a browser on the device host must not reach the API: browsers send ``Origin`` on every
@@ -381,8 +382,7 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
         x, clipped = codec.check(x)
         if clipped:
             m.inputs_clipped.inc()
-        return await asyncio.wait_for(asyncio.wrap_future(daemon.batcher.submit(x, adapt=not clipped)),
-                                      BATCH_TIMEOUT_S)
+        return await asyncio.wait_for(daemon.batcher.submit_async(x, adapt=not clipped), BATCH_TIMEOUT_S)
 
     def v1_input(ctype: str, headers: dict[str, str], body: bytes, query: dict[str, str]
                  ) -> tuple[np.ndarray, int, bool]:
@@ -475,7 +475,7 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
             log.exception("predict failed: %s", exc)
             await respond(send, 500, orjson.dumps({"detail": f"internal error: {type(exc).__name__}: {exc}"}))
             return
-        m.requests.labels("200").inc()
+        served_ok.inc()
         m.latency.observe(time.perf_counter() - t0)
         await respond(send, 200, out)
 
@@ -514,7 +514,7 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
             log.exception("v2 infer failed: %s", exc)
             await respond(send, 500, oip.error_body(f"internal error: {type(exc).__name__}: {exc}"))
             return
-        m.requests.labels("200").inc()
+        served_ok.inc()
         m.latency.observe(time.perf_counter() - t0)
         if head_len is None:
             await respond(send, 200, out)
@@ -589,7 +589,8 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
 
     @app.get("/healthz")
     def healthz():
-        """Liveness (it answers) with what part of the job fails now: ``status`` is ``degraded`` with reasons."""
+        """Liveness (it answers) with what part of the job fails now: ``status`` is ``degraded`` with reasons
+        (each with since-when and a count under ``degraded``), and whether it can serve predictions (``ready``)."""
         degraded = daemon.degraded()
         return {"ok": True, "status": "degraded" if degraded else "ok", "param_version": daemon.engine.param_version,
                 "reasons": {k: v["reason"] for k, v in degraded.items()}}
