@@ -60,6 +60,34 @@ def resnet18(num_classes: int = 1000):
     return ResNet18()
 
 
+class _RssSampler:
+    """Peak resident memory per export stage (the progress messages), sampled from /proc every 20 ms."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.stage = "setup"
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * resource.getpagesize()
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), rss)
+
+    def set(self, stage: str) -> None:
+        if not stage.startswith("warning"):
+            self.stage = stage
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return {k: round(v / 2**20) for k, v in self.peaks.items()}
+
+
 def _export(out: str, calib_n: int, q) -> None:
     import numpy as np
     import torch
@@ -78,11 +106,14 @@ def _export(out: str, calib_n: int, q) -> None:
     x = rng.integers(0, 256, (calib_n, 3, 224, 224), dtype=np.uint8)
     y = rng.integers(0, 1000, calib_n)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sampler = _RssSampler()
+    sampler.set("reference forward")
     t0 = time.perf_counter()
     spec = ExportSpec(arch="bench:resnet18", model_name="resnet18", labels=[f"c{i}" for i in range(1000)],
                       input_shape=[3, 224, 224])
-    export_bundle(model, spec, x, y, out, ExportProfile(calib_samples=max(64, calib_n)))
+    export_bundle(model, spec, x, y, out, ExportProfile(calib_samples=max(64, calib_n)), progress=sampler.set)
     q.put({"weights_bytes": weights, "export_s": round(time.perf_counter() - t0, 1),
+           "peak_rss_mb_by_stage": sampler.stop(),
            "rss_before_export_mb": round(rss_before / 1024),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
 

@@ -217,13 +217,19 @@ def calib_batch_size(sample_elems: int) -> int:
     return int(max(1, min(256, CALIB_BATCH_ELEMS // max(1, sample_elems))))
 
 
-def _torch_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+def _torch_logits(model: nn.Module, x: np.ndarray, batch: int | None = None) -> np.ndarray:
+    """torch's logits for ``x``, in batches of ``batch`` (eval mode: each sample's logits are its own)."""
+    batch = batch or len(x)
     with torch.no_grad():
-        return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+        return np.concatenate([model(torch.from_numpy(np.ascontiguousarray(xb))).numpy()
+                               for xb in _batches(x, batch)])
 
 
-def _batch_sizes(n: int) -> list[int]:
-    return [n, *[b for b in EXTRA_PARITY_BATCHES if b < n]]
+def trace_batch(parity_batch: int, sample_elems: int) -> int:
+    """The batch the model is traced (and the parity set is run) at: bounded in elements like calibration
+    (export memory), never 1 or 5, so the checks at 1 and 5 catch a graph that baked its batch size."""
+    n = min(parity_batch, max(2, calib_batch_size(sample_elems)))
+    return n + 1 if n in EXTRA_PARITY_BATCHES else n
 
 
 def _baked_batch_message(n: int, b: int, detail: str, notes: list[str]) -> str:
@@ -234,38 +240,45 @@ def _baked_batch_message(n: int, b: int, detail: str, notes: list[str]) -> str:
             "x.view(-1, C)) and export again — bundle not written")
 
 
-def check_parity(sessions: dict[str, tuple[object, dict]], model: nn.Module, xs: np.ndarray, ref: np.ndarray,
-                 profile: ExportProfile, notes: list[str]) -> float:
-    """Both graphs vs torch at every parity batch size; returns the worst |Δlogit| or raises ParityError."""
+def parity_checks(model: nn.Module, xs: np.ndarray, ref: np.ndarray, trace_n: int
+                  ) -> list[tuple[slice, np.ndarray]]:
+    """(inputs, torch's logits) pairs: the whole parity set in batches of the traced size, then batch 1 and 5."""
+    checks = [(slice(i, i + trace_n), ref[i : i + trace_n]) for i in range(0, len(xs), trace_n)]
+    return checks + [(slice(0, b), _torch_logits(model, xs[:b])) for b in EXTRA_PARITY_BATCHES if b <= len(xs)]
+
+
+def check_parity(name: str, session, extra: dict[str, np.ndarray], xs: np.ndarray, ref: np.ndarray,
+                 checks: list[tuple[slice, np.ndarray]], profile: ExportProfile, notes: list[str],
+                 trace_n: int) -> float:
+    """One graph vs torch on every check; returns its worst |Δlogit| or raises ParityError (one line that says
+    what failed and what to do)."""
     tol = relative_tolerance(profile.parity_tolerance, ref)
-    worst: dict[str, tuple[float, int]] = {}
-    n = len(xs)
-    for b in _batch_sizes(n):
-        want = ref if b == n else _torch_logits(model, xs[:b])
-        for name, (sess, extra) in sessions.items():
-            try:
-                got = sess.run([GS.LOGITS], {"input": xs[:b], **extra})[0]  # type: ignore[attr-defined]
-            except Exception as exc:
-                if b == n:
-                    raise ExportError(f"the {name} graph fails in ONNX Runtime ({_first_line(exc)}); {SUPPORTED}") \
-                        from None
-                raise ParityError(_baked_batch_message(n, b, f"ONNX Runtime fails ({_first_line(exc)})", notes)) \
+    worst, at = -1.0, 0
+    for sl, want in checks:
+        xb = xs[sl]
+        b = len(xb)
+        try:
+            got = session.run([GS.LOGITS], {"input": xb, **extra})[0]
+        except Exception as exc:
+            if b == trace_n:
+                raise ExportError(f"the {name} graph fails in ONNX Runtime ({_first_line(exc)}); {SUPPORTED}") \
                     from None
-            if got.shape != want.shape:
-                raise ParityError(_baked_batch_message(n, b, f"the {name} graph answers shape {list(got.shape)}",
-                                                       notes))
-            d = float(np.abs(got - want).max())
-            if not d <= worst.get(name, (-1.0, 0))[0]:
-                worst[name] = (d, b)
-    bad = [f"{name} graph max |Δlogit| = {d:.3g} at batch {b}" for name, (d, b) in worst.items() if not d <= tol]
-    if bad:
+            raise ParityError(_baked_batch_message(trace_n, b, f"ONNX Runtime fails ({_first_line(exc)})",
+                                                   notes)) from None
+        if got.shape != want.shape:
+            raise ParityError(_baked_batch_message(trace_n, b, f"the {name} graph answers shape {list(got.shape)}",
+                                                   notes))
+        d = float(np.abs(got - want).max())
+        if not d <= worst:
+            worst, at = d, b
+    if not worst <= tol:
         raise ParityError(
             f"parity check failed (tolerance {profile.parity_tolerance:g} x max(1, max|logit| "
-            f"{float(np.abs(ref).max()):.3g}) = {tol:.3g}): " + "; ".join(bad) + ". An operator computes "
-            "differently in ONNX (randomness or buffer updates in eval mode, data-dependent Python control flow); "
-            "if it is only float rounding, raise parity_tolerance in an export profile (--profile) — bundle not "
-            "written")
-    return max(d for d, _ in worst.values())
+            f"{float(np.abs(ref).max()):.3g}) = {tol:.3g}): {name} graph max |Δlogit| = {worst:.3g} at batch {at}. "
+            "An operator computes differently in ONNX (randomness or buffer updates in eval mode, data-dependent "
+            "Python control flow); if it is only float rounding, raise parity_tolerance in an export profile "
+            "(--profile) — bundle not written")
+    return worst
 
 
 def export_bundle(
@@ -308,8 +321,9 @@ def export_bundle(
     # parity inputs are kept as a client sends them (uint8 images; float16 where uint8 cannot hold the range):
     # the reference logits are computed from exactly those, normalized by the codec the device uses
     xs = codec.normalize(stored)
+    trace_n = trace_batch(len(xs), codec.sample_elems)
     try:
-        ref_logits = _torch_logits(model, xs)
+        ref_logits = _torch_logits(model, xs, trace_n)
     except Exception as exc:
         raise ExportError(f"the model failed on an input of shape {list(xs.shape)}: {_first_line(exc)}") from None
     if ref_logits.ndim != 2 or ref_logits.shape[1] != len(spec.labels):
@@ -320,7 +334,7 @@ def export_bundle(
     say("exporting ONNX")
     state = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in model.state_dict().items()
              if v.dtype.is_floating_point}
-    base, tracer_notes = _onnx_export(model, torch.from_numpy(xs), profile.opset)
+    base, tracer_notes = _onnx_export(model, torch.from_numpy(xs[:trace_n]), profile.opset)
     GS.dealias_identities(base, state)
     affine_layers = [(n, "groupnorm" if isinstance(m, nn.GroupNorm) else "layernorm", float(m.eps))
                      for n, m in norms if isinstance(m, nn.GroupNorm)]
@@ -367,20 +381,23 @@ def export_bundle(
         (tmp / B.ADAPTIVE_GRAPH).write_bytes(adaptive.SerializeToString())
         del static, adaptive
 
+        # one ONNX Runtime session at a time (export memory): static parity, calibration on it, adaptive parity
         say("checking parity")
-        s_static = _ort_session(tmp / B.STATIC_GRAPH)
-        s_adapt = _ort_session(tmp / B.ADAPTIVE_GRAPH)
+        checks = parity_checks(model, xs, ref_logits, trace_n)
+        session = _ort_session(tmp / B.STATIC_GRAPH)
+        worst = check_parity("static", session, {}, xs, ref_logits, checks, profile, tracer_notes, trace_n)
+        say("calibrating")
+        calib, notes = calibrate(session, codec, calib_x[: profile.calib_samples],
+                                 calib_y[: profile.calib_samples], head_w, head_b, profile)
+        del session
+        say("checking parity")
         extra = dict(params)
         if norm_layers:
             extra[GS.STAT_MIX] = np.zeros(len(norm_layers), np.float32)
-        worst = check_parity({"static": (s_static, {}), "adaptive": (s_adapt, extra)}, model, xs, ref_logits,
-                             profile, tracer_notes)
-        del s_adapt
-
-        say("calibrating")
-        calib, notes = calibrate(s_static, codec, calib_x[: profile.calib_samples],
-                                 calib_y[: profile.calib_samples], head_w, head_b, profile)
-        del s_static
+        session = _ort_session(tmp / B.ADAPTIVE_GRAPH)
+        worst = max(worst, check_parity("adaptive", session, extra, xs, ref_logits, checks, profile, tracer_notes,
+                                        trace_n))
+        del session
         for note in notes:
             say(f"warning: {note}")
         calib["parity.input"] = stored
