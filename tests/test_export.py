@@ -485,3 +485,60 @@ def test_cli_refusals_are_one_line_exit_2(rgb_cli_files, args, message):
     assert message in " ".join(r.output.split()), r.output
     assert "Traceback" not in r.output and "graph(" not in r.output
     assert not (d / "bad").exists()
+
+
+def test_default_adapter_targets_unchanged():
+    """Bundles record only the patterns; the cloud re-inserts adapters from them, so the default selection
+    (no kind selector) must stay what it was: dense k>1 convolutions but the stem."""
+    from edgeadapt.models.adapters import adapter_targets
+
+    for arch in ("resnet_edge", "mobilenet_tiny", "resnet_teacher"):
+        m = build_arch(arch)
+        old = [n for n, c in m.named_modules() if isinstance(c, torch.nn.Conv2d) and c.groups == 1
+               and c.kernel_size != (1, 1)]
+        assert adapter_targets(m) == old[1:]
+        assert adapter_targets(m, ["layer*"]) == [n for n in old if n.startswith("layer")]
+
+
+@pytest.mark.parametrize("fam,patterns", [("mobilenetv3", ["kind:pointwise"]), ("vit", ["kind:linear"])])
+def test_pointwise_and_linear_adapters_export_and_rebuild_in_the_cloud(tmp_path, fam, patterns):
+    from edgeadapt.cloud.edge_model import rebuild_edge_model
+    from edgeadapt.core import bundle as B
+    from edgeadapt.core.tensorfile import load_params
+    from edgeadapt.export.verify import parity_input
+    from tests.export_zoo import build
+
+    kwargs = {"family": fam, "input_shape": [1, 32, 32], "num_classes": 10}
+    model = build(**kwargs)
+    targets = insert_adapters(model, 2, patterns)
+    mods = dict(model.named_modules())
+    if fam == "mobilenetv3":  # every dense 1x1 conv, no depthwise one
+        assert targets and all(mods[t].kernel_size == (1, 1) and mods[t].groups == 1 for t in targets)
+    else:  # the token MLPs; not the head, not the attention projections (MHA never calls their forward)
+        assert targets == [f"layers.{i}.mlp.{j}" for i in range(2) for j in (0, 2)]
+    manifest = _zoo_export(tmp_path, model, arch_kwargs=kwargs,
+                           adapters={"rank": 2, "patterns": patterns, "targets": targets})
+    assert {t.layer for t in manifest.adaptable if t.kind == "adapter"} == {f"{t}.adapter" for t in targets}
+    path = tmp_path / "b"
+    assert verify_bundle(path, student_model="tests.export_zoo:build")["ok"]
+    # the cloud rebuilds the same adapters from the recorded patterns, and the weights from source.safetensors
+    rebuilt = rebuild_edge_model(path, student_model="tests.export_zoo:build")
+    calib = load_params(path / B.CALIB)
+    with torch.no_grad():
+        out = rebuilt(torch.from_numpy(parity_input(calib, manifest))).numpy()
+    assert np.abs(out - calib["parity.logits"]).max() < 1e-4
+    # an adapter update reaches the device's graph: a non-zero up-projection changes the logits
+    import onnxruntime as ort
+
+    from edgeadapt.device.backend import session_options
+
+    b = Bundle(path)
+    s = ort.InferenceSession(str(b.adaptive_graph), session_options(1), providers=["CPUExecutionProvider"])
+    x = parity_input(calib, manifest)[:4]
+    feeds = {"input": x, **b.params}
+    if manifest.norm_layers:
+        feeds["stat_mix"] = np.zeros(len(manifest.norm_layers), np.float32)
+    base = s.run(["logits"], feeds)[0]
+    up = f"{targets[-1]}.adapter.up.weight"
+    moved = {**b.params, up: np.random.default_rng(0).normal(0, 0.5, b.params[up].shape).astype(np.float32)}
+    assert np.abs(s.run(["logits"], {**feeds, **moved})[0] - base).max() > 1e-4

@@ -69,8 +69,10 @@ def export(
     uint8_scale: float = typer.Option(None, "--uint8-scale", help="uint8 inputs are multiplied by this to get "
                                       "values (default HIGH/255 when LOW is 0, e.g. 1/255 for 0,1)"),
     name: str = typer.Option(None, help="model name in the manifest (default: the arch)"),
-    adapters: int = typer.Option(0, help="insert zero-initialized low-rank conv adapters of this rank (0 = none)"),
-    adapter_layers: str = typer.Option(None, help="comma-separated glob patterns of conv names to get adapters"),
+    adapters: int = typer.Option(0, help="insert zero-initialized low-rank adapters of this rank (0 = none)"),
+    adapter_layers: str = typer.Option(None, help="comma-separated glob patterns of module names and kind "
+                                       "selectors: kind:conv (dense k>1 convs, the default), kind:pointwise "
+                                       "(1x1 convs: depthwise nets), kind:linear (linear layers but the head: ViTs)"),
     cloud_key: Path = typer.Option(None, help="the cloud's signing key (public or private PEM, from `cloud init`) "
                                    "whose public half the device will trust for updates"),
     json_out: bool = typer.Option(False, "--json", help="print the manifest as JSON"),
