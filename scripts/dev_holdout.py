@@ -8,6 +8,8 @@ teacher's labels are worth (docs/NOTES.md).
     python scripts/dev_holdout.py setup            # ~6 min on 2 cores: models, stream, bundle under --out
     python scripts/dev_holdout.py gradual          # the dev stream's gradual companion (severity 1->5->1)
     python scripts/dev_holdout.py device           # device alone on the dev stream (--method SPEC)
+    python scripts/dev_holdout.py wild --methods 'a=SPEC;b=SPEC;eata' --settings continual,mixed --batch 1
+                                                   # every method on every wild-traffic setting, one run
     python scripts/dev_holdout.py loop NAME        # the full loop (real processes, lockstep 8); knobs via env:
                                                    # EDGEADAPT_CLOUD_TRAINER__STEPS_PER_CHUNK=1 ..., --method,
                                                    # --upload-all (every sample uploaded),
@@ -88,6 +90,39 @@ def device(out: Path, method: str) -> None:
     print(json.dumps({"method": method, "acc": r["acc"], "upload_frac": r["upload_frac"]}))
 
 
+SETTINGS = "continual,class-sorted,correlated:0.1,correlated:0.01,mixed,gradual,recurring:5"
+
+
+def wild(out: Path, methods: list[str], settings: list[str], batch: int, limit: int | None, bundle: Path,
+         json_out: Path | None) -> dict:
+    """Online accuracy of several device methods (``name=spec``; tent and eata as torch references) on every
+    setting of the dev stream, in one run, so they are compared on the same sequence."""
+    from edgeadapt.bench.accuracy import run_accuracy_bench
+    from edgeadapt.datasets.fmnist import load_fmnist
+
+    specs = dict(m.split("=", 1) if "=" in m else (m, m) for m in methods)
+    rows = list(specs)
+    device_specs = {k: v for k, v in specs.items() if k not in ("tent", "eata")}
+    fisher_x = None
+    if "eata" in specs:  # EATA's Fisher on clean training images the dev stream was not built from
+        x, _ = load_fmnist("train")
+        held = np.sort(np.random.default_rng(SEED).choice(len(x), HELD_OUT, replace=False))
+        keep = np.setdiff1d(np.arange(len(x)), held)
+        fisher_x = x[np.random.default_rng(0).choice(keep, 2000, replace=False)]
+    if "gradual" in settings:
+        gradual(out)
+    res: dict = {"batch": batch, "limit": limit, "methods": specs, "settings": {}}
+    for st in settings:
+        r = run_accuracy_bench(bundle, out / "dev_stream.npz", stream=st, batch=batch, rows=rows,
+                               methods=device_specs, limit=limit, fisher_x=fisher_x)
+        res["settings"][st] = {k: {kk: v[kk] for kk in ("acc", "acc_per_pass", "acc_per_severity", "seconds")
+                                   if kk in v} for k, v in r["rows"].items()}
+        print(st, " ".join(f"{k}={v['acc']:.4f}" for k, v in r["rows"].items()), flush=True)
+        if json_out:
+            json_out.write_text(json.dumps(res, indent=1))
+    return res
+
+
 def loop(out: Path, name: str, method: str, upload_all: bool = False, sync_every: int = 8) -> None:
     from edgeadapt.assets import cloud_home
     from edgeadapt.bench.loop import run_loop
@@ -107,12 +142,19 @@ def main() -> None:
     from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["setup", "gradual", "device", "loop"])
+    ap.add_argument("what", choices=["setup", "gradual", "device", "wild", "loop"])
     ap.add_argument("name", nargs="?", default="run", help="loop: the run's name")
     ap.add_argument("--method", default=DEFAULT_DEVICE_METHOD)
     ap.add_argument("--upload-all", action="store_true", help="loop: every sample uploaded (loop_upload_all)")
     ap.add_argument("--sync-every", type=int, default=8, help="loop: lockstep every K batches (0: asynchronous, "
                                                               "as the demo runs)")
+    ap.add_argument("--methods", default="source=none,norm_stats,device_best=" + DEFAULT_DEVICE_METHOD,
+                    help="wild: comma-separated name=spec (tent, eata: torch references)")
+    ap.add_argument("--settings", default=SETTINGS, help="wild: comma-separated settings (bench/streams.py)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=None, help="wild: first N images per corruption")
+    ap.add_argument("--bundle", type=Path, default=None, help="wild: bundle (default: OUT/bundle)")
+    ap.add_argument("--json", type=Path, default=None, help="wild: write the results here")
     ap.add_argument("--out", type=Path, default=Path("~/.cache/edgeadapt/dev-holdout").expanduser())
     a = ap.parse_args()
     if a.what == "setup":
@@ -120,6 +162,9 @@ def main() -> None:
         gradual(a.out)
     elif a.what == "gradual":
         print(gradual(a.out))
+    elif a.what == "wild":
+        wild(a.out, [m for m in a.methods.split(";" if ";" in a.methods else ",") if m],
+             [s for s in a.settings.split(",") if s], a.batch, a.limit, a.bundle or a.out / "bundle", a.json)
     elif a.what == "device":
         device(a.out, a.method)
     else:

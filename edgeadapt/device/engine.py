@@ -334,7 +334,13 @@ class AdaptiveEngine:
         info = BatchInfo(reliable=reliable, ood=ood, entropy=entropy, logits=logits)
         stats_run = False
         if adapt:
-            if method.needs_stats and shift and mix is not None and out.batch_stats is not None \
+            if method.owns_stats_inputs:
+                # the method picks the inputs (e.g. its class-balanced memory): same graph, same guard
+                req = method.stats_inputs(x, info)
+                if req is not None and len(req[0]):
+                    st = self.backend.run_adaptive(req[0], self.current_params(), req[1])
+                    stats_run = self._update_stats(method, st.batch_stats, len(req[0]), info)
+            elif method.needs_stats and shift and mix is not None and out.batch_stats is not None \
                     and c.shift_full_batch and ood_frac <= c.max_ood_fraction:
                 # the first batch of a new domain: its own statistics (all of it, as the transductive forward
                 # used them) are the best estimate there is; the reliability filter would leave a handful
@@ -354,7 +360,7 @@ class AdaptiveEngine:
                 self._stale = True
             logits = method.adjust(logits, feats, info)
             if method.stats_version != self._folded_stats_version and (
-                    self.batches % c.refresh_every == 0 or mix is not None):
+                    self.batches % (method.refresh_every or c.refresh_every) == 0 or mix is not None):
                 self._stale = True
         self.batches += 1
         if adapt and self.batches % c.good_snapshot_every == 0:
@@ -373,7 +379,8 @@ class AdaptiveEngine:
         self._model_ref = None  # the new domain's outputs become the reference once it runs on the fast path
         self._post_shift_left = self.config.post_shift_stats
         guard = getattr(method, "guard", None)
-        if method.needs_stats and not (guard is not None and getattr(method, "last_skewed", False)):
+        if method.needs_stats and not method.owns_stats_inputs and not (
+                guard is not None and getattr(method, "last_skewed", False)):
             self._hybrid_left = self.config.hybrid_batches
 
     def _input_shifted(self, x: np.ndarray) -> bool:

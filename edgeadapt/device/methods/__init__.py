@@ -4,12 +4,16 @@ Build one with ``build_method("ema_stats+lame_guard", ctx)``; see ``base.Adaptat
 """
 
 from edgeadapt.device.methods import (  # noqa: F401  (importing fills the registry)
+    collapse_reset,
     ema_stats,
     feature_shift,
     guard,
     lame,
+    lame_skew,
     none,
     norm_stats,
+    prior_correction,
+    robust_bn,
     t3a,
 )
 from edgeadapt.device.methods.base import AdaptationMethod, AdaptContext, BatchInfo

@@ -10,6 +10,10 @@ The runtime calls, per batch of N samples (see DESIGN.md §4):
 3. the graph runs: logits [N,C], penultimate features [N,D] and, when ``needs_stats``, per-layer statistics
    of a subset of reliable samples (computed while normalizing with ``forward_stats``).
 4. ``update_stats(batch_stats, n_reliable, batch_info)`` (only when ``needs_stats`` and n_reliable > 0).
+   A method with ``owns_stats_inputs`` chooses instead which inputs the statistics come from:
+   ``stats_inputs(x, batch_info)`` -> ``(inputs, mix) | None`` (e.g. a class-balanced memory of earlier inputs);
+   the runtime computes their statistics through the adaptive graph (with the given in-batch mix) and passes
+   them to ``update_stats`` behind the same plausibility guard.
 5. ``adjust(logits, features, batch_info)`` -> logits / log-probabilities [N,C] used for the prediction.
 
 State is a flat ``dict[str, np.ndarray]`` (safetensors-friendly); ``load_state_dict`` validates names and
@@ -149,6 +153,8 @@ class AdaptationMethod:
     name: ClassVar[str] = ""
     needs_stats: ClassVar[bool] = False
     provides_stats: ClassVar[bool] = False
+    owns_stats_inputs: ClassVar[bool] = False
+    refresh_every: ClassVar[int | None] = None  # batches between refolds of moved statistics (None: the runtime's)
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, ctx: AdaptContext, **options: Any):
@@ -193,6 +199,21 @@ class AdaptationMethod:
 
     def update_stats(self, batch_stats: Stats, n_reliable: int, batch_info: BatchInfo | None = None) -> None:
         """Observe statistics of the batch's reliable subset. Default: no-op."""
+
+    def stats_inputs(self, x: np.ndarray, batch_info: BatchInfo) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """(``owns_stats_inputs`` only) the prepared inputs whose statistics should update the state now, and the
+        per-layer in-batch mix to compute them with (None = the given statistics), or None for no update.
+        ``x`` is this batch (prepared for the graphs); a method may keep some of it. Default: None."""
+        return None
+
+    def reset_requested(self) -> bool:
+        """After ``adjust``: this member asks its composite to reset every member to the source state (a collapse
+        detector). Default: never."""
+        return False
+
+    def on_collapse_reset(self) -> None:
+        """The composite resets its members (a member asked for it). Default: back to the source state."""
+        self.reset()
 
     def on_shift(self) -> None:  # noqa: B027 - optional hook
         """The runtime saw a domain shift (a jump in mean entropy). Default: nothing."""

@@ -12,6 +12,8 @@
   before the next ``forward_stats``. ``forward_mix`` cannot see the batch it is asked for; since skew comes in
   runs on label-correlated streams, after a skewed batch the composite returns ``None`` (no in-batch mixing:
   predict with ``forward_stats``) until a batch reads as not skewed again.
+- A member may ask for a reset after ``adjust`` (``reset_requested``: a collapse detector); every member then
+  goes back to its source state (``on_collapse_reset``) before the next batch.
 - State: each member's state under ``"{index}.{name}."``.
 """
 
@@ -40,6 +42,8 @@ class CompositeMethod(AdaptationMethod):
         self.guard = guards[0] if guards else None
         self.needs_stats = any(m.needs_stats for m in members)  # type: ignore[misc]
         self.provides_stats = self.stats_member is not None  # type: ignore[misc]
+        self.owns_stats_inputs = bool(self.stats_member and self.stats_member.owns_stats_inputs)  # type: ignore[misc]
+        self.refresh_every = self.stats_member.refresh_every if self.stats_member else None  # type: ignore[misc]
         super().__init__(ctx)
 
     def reset(self) -> None:
@@ -49,6 +53,7 @@ class CompositeMethod(AdaptationMethod):
         self._pending: tuple[Stats, int, BatchInfo | None] | None = None
         self.last_skewed = False
         self.skipped_updates = 0
+        self.collapse_resets = 0
 
     @property
     def stats_version(self) -> int:
@@ -85,6 +90,9 @@ class CompositeMethod(AdaptationMethod):
         if batch_info is not None and batch_info.logits is not None:
             self._apply_pending(self._decide(batch_info.logits))
 
+    def stats_inputs(self, x: np.ndarray, batch_info: BatchInfo) -> tuple[np.ndarray, np.ndarray | None] | None:
+        return self.stats_member.stats_inputs(x, batch_info) if self.owns_stats_inputs else None  # type: ignore[union-attr]
+
     def on_shift(self) -> None:
         for m in self.members:
             m.on_shift()
@@ -96,6 +104,10 @@ class CompositeMethod(AdaptationMethod):
         out = logits
         for m in self.members:
             out = m.adjust(out, features, batch_info)
+        if any(m.reset_requested() for m in self.members):
+            self.collapse_resets += 1
+            for m in self.members:
+                m.on_collapse_reset()
         return out
 
     def _state(self) -> dict[str, np.ndarray]:
