@@ -192,9 +192,9 @@ def test_cloud_down_device_serves_queue_bounded_then_drains(cloud_env, tmp_path,
     assert peak <= bound
     assert dropped > 0  # 12 s of samples do not fit in 256 KiB: the bound did work
     assert metric(metrics_down, "edgeadapt_uploads_dropped") > 0
-    assert "updater" in down["errors"] and down["uploader"]["errors"] > 0  # the outage is visible ...
+    assert "cloud_unreachable" in down["errors"] and down["uploader"]["errors"] > 0  # the outage is visible ...
     assert "ConnectError" in down["uploader"]["last_error"]  # ... with its reason
-    assert status(dev)["uploader"]["last_error"] is None and "updater" not in status(dev)["errors"]  # and clears
+    assert status(dev)["uploader"]["last_error"] is None and "cloud_unreachable" not in status(dev)["errors"]
     assert drain["put"] == drain["sent"] + dropped + drain["rejected"]  # every sample accounted for
     assert len(ids) == len(set(ids))
     # nothing the device counted as sent is missing. Items of a batch in flight that drop_oldest evicted count as
@@ -355,7 +355,9 @@ def test_disk_full_on_device_keeps_serving_and_reports(cloud_env, tmp_path, proc
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     state = tmp_path / "state"
-    dev = device_proc(cloud_env.bundle, state, tmp_path / "device.log", upload_all=1, **FAST)
+    # a cloud that never answers: uploads are kept (a standalone device queues nothing it could never send)
+    dev = device_proc(cloud_env.bundle, state, tmp_path / "device.log", cloud_url="http://127.0.0.1:9",
+                      token="t" * 20, upload_all=1, **FAST)
     dev.preexec_fn = small_disk
     procs.append(dev)
     dev.start()

@@ -15,6 +15,7 @@ from edgeadapt.cli import (
     data_cmd,
     demo_cmd,
     device_cmd,
+    doctor_cmd,
     export_cmd,
     train_cmd,
 )
@@ -33,6 +34,7 @@ app.add_typer(bundle_cmd.app, name="bundle")
 app.add_typer(device_cmd.app, name="device")
 app.add_typer(cloud_cmd.app, name="cloud")
 app.add_typer(bench_cmd.app, name="bench")
+app.add_typer(doctor_cmd.app, name="doctor")
 app.command("demo")(demo_cmd.demo)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
+from rich.text import Text
 
 from edgeadapt.cli.common import console, fail, plain, print_json
 
@@ -35,12 +36,17 @@ def _config(home: Path | None, overrides: dict | None = None):
 
 
 def _store(home: Path | None):
+    """The home's store; created on first use once the home exists (devices can be added before the first
+    serve), refused when there is no cloud home at all."""
     from edgeadapt.cloud.admin import open_store, store_dir
+    from edgeadapt.cloud.config import resolve_home
+    from edgeadapt.core.signing import PRIVATE_KEY_FILE
 
     cfg = _config(home)
     path = store_dir(home, cfg)
-    if not (path / "cloud.db").exists():
-        fail(f"no cloud store at {path}: run `edgeadapt cloud init` and `edgeadapt cloud serve` first")
+    h = resolve_home(home)
+    if not (path / "cloud.db").exists() and not (h / PRIVATE_KEY_FILE).is_file():
+        fail(f"no cloud home at {h}: create it with `edgeadapt cloud init {h}`")
     return open_store(home, cfg)
 
 
@@ -71,7 +77,12 @@ def init(directory: Path = typer.Argument(..., help="the cloud home to create"),
     console.print(f"  public key      {info['public_key']}")
     console.print(f"  admin token     {info['admin_token_file']}")
     console.print(f"  config          {info['config']}")
-    console.print(f"export bundles for this cloud with [bold]edgeadapt export ... --cloud-key {info['home']}[/]")
+    # a command that runs as printed once NAME and BUNDLE are filled in (tests/test_health_truth.py runs it)
+    console.print("export bundles for this cloud with:",
+                  Text(f"edgeadapt export --arch NAME --out BUNDLE --cloud-key {info['public_key_file']}",
+                       style="bold"), soft_wrap=True)
+    console.print("then serve them:", Text(f"edgeadapt cloud serve --home {info['home']} --bundle BUNDLE",
+                                             style="bold"), soft_wrap=True)
 
 
 @app.command("serve")
@@ -123,14 +134,18 @@ def serve(
 
 
 @devices_app.callback()
-def devices(ctx: typer.Context, home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
-    """List devices with the version each runs, the version assigned to it, and when it was last seen."""
+def devices(ctx: typer.Context, home: Path = HomeOpt, as_json: bool = JsonOpt,
+            stale_after: float = typer.Option(None, "--stale-after", min=0.001,
+                                              help="seconds after which a heartbeat is stale (default: the "
+                                                   "config's device_stale_after_s, 600)")) -> None:
+    """List devices: the version each runs, the version and rollout assigned to it, when it was last seen, and
+    what is wrong (its degraded reasons, a stale heartbeat, a revoked token)."""
     ctx.obj = {"home": home}
     if ctx.invoked_subcommand is not None:
         return
     from edgeadapt.cloud.admin import devices_info
 
-    rows = devices_info(_store(home))
+    rows = devices_info(_store(home), stale_after or _config(home).device_stale_after_s)
     if as_json:
         print_json(rows)
         return
@@ -138,13 +153,15 @@ def devices(ctx: typer.Context, home: Path = HomeOpt, as_json: bool = JsonOpt) -
     from rich.table import Table
 
     table = Table(title="devices")
-    for col in ("name", "version", "assigned", "last seen", "status", "revoked"):
+    for col in ("name", "version", "assigned", "rollout", "last seen", "status", "what is wrong"):
         table.add_column(col)
-    for r in rows:  # name and status come from the store, status from the device itself: plain text only
+    for r in rows:  # name and status come from the store, status and problems from the device: plain text only
+        ro = r["rollout"]
         table.add_row(plain(r["name"], 64), str(r["version"] if r["version"] is not None else "-"),
-                      str(r["target_version"] if r["target_version"] is not None else "-"), _age(r["last_seen"]),
-                      plain(r["status"]), "yes" if r["revoked"] else "")
-    Console().print(table)
+                      str(r["target_version"] if r["target_version"] is not None else "-"),
+                      "-" if ro is None else plain(f"#{ro['id']} {ro['scope']}", 80), _age(r["last_seen"]),
+                      plain(r["status"]), plain("; ".join(r["trouble"]), 2000))
+    Console(width=max(160, Console().width)).print(table)
 
 
 def _home(ctx: typer.Context, home: Path | None) -> Path | None:

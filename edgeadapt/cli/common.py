@@ -14,8 +14,9 @@ console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    # messages quote files, peers and servers: printed as text, never parsed as markup
-    console.print("[bold red]error:[/]", Text(str(message)))
+    # messages quote files, peers and servers: printed as text, never parsed as markup; never wrapped, so a
+    # command hint in one can be copied as printed
+    console.print("[bold red]error:[/]", Text(str(message)), soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -58,6 +58,8 @@ def run(
     method: str = typer.Option(None, help="adaptation method spec, e.g. ema_stats+lame_guard, norm_stats, none"),
     ood_detector: str = typer.Option(None, help="OOD detector from the bundle (energy, msp, rmds, vim, ...)"),
     threads: int = typer.Option(None, help="inference threads"),
+    no_updates: bool = typer.Option(False, "--no-updates", help="with --cloud: upload and heartbeat, take no "
+                                    "updates (what a bundle without the cloud's public key needs)"),
     config: Path = typer.Option(None, help="TOML config ([device] table); flags > EDGEADAPT_* env > file"),
     log_level: str = typer.Option("info", help="debug, info, warning, error"),
 ) -> None:
@@ -78,7 +80,7 @@ def run(
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per poll hides errors
     flags = dict(bundle=bundle, state_dir=state_dir, cloud_url=cloud, token=token, token_file=token_file,
                  ca_file=ca_file, listen=listen, source=source, method=method, ood_detector=ood_detector,
-                 threads=threads)
+                 threads=threads, updates=False if no_updates else None)
     try:
         cfg = load_config(flags, config)
     except ConfigError as exc:
@@ -88,7 +90,13 @@ def run(
             "--token is visible to every local user in /proc/%d/cmdline; use --token-file or EDGEADAPT_TOKEN",
             os.getpid())
     if not Path(cfg.bundle).is_dir():
-        fail(f"bundle {cfg.bundle} does not exist (run `edgeadapt export` first)")
+        fail(f"bundle {cfg.bundle} does not exist (export one: `edgeadapt export --arch NAME --out {cfg.bundle}`)")
+    from edgeadapt.core.findings import fatal
+    from edgeadapt.device.doctor import startup_findings
+
+    refused = fatal(startup_findings(Path(cfg.bundle), cfg.cloud_url, cfg.token, cfg.updates))
+    if refused:  # what can never work is refused now, not discovered in the logs later
+        fail("will not start: " + "; ".join(f.message + (f" ({f.fix})" if f.fix else "") for f in refused))
     if cfg.source and not Path(cfg.source[4:]).is_file():
         fail(f"source file {cfg.source[4:]} does not exist")
     try:

@@ -5,7 +5,7 @@ A cloud home holds::
 
     config.toml            layered config (see edgeadapt.cloud.config)
     signing_key.pem        ed25519 private key (0600) that signs update packages
-    signing_key.pub    its public key (PEM); `edgeadapt export --cloud-key <home>` reads it
+    signing_key.pub    its public key (PEM); `edgeadapt export ... --cloud-key <home>/signing_key.pub` reads it
     admin_token            the admin bearer token (0600); EDGEADAPT_CLOUD_ADMIN_TOKEN overrides it
     store/                 SQLite (WAL) + blobs (unless store_dir says otherwise)
 """
@@ -54,7 +54,7 @@ def read_admin_token(home: str | Path | None) -> str:
         return env.strip()
     path = resolve_home(home) / ADMIN_TOKEN_FILE
     if not path.is_file():
-        raise HomeError(f"no admin token: {path} does not exist (run `edgeadapt cloud init`) and "
+        raise HomeError(f"no admin token: {path} does not exist (run `edgeadapt cloud init {resolve_home(home)}`) and "
                         f"{ENV_PREFIX}ADMIN_TOKEN is not set")
     return path.read_text().strip()
 
@@ -72,13 +72,38 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def devices_info(store: Store) -> list[dict]:
+def devices_info(store: Store, stale_after_s: float = 600.0, now: float | None = None) -> list[dict]:
+    """Every device with its version, the version and rollout assigned to it, when it was last seen and what is
+    wrong (``trouble``: the degraded reasons of its last heartbeat, a stale heartbeat, a revoked or expired
+    token). Device-provided strings are as cleaned at ingest (core/safetext.py); printing them is the caller's."""
+    from edgeadapt.cloud.health import age_words
+
+    now = time.time() if now is None else now
+    rollouts = sorted(store.list_rollouts(), key=lambda r: r.id, reverse=True)
     out = []
     for d in store.list_devices():
-        out.append({"name": d.name, "version": d.version, "target_version": store.target_version(d.name),
-                    "last_seen": _iso(d.last_seen), "status": d.status, "revoked": d.revoked is not None,
-                    "created": _iso(d.created), "expires": _iso(d.expires),
-                    "expired": d.expires is not None and d.expires <= time.time(), "counters": d.counters})
+        rollout = next((r for r in rollouts if r.covers(d.name)), None)
+        expired = d.expires is not None and d.expires <= now
+        hb_age = None if d.heartbeat_at is None else max(0.0, now - d.heartbeat_at)
+        stale = hb_age is not None and hb_age > stale_after_s
+        trouble = []
+        if d.revoked is not None:
+            trouble.append("token revoked")
+        if expired:
+            trouble.append("token expired")
+        if stale:
+            trouble.append(f"stale heartbeat {age_words(hb_age)}")
+        elif hb_age is None and d.last_seen is not None:
+            trouble.append("no heartbeat yet")
+        trouble += [str(v) for v in d.problems.values()]
+        out.append({"name": d.name, "version": d.version, "target_version": rollout.version if rollout else None,
+                    "rollout": None if rollout is None else {"id": rollout.id, "version": rollout.version,
+                                                             "scope": rollout.scope},
+                    "last_seen": _iso(d.last_seen), "heartbeat_at": _iso(d.heartbeat_at),
+                    "heartbeat_age_s": None if hb_age is None else round(hb_age, 1), "stale": stale,
+                    "status": d.status, "problems": d.problems, "trouble": trouble, "revoked": d.revoked is not None,
+                    "created": _iso(d.created), "expires": _iso(d.expires), "expired": expired,
+                    "counters": d.counters})
     return out
 
 
@@ -105,7 +130,7 @@ def push(store: Store, version: int | None = None, devices: list[str] | None = N
     ``revert=True``: its parameters are republished as a new version number and that one is rolled out."""
     latest = store.latest_version()
     if latest is None:
-        raise StoreError("no versions yet: start `edgeadapt cloud serve` with a bundle first")
+        raise StoreError("no versions yet: start `edgeadapt cloud serve --bundle BUNDLE` first")
     version = latest if version is None else int(version)
     try:
         store.get_version(version)

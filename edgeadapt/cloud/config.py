@@ -106,6 +106,10 @@ class CloudConfig(BaseModel, extra="forbid"):
     header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request head must arrive within this")
     body_timeout_s: float = Field(60.0, gt=0, le=3600, description="a request body must arrive within this")
     log_level: str = "info"
+    device_stale_after_s: float = Field(600.0, gt=0, description="a device whose last heartbeat is older is listed "
+                                        "as \"stale heartbeat\" by `cloud devices` and the admin API")
+    min_free_disk_mb: float = Field(256.0, ge=0, description="less free space than this under the store makes the "
+                                    "cloud report itself degraded")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
 
     @field_validator("listen")

@@ -31,6 +31,17 @@ class CloudMetrics:
                                         registry=r)
         self.latest_version = Gauge("edgeadapt_cloud_latest_version", "latest published version", registry=r)
         self.pending_samples = Gauge("edgeadapt_cloud_pending_samples", "uploads waiting for training", registry=r)
+        self.upload_refusals = Counter("edgeadapt_cloud_upload_refusals_total", "upload requests refused, by reason "
+                                       "(too_large, wrong_model, invalid_input, invalid, schema)", ["reason"],
+                                       registry=r)
+        self.trainer_failures = Counter("edgeadapt_cloud_trainer_failures_total", "training rounds that raised",
+                                        registry=r)
+        self.store_errors = Counter("edgeadapt_cloud_store_errors_total", "requests that failed in the store "
+                                    "(SQLite or blob I/O), answered 503", registry=r)
+
+    def register(self, collector) -> None:
+        """A collector read at scrape time (the service's health and the fleet's state)."""
+        self.registry.register(collector)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

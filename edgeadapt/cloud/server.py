@@ -19,7 +19,10 @@ up by hash and compared with ``hmac.compare_digest``):
 Admin endpoints (``Authorization: Bearer <admin token>``; a device token gets 403): ``GET/POST
 /v1/admin/devices``, ``POST /v1/admin/devices/{name}/revoke``, ``GET /v1/admin/versions``, ``GET/POST
 /v1/admin/rollouts``, ``POST /v1/admin/train`` (train on everything pending now; returns the result),
-``GET /v1/admin/status``. Unauthenticated: ``GET /healthz``, ``GET /metrics`` (unless ``metrics_public`` is off).
+``GET /v1/admin/status``. Unauthenticated: ``GET /healthz`` (live, ready, degraded with reasons, and what a device
+needs to upload: model, key, size limits), ``GET /livez``, ``GET /readyz`` (503 when the store does not answer),
+``GET /metrics`` (unless ``metrics_public`` is off). ``GET /v1/whoami`` (device token): the device's name and the
+same limits, for ``edgeadapt doctor``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import hashlib
 import json
 import logging
 import socket
+import sqlite3
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -71,23 +75,30 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 class BodyLimitMiddleware:
-    """Refuse a request whose declared Content-Length exceeds the limit before any of it is read."""
+    """Refuse a request whose declared Content-Length exceeds the limit before any of it is read. ``per_path``:
+    other limits for some paths (a heartbeat gets its own 64 KiB whatever ``max_body_bytes`` says, so a cloud
+    configured too small for uploads still hears what its devices report)."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, per_path: dict[str, int] | None = None, on_refused=None):
         self.app = app
         self.limit = limit
+        self.per_path = per_path or {}
+        self.on_refused = on_refused  # called with the path of a body refused as too large (metrics)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
+            limit = self.per_path.get(scope.get("path", ""), self.limit)
             for name, value in scope.get("headers", []):
                 if name == b"content-length":
                     try:
                         n = int(value)
                     except ValueError:
                         n = -1
-                    if n < 0 or n > self.limit:
+                    if n < 0 or n > limit:
                         msg = "invalid Content-Length" if n < 0 else \
-                            f"request body of {n} bytes exceeds the {self.limit}-byte limit"
+                            f"request body of {n} bytes exceeds the {limit}-byte limit"
+                        if n >= 0 and self.on_refused is not None:
+                            self.on_refused(scope.get("path", ""))
                         resp = _problem(400 if n < 0 else 413, msg, {"Connection": "close"})
                         await resp(scope, receive, send)
                         return
@@ -145,9 +156,16 @@ def create_app(service: CloudService) -> FastAPI:
     app = FastAPI(title="edgeadapt cloud", version="1", lifespan=lifespan,
                   description="Ingest uploads from edge devices, distill a teacher into the devices' adaptable "
                               "tensors, serve signed, compressed update packages.")
-    app.add_middleware(BodyLimitMiddleware, limit=cfg.max_body_bytes)
-    app.state.service = service
     metrics = service.metrics
+
+    def _body_refused(path: str) -> None:
+        metrics.requests_rejected.labels(reason="413").inc()
+        if path == "/v1/samples":
+            metrics.upload_refusals.labels(reason="too_large").inc()
+
+    app.add_middleware(BodyLimitMiddleware, limit=cfg.max_body_bytes, per_path={"/v1/heartbeat": SMALL_BODY_BYTES},
+                       on_refused=_body_refused)
+    app.state.service = service
 
     unauthorized = HTTPException(401, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"})
 
@@ -182,13 +200,48 @@ def create_app(service: CloudService) -> FastAPI:
     @app.exception_handler(TooLarge)
     async def _too_large(request: Request, exc: TooLarge):
         metrics.requests_rejected.labels(reason="413").inc()
+        if request.url.path == "/v1/samples":
+            metrics.upload_refusals.labels(reason="too_large").inc()
         return _problem(413, str(exc), {"Connection": "close"})
+
+    @app.exception_handler(sqlite3.Error)
+    @app.exception_handler(OSError)
+    async def _store_failed(request: Request, exc: Exception):
+        # a full disk, an I/O error, a locked database: the device retries a 503 (its samples are kept), and the
+        # cloud's health says why until a write goes through again
+        metrics.store_errors.inc()
+        name = getattr(exc, "sqlite_errorname", None)
+        why = f"{type(exc).__name__}: {str(exc)[:200]}" + (f" [{name}]" if name else "")
+        service.health.problem("store", f"store error on {request.url.path}: {why}")
+        log.error("store error on %s: %s", request.url.path, why)
+        return _problem(503, f"the cloud's store failed ({why}); retry later", {"Retry-After": "5"})
 
     # ------------------------------------------------------------------ unauthenticated
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:
-        return {"ok": True, "model": service.model_name, "latest_version": service.store.latest_version(),
-                "trainer": None if service.trainer is None else service.trainer.running}
+        """Live (it answers), ready (the store answers), degraded with reasons (each with since and count), and
+        what a device needs to upload here (``limits``)."""
+        problems = service.health.check()
+        not_ready = service.health.not_ready()
+        latest = None if not_ready else service.store.latest_version()
+        return {"ok": True, "status": "not ready" if not_ready else "degraded" if problems else "ok",
+                "ready": not_ready is None, "model": service.model_name, "latest_version": latest,
+                "trainer": None if service.trainer is None else service.trainer.running,
+                "reasons": {k: v["reason"] for k, v in problems.items()}, "degraded": problems,
+                "limits": service.limits()}
+
+    @app.get("/livez", tags=["ops"])
+    def livez() -> dict:
+        """Liveness: the process answers."""
+        return {"ok": True}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz():
+        """Readiness: 200 when the store answers, else 503 with why."""
+        why = service.health.not_ready()
+        if why is not None:
+            return JSONResponse({"ready": False, "reason": why}, status_code=503)
+        return {"ready": True}
 
     @app.get("/metrics", tags=["ops"])
     async def metrics_endpoint(request: Request):
@@ -212,6 +265,7 @@ def create_app(service: CloudService) -> FastAPI:
             batch = SampleBatch.model_validate_json(body)
         except ValidationError as exc:
             metrics.requests_rejected.labels(reason="422").inc()
+            metrics.upload_refusals.labels(reason="schema").inc()
             return _problem(422, _validation_message(exc))
         result = await run_in_threadpool(service.ingest, device, batch)
         text = result.model_dump_json()
@@ -225,7 +279,8 @@ def create_app(service: CloudService) -> FastAPI:
             hb = Heartbeat.model_validate_json(body)
         except ValidationError as exc:
             return _problem(422, _validation_message(exc))
-        return await run_in_threadpool(service.heartbeat, device, hb.model, hb.param_version, hb.counters, hb.status)
+        return await run_in_threadpool(service.heartbeat, device, hb.model, hb.param_version, hb.counters, hb.status,
+                                       hb.problems)
 
     async def _find_update(device: Device, model: str, have: int, wait: float, mode: str | None,
                            have_hash: str | None, record: bool):
@@ -269,8 +324,15 @@ def create_app(service: CloudService) -> FastAPI:
     def get_device(name: str, device: Device = Depends(device_auth)) -> dict:
         if name != device.name:
             raise HTTPException(403, "a device may only read its own record")
-        info = next(d for d in A.devices_info(service.store) if d["name"] == name)
+        info = next(d for d in A.devices_info(service.store, cfg.device_stale_after_s) if d["name"] == name)
         return info
+
+    @app.get("/v1/whoami", tags=["device"])
+    def whoami(device: Device = Depends(device_auth)) -> dict:
+        """The token's device and what it needs to work with this cloud: the model served, the signing key, the
+        upload limits (``edgeadapt doctor device`` checks a bundle against them)."""
+        return {"device": device.name, **service.limits(), "latest_version": service.store.latest_version(),
+                "target_version": service.store.target_version(device.name)}
 
     # ------------------------------------------------------------------ admin
     admin = [Depends(admin_auth)]
@@ -289,8 +351,11 @@ def create_app(service: CloudService) -> FastAPI:
                 "public_key": service.public_key_b64}
 
     @app.get("/v1/admin/devices", tags=["admin"], dependencies=admin)
-    def admin_devices() -> list[dict]:
-        return A.devices_info(service.store)
+    def admin_devices(stale_after_s: float | None = Query(None, gt=0, le=10**9, description="a heartbeat older "
+                                                          "than this is stale (default: device_stale_after_s)")
+                      ) -> list[dict]:
+        """Every device: version, assigned version and rollout, last seen, and what is wrong (``trouble``)."""
+        return A.devices_info(service.store, stale_after_s or cfg.device_stale_after_s)
 
     @app.post("/v1/admin/devices", tags=["admin"], dependencies=admin, status_code=201)
     def admin_add_device(req: NewDevice) -> dict:

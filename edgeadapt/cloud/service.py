@@ -25,9 +25,10 @@ from edgeadapt.cloud.metrics import CloudMetrics
 from edgeadapt.cloud.store import Device, NewSample, NotFound, Store, hash_token, register_bundle, token_matches
 from edgeadapt.core import signing
 from edgeadapt.core.input_codec import InputCodec
+from edgeadapt.core.safetext import clean_text
 from edgeadapt.core.tensorfile import ParamSet
 from edgeadapt.core.update_package import MODES, build_package_full
-from edgeadapt.core.wire import SampleBatch, SampleBatchResult, UpdateInfo
+from edgeadapt.core.wire import MAX_SAMPLES_PER_BATCH, SampleBatch, SampleBatchResult, UpdateInfo, upload_body_bytes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,18 @@ class Package:
     base_hash: str
 
 
+def refusal_kind(message: str) -> str:
+    """A bounded label for a refused upload (the cloud's metric; the device classifies the same way)."""
+    m = message.lower()
+    if "exceeds" in m and "limit" in m:
+        return "too_large"
+    if "not served here" in m:
+        return "wrong_model"
+    if "input" in m:
+        return "invalid_input"
+    return "invalid"
+
+
 def sample_split(device_name: str, sample_id: str, novel: bool, holdout_fraction: float, seed: int = 0) -> str:
     """train | holdout | novel — deterministic per (device, sample id, seed)."""
     if novel:
@@ -88,6 +101,7 @@ class CloudService:
         self.manifest = register_bundle(self.store, self.bundle_dir)
         self.model_name = self.manifest.model_name
         self.codec = InputCodec(self.manifest.input)
+        self.key_from_home = private_key is None  # health checks the key file only when it came from there
         self.private_key = private_key or signing.load_private_key(self.home)
         self.public_key_b64 = signing.public_key_b64(self.private_key)
         if self.manifest.cloud_public_key is None:
@@ -100,6 +114,18 @@ class CloudService:
         token = admin_token if admin_token is not None else read_admin_token(self.home)
         self._admin_hash = hash_token(token)
         self.metrics = CloudMetrics()
+        # one sample of this bundle as a device uploads it: a max_body_bytes below this refuses every upload
+        lowest = np.full(self.codec.shape, self.codec.low, np.float32)
+        self.one_sample_body_bytes = upload_body_bytes(self.model_name, self.codec.to_upload(lowest),
+                                                       self.manifest.num_classes)
+        if self.one_sample_body_bytes > config.max_body_bytes:
+            log.warning("max_body_bytes %d is smaller than one upload of this bundle (%d bytes): every upload will "
+                        "be refused", config.max_body_bytes, self.one_sample_body_bytes)
+        from edgeadapt.cloud.health import CloudHealth, FleetCollector
+
+        self.health = CloudHealth(self)
+        self.metrics.register(FleetCollector(self))
+        self.started = False
         self.generation = 0
         self._gen_lock = threading.Lock()
         self._build_lock = threading.Lock()
@@ -121,6 +147,14 @@ class CloudService:
     def start(self) -> None:
         if self.trainer is not None and self.config.trainer.enabled:
             self.trainer.start()
+        self.started = True
+
+    def limits(self) -> dict:
+        """What a device needs to know to upload here (``/healthz``, ``/v1/whoami``, ``edgeadapt doctor``)."""
+        return {"model": self.model_name, "input_shape": list(self.codec.shape),
+                "max_body_bytes": self.config.max_body_bytes, "one_sample_body_bytes": self.one_sample_body_bytes,
+                "max_upload_sample_bytes": self.codec.max_upload_sample_bytes,
+                "max_samples_per_batch": MAX_SAMPLES_PER_BATCH, "public_key": self.public_key_b64}
 
     def stop(self) -> None:
         if self.trainer is not None:
@@ -139,6 +173,13 @@ class CloudService:
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, device: Device, batch: SampleBatch) -> SampleBatchResult:
+        try:
+            return self._ingest(device, batch)
+        except Invalid as exc:
+            self.metrics.upload_refusals.labels(refusal_kind(exc.message)).inc()
+            raise
+
+    def _ingest(self, device: Device, batch: SampleBatch) -> SampleBatchResult:
         if batch.model != self.model_name:
             raise Invalid(f"model {batch.model!r} is not served here (this cloud serves {self.model_name!r})")
         codec = self.codec
@@ -161,6 +202,7 @@ class CloudService:
                                  param_version=s.param_version,
                                  split=sample_split(device.name, s.id, s.novel, tcfg.holdout_fraction, tcfg.seed)))
         new_ids, dups = self.store.add_samples(device.id, new)
+        self.health.resolved("store")  # a write went through
         self.metrics.samples_received.inc(len(new_ids))
         self.metrics.samples_duplicate.inc(len(dups))
         self.store.touch_device(device.id)
@@ -174,11 +216,19 @@ class CloudService:
         return SampleBatchResult(accepted=len(new_ids), duplicates=len(dups), ids=ids)
 
     # ------------------------------------------------------------------ heartbeat
-    def heartbeat(self, device: Device, model: str, version: int, counters: dict, status: str) -> dict:
+    def heartbeat(self, device: Device, model: str, version: int, counters: dict, status: str,
+                  problems: dict | None = None) -> dict:
+        """Record what the device reports (its degraded reasons too: ``cloud devices`` lists them). A device of
+        another model is recorded with that as its problem, then refused."""
+        problems = dict(problems or {})
         if model != self.model_name:
+            problems["model"] = (f"runs model {clean_text(model, 64)!r}; this cloud serves "
+                                 f"{clean_text(self.model_name, 64)!r}")
+            self.store.touch_device(device.id, status="wrong model", problems=problems, heartbeat=True)
             raise Invalid(f"model {model!r} is not served here (this cloud serves {self.model_name!r})")
         clean = {str(k)[:64]: float(v) for k, v in list(counters.items())[:256] if math.isfinite(float(v))}
-        self.store.touch_device(device.id, version=version, status=status, counters=clean)
+        self.store.touch_device(device.id, version=version, status=status, counters=clean, problems=problems,
+                                heartbeat=True)
         self.metrics.heartbeats.inc()
         return {"ok": True, "target_version": self.store.target_version(device.name),
                 "latest_version": self.store.latest_version()}

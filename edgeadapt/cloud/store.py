@@ -64,6 +64,8 @@ class Device:
     version: int | None = None
     status: str | None = None
     counters: dict = field(default_factory=dict)
+    problems: dict = field(default_factory=dict)  # the degraded reasons of its last heartbeat (cleaned strings)
+    heartbeat_at: float | None = None  # when its last heartbeat arrived (last_seen: any request)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -287,7 +289,8 @@ class Store(SampleStore):
 
     @abstractmethod
     def touch_device(self, device_id: int, version: int | None = None, status: str | None = None,
-                     counters: dict | None = None) -> None: ...
+                     counters: dict | None = None, problems: dict | None = None, heartbeat: bool = False) -> None:
+        """Note a request from the device (``last_seen``); a heartbeat also records its status and problems."""
 
     # versions
     @abstractmethod
@@ -380,7 +383,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices(
   id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL, token_hash TEXT UNIQUE NOT NULL,
-  created REAL NOT NULL, revoked REAL, last_seen REAL, version INTEGER, status TEXT, counters TEXT, expires REAL);
+  created REAL NOT NULL, revoked REAL, last_seen REAL, version INTEGER, status TEXT, counters TEXT, expires REAL,
+  problems TEXT, heartbeat_at REAL);
 CREATE TABLE IF NOT EXISTS samples(
   seq INTEGER PRIMARY KEY AUTOINCREMENT, device_id INTEGER NOT NULL, sample_id TEXT NOT NULL,
   received REAL NOT NULL, split TEXT NOT NULL, consumed INTEGER NOT NULL DEFAULT 0, novel INTEGER NOT NULL,
@@ -421,12 +425,14 @@ class SQLiteStore(Store):
         self._params_cache: dict[str, ParamSet] = {}
         with self._write_lock:
             self._conn().executescript(SCHEMA)
-            cols = {r[1] for r in self._conn().execute("PRAGMA table_info(devices)")}
-            if "expires" not in cols:  # a store made before token expiry existed
+            # a store made before token expiry (and heartbeat problems) existed: its columns added in place
+            for col, kind in (("expires", "REAL"), ("problems", "TEXT"), ("heartbeat_at", "REAL")):
+                if col in {r[1] for r in self._conn().execute("PRAGMA table_info(devices)")}:
+                    continue
                 try:
-                    self._conn().execute("ALTER TABLE devices ADD COLUMN expires REAL")
+                    self._conn().execute(f"ALTER TABLE devices ADD COLUMN {col} {kind}")
                 except sqlite3.OperationalError:  # another process added it first
-                    if "expires" not in {r[1] for r in self._conn().execute("PRAGMA table_info(devices)")}:
+                    if col not in {r[1] for r in self._conn().execute("PRAGMA table_info(devices)")}:
                         raise
 
     # -- connections
@@ -487,7 +493,9 @@ class SQLiteStore(Store):
     def _device(row: sqlite3.Row) -> Device:
         return Device(id=row["id"], name=row["name"], created=row["created"], revoked=row["revoked"],
                       last_seen=row["last_seen"], version=row["version"], status=row["status"],
-                      counters=json.loads(row["counters"]) if row["counters"] else {}, expires=row["expires"])
+                      counters=json.loads(row["counters"]) if row["counters"] else {}, expires=row["expires"],
+                      problems=json.loads(row["problems"]) if row["problems"] else {},
+                      heartbeat_at=row["heartbeat_at"])
 
     def add_device(self, name: str, expires_in_s: float | None = None) -> str:
         if expires_in_s is not None and not expires_in_s > 0:
@@ -530,8 +538,15 @@ class SQLiteStore(Store):
         return self._device(row)
 
     def touch_device(self, device_id: int, version: int | None = None, status: str | None = None,
-                     counters: dict | None = None) -> None:
-        sets, args = ["last_seen=?"], [time.time()]
+                     counters: dict | None = None, problems: dict | None = None, heartbeat: bool = False) -> None:
+        now = time.time()
+        sets, args = ["last_seen=?"], [now]
+        if heartbeat:
+            sets.append("heartbeat_at=?")
+            args.append(now)
+        if problems is not None:
+            sets.append("problems=?")
+            args.append(json.dumps(problems))
         if version is not None:
             sets.append("version=?")
             args.append(int(version))

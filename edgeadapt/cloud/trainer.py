@@ -269,6 +269,10 @@ class Trainer:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_result: TrainResult | None = None
+        # health (issue 20): the last failed round (time.time(), why) until a round succeeds, and counts
+        self.last_error: tuple[float, str] | None = None
+        self.last_success_at: float | None = None
+        self.failures = 0
         torch.manual_seed(self.cfg.seed)
         self.rng = np.random.default_rng(self.cfg.seed)
 
@@ -507,6 +511,7 @@ class Trainer:
                 self.metrics.train_seconds.observe(result.seconds)
                 self.metrics.train_samples.inc(len(pending))
             self.last_result = result
+            self.last_error, self.last_success_at = None, time.time()
             log.info("training round: %s (base v%d, %d uploads, %d older to replay, %d steps, loss %.4f -> %.4f, "
                      "%.1fs)%s", result.status, base, len(pending), len(skipped), steps, loss_before, loss_after,
                      result.seconds, f" -> v{result.version}" if result.version is not None else f": {result.reason}")
@@ -590,8 +595,12 @@ class Trainer:
             try:
                 if self.due():
                     self.train_now(limit=self.cfg.max_samples_per_round)
-            except Exception:
+            except Exception as exc:
                 log.exception("training round failed; retrying later")
+                self.failures += 1
+                self.last_error = (time.time(), f"{type(exc).__name__}: {str(exc)[:200]}")
+                if self.metrics is not None:
+                    self.metrics.trainer_failures.inc()
                 self._stop.wait(5.0)
 
     def start(self) -> None:

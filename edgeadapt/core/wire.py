@@ -7,6 +7,7 @@ ever unpickles anything.
 from __future__ import annotations
 
 import base64
+import json
 import math
 from typing import Literal
 
@@ -19,6 +20,7 @@ MAX_SAMPLES_PER_BATCH = 512
 MAX_BODY_BYTES = 16 * 1024 * 1024
 ALLOWED_INPUT_DTYPES = ("uint8", "float16")
 MAX_VERSION = 2**62  # versions are SQLite INTEGERs (64-bit): a larger number would be a 500, not a 422
+MAX_PROBLEMS = 16  # degraded reasons a heartbeat carries at most (each cleaned and capped like ``status``)
 
 
 class WireArray(BaseModel):
@@ -79,6 +81,15 @@ class Heartbeat(BaseModel):
     param_version: int = Field(ge=0, le=MAX_VERSION)
     counters: dict[str, float] = Field(default_factory=dict)
     status: str = "ok"
+    problems: dict[str, str] = Field(default_factory=dict, description="the device's degraded reasons, by key "
+                                     f"(at most {MAX_PROBLEMS}; short printable strings)")
+
+    @field_validator("problems")
+    @classmethod
+    def _printable_problems(cls, v: dict[str, str]) -> dict[str, str]:
+        """What ``cloud devices`` prints per device: bounded in number and length, control characters stripped."""
+        return {clean_text(k, MAX_NAME_CHARS): clean_text(x, MAX_STATUS_CHARS)
+                for k, x in list(v.items())[:MAX_PROBLEMS]}
 
     @field_validator("status")
     @classmethod
@@ -90,6 +101,16 @@ class Heartbeat(BaseModel):
     @classmethod
     def _printable_counter_names(cls, v: dict[str, float]) -> dict[str, float]:
         return {clean_text(k, MAX_NAME_CHARS): x for k, x in list(v.items())[:256]}
+
+
+def upload_body_bytes(model: str, sample: np.ndarray, num_classes: int) -> int:
+    """Bytes of a one-sample ``POST /v1/samples`` body (as the uploader builds it) for ``sample`` in its upload form
+    (``InputCodec.to_upload``): what a cloud's ``max_body_bytes`` must hold for this bundle's uploads to get in.
+    Logits are written at full float precision (their longest JSON form)."""
+    s = UploadSample(id="0" * 32, input=WireArray.from_numpy(sample), logits=[-1.2345678901234567e-05] * num_classes,
+                     entropy=1.2345678901234567, ood_score=-1.2345678901234567, novel=False, param_version=MAX_VERSION)
+    head = b'{"model":' + json.dumps(model).encode() + b',"samples":['
+    return len(head) + len(s.model_dump_json().encode()) + 2
 
 
 class UpdateInfo(BaseModel):

@@ -63,6 +63,12 @@ class DeviceConfig(BaseModel, extra="forbid"):
                                              "(each network read also at most min(10 s, this))")
     keep_versions: int = Field(5, ge=1)
     watch_batches: int = Field(8, ge=1)
+    watch_timeout_s: float = Field(600.0, gt=0, description="a watch that has not seen watch_batches batches by "
+                                   "then decides on what it saw, or keeps the version unwatched when no traffic came")
+    updates: bool = Field(True, description="take updates from the cloud (false: upload and heartbeat only; a "
+                          "bundle without the cloud's public key needs this with a cloud)")
+    degraded_after_s: float = Field(60.0, ge=0, description="how long uploads, update checks or heartbeats may "
+                                    "fail on the network before the device reports itself degraded")
     save_state_every_s: float = Field(30.0, gt=0)
     max_connections: int = Field(256, ge=16, description="open HTTP connections at most (fitted to the open-file "
                                                          "limit); past it the longest-waiting idle or half-sent "

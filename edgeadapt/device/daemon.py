@@ -30,6 +30,7 @@ from edgeadapt.device.versions import VersionStore, VersionStoreError
 log = logging.getLogger("edgeadapt.device")
 ADAPT_STATE = "adapt_state.safetensors"
 GUARD_QUIET_S = 300.0  # an adaptation-guard action keeps the device reported degraded this long
+TOKEN_RELOAD_S = 5.0  # a refused token makes the daemon re-read token_file at most this often
 
 
 def _describe(exc: BaseException) -> str:
@@ -45,7 +46,10 @@ class DeviceDaemon:
         self.errors: dict[str, str] = {}
         self._error_since: dict[str, float] = {}
         self._error_count: dict[str, int] = {}
+        self._error_after: dict[str, float] = {}  # a reason counts as degraded once it has lasted this long
         self._logged_at: dict[str, float] = {}
+        self._health_lock = threading.RLock()
+        self._token_read_at = 0.0
         self.metrics = DeviceMetrics()
         self.bundle = Bundle(config.bundle)
         self.manifest = self.bundle.manifest
@@ -55,6 +59,7 @@ class DeviceDaemon:
         self.codec = self.engine.codec
         self._guard_seen = dict(self.engine.guard_counters)
         self._guard_at = 0.0
+        self._reasons_shown: set[str] = set()
         self.selector = SampleSelector(
             self.manifest.num_classes, budget_samples_per_s=config.upload_samples_per_s,
             budget_bytes_per_s=config.upload_bytes_per_s, novel_budget_samples_per_s=config.novel_samples_per_s)
@@ -74,7 +79,8 @@ class DeviceDaemon:
             from edgeadapt.device.uploader import Uploader
 
             self.uploader = Uploader(self.queue, config.cloud_url, config.token, self.manifest.model_name,
-                                     poll_interval=config.upload_interval_s, verify=config.tls_verify())
+                                     poll_interval=config.upload_interval_s, verify=config.tls_verify(),
+                                     health=self, metrics=self.metrics, failing_after_s=config.degraded_after_s)
         if config.cloud_url and config.token and self.versions is not None:
             try:
                 from edgeadapt.device.updater import Updater
@@ -90,20 +96,92 @@ class DeviceDaemon:
         self.started = time.time()
         self.samples_seen = 0
         self.ood_seen = 0
+        self._age_gauges()
+
+    # -- health ------------------------------------------------------------------------------------
+    def _error(self, key: str, msg: str, after_s: float = 0.0) -> None:
+        """Record a problem for status(); log it when it is new, or changed and not logged in the last minute
+        (a persisting error, e.g. a full disk hit by every batch, must not flood the log). ``after_s``: it makes
+        the device degraded only once it has lasted that long (a network blip is not an outage)."""
+        with self._health_lock:
+            now = time.monotonic()
+            if key not in self.errors:
+                self._error_since[key] = time.time()
+                self._error_count[key] = 0
+            self._error_count[key] = self._error_count.get(key, 0) + 1
+            self._error_after[key] = after_s
+            if key not in self.errors or (self.errors[key] != msg and now - self._logged_at.get(key, 0.0) > 60):
+                (log.warning if after_s else log.error)(msg)
+                self._logged_at[key] = now
+            self.errors[key] = msg
+
+    def problem(self, key: str, msg: str, after_s: float = 0.0) -> None:
+        """What the uploader and updater report (the same record as ``_error``). A token the cloud refuses makes
+        the daemon re-read its token file: writing a new token there fixes it without a restart."""
+        self._error(key, msg, after_s)
+        if key == "cloud_auth":
+            self._reload_token()
+
+    def resolved(self, *keys: str) -> None:
+        """These problems are fixed: they leave status, health and the next heartbeat."""
+        with self._health_lock:
+            for key in keys:
+                if self.errors.pop(key, None) is not None:
+                    log.info("resolved: %s", key)
+                self._error_after.pop(key, None)
+
+    def _reload_token(self) -> None:
+        cfg = self.config
+        if cfg.token_file is None or time.monotonic() - self._token_read_at < TOKEN_RELOAD_S:
+            return
+        self._token_read_at = time.monotonic()
+        from edgeadapt.device.config import read_token_file
+
+        try:
+            token = read_token_file(cfg.token_file)
+        except ValueError as exc:
+            log.error("cannot re-read the token: %s", exc)
+            return
+        if token == cfg.token:
+            return
+        cfg.token = token
+        if self.uploader is not None:
+            self.uploader.token = token
+        if self.updater is not None:
+            self.updater.client.headers["Authorization"] = f"Bearer {token}"
+        log.info("token file %s changed: using the new token", cfg.token_file)
+
+    def not_ready(self) -> str | None:
+        """Why predictions cannot be served now (readiness), or None: the engine and the batch worker are up."""
+        if self._stop.is_set():
+            return "stopping"
+        worker = getattr(self.batcher, "_thread", None)
+        stopped = getattr(self.batcher, "_stop", None)
+        if worker is None or not worker.is_alive() or (stopped is not None and stopped.is_set()):
+            return "batcher stopped: predictions cannot be served"
+        if getattr(self.engine, "backend", None) is None:
+            return "engine not built"
+        return None
+
+    def _age_gauges(self) -> None:
+        """Ages of the last success (gauges read at scrape time): since start when never; NaN when not used."""
+        m = self.metrics
+
+        def age(at) -> float:
+            t = at()
+            return time.time() - (t if t is not None else self.started)
+
+        if self.uploader is not None:
+            m.upload_age.set_function(lambda: age(lambda: self.uploader.last_success_at))
+        if self.updater is not None:
+            up = self.updater
+            m.heartbeat_age.set_function(lambda: age(lambda: up.last_heartbeat_at))
+            if up.updates:
+                m.update_check_age.set_function(lambda: age(lambda: up.last_check_at))
+            m.watching.set_function(lambda: 1.0 if up._watch is not None else 0.0)
+            m.watch_age.set_function(lambda: up.watch_age_s())
 
     # -- state dir ---------------------------------------------------------------------------------
-    def _error(self, key: str, msg: str) -> None:
-        """Record a problem for status(); log it when it is new, or changed and not logged in the last minute
-        (a persisting error, e.g. a full disk hit by every batch, must not flood the log)."""
-        now = time.monotonic()
-        if key not in self.errors:
-            self._error_since[key] = time.time()
-            self._error_count[key] = 0
-        self._error_count[key] = self._error_count.get(key, 0) + 1
-        if key not in self.errors or (self.errors[key] != msg and now - self._logged_at.get(key, 0.0) > 60):
-            log.error(msg)
-            self._logged_at[key] = now
-        self.errors[key] = msg
 
     def _prepare_state_dir(self) -> bool:
         from edgeadapt.core.fileperm import private_dir
@@ -261,7 +339,7 @@ class DeviceDaemon:
                                        f"{last.get('reason')} (counts {now})")
 
     def _select_and_queue(self, x: np.ndarray, res) -> None:
-        if self.queue is None:
+        if self.queue is None or self.uploader is None:  # standalone: nothing queued that could never be sent
             return
         sample_bytes = self.codec.sample_bytes()
         if self.config.upload_all:
@@ -311,9 +389,35 @@ class DeviceDaemon:
             self.queue.close()
 
     def degraded(self) -> dict[str, dict]:
-        """What part of the job fails now, per reason: the message, since when and how often (from ``errors``)."""
-        return {k: {"reason": v, "since": self._error_since.get(k), "count": self._error_count.get(k, 1)}
-                for k, v in self.errors.items()}
+        """What part of the job fails now, per reason: the message, since when and how often (from ``errors``;
+        a reason with a threshold, e.g. the cloud unreachable, once it has lasted that long)."""
+        if "adaptation_guard" in self.errors and time.monotonic() - self._guard_at > GUARD_QUIET_S:
+            self.resolved("adaptation_guard")  # quiet for a while: cleared even when no batch comes to clear it
+        now = time.time()
+        with self._health_lock:
+            out = {k: {"reason": v, "since": self._error_since.get(k), "count": self._error_count.get(k, 1)}
+                   for k, v in list(self.errors.items())
+                   if now - self._error_since.get(k, now) >= self._error_after.get(k, 0.0)}
+        m = self.metrics
+        m.degraded.set(1.0 if out else 0.0)
+        for key in list(self._reasons_shown):
+            if key not in out:
+                m.degraded_reason.remove(key)
+                self._reasons_shown.discard(key)
+        for key in out:
+            m.degraded_reason.labels(key).set(1.0)
+            self._reasons_shown.add(key)
+        return out
+
+    def uploads_state(self) -> str:
+        """Whether samples are queued and sent, in words (status and doctor)."""
+        if self.uploader is not None:
+            return "on"
+        if not self.config.cloud_url:
+            return "off: standalone (no cloud configured), nothing is queued"
+        if not self.config.token:
+            return "off: no token for the cloud, nothing is queued"
+        return "off: no writable state directory for the upload queue"
 
     def status(self) -> dict:
         q = self.queue.counters() if self.queue is not None else {}
@@ -321,6 +425,11 @@ class DeviceDaemon:
         if self.uploader is not None:  # why uploads are failing, e.g. the cloud is down: visible without the logs
             up.update(last_status=self.uploader.last_status, last_error=self.uploader.last_error)
         self.metrics.queue_depth.set(q.get("queued", 0))
+        if self.queue is not None:
+            self.metrics.queue_fill.set(q.get("queued_bytes", 0) / max(1, self.queue.max_bytes))
+            for k, v in q.items():
+                if k.startswith("dropped_") or k == "rejected":
+                    self.metrics.queue_dropped.labels(k.removeprefix("dropped_")).set(v)
         self.metrics.uploads_sent.set(q.get("sent", 0))
         self.metrics.uploads_dropped.set(sum(v for k, v in q.items() if k.startswith("dropped")))
         self.metrics.bytes_up.set(up.get("bytes_up", 0))
@@ -334,7 +443,12 @@ class DeviceDaemon:
             "cloud": self.config.cloud_url,
             "adaptation_guard": {"counters": dict(self.engine.guard_counters), "last": self.engine.guard_last},
             "degraded": self.degraded(),
+            "uploads": self.uploads_state(),
+            "health": {"ready": self.not_ready() is None, "not_ready": self.not_ready(),
+                       "degraded_after_s": self.config.degraded_after_s},
         }
+        if self.queue is not None:
+            st["queue"]["fill_ratio"] = round(q.get("queued_bytes", 0) / max(1, self.queue.max_bytes), 4)
         if self.updater is not None:
             st["updater"] = self.updater.status()
         return st

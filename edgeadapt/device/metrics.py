@@ -34,6 +34,36 @@ class DeviceMetrics:
                                       ["reason"], registry=r)
         self.inputs_clipped = Counter("edgeadapt_inputs_clipped", "predict requests clipped into the declared range "
                                       "(served, never adapted on or uploaded)", registry=r)
+        # what an alert is written on (docs/RELIABILITY.md "Alerts"): refusals and failures by reason, ages of the
+        # last success, the watch, the queue's fill and its drops by policy, the degraded reasons themselves
+        self.uploads_refused = Counter("edgeadapt_uploads_refused", "samples the cloud refused (4xx) and the device "
+                                       "dropped, by reason", ["reason"], registry=r)
+        self.upload_failures = Counter("edgeadapt_upload_failures", "upload requests that failed and will be retried "
+                                       "(network, timeout, TLS, auth, 5xx, 408/429), by reason", ["reason"],
+                                       registry=r)
+        self.update_rejections = Counter("edgeadapt_update_rejections", "update packages rejected or refused, by "
+                                         "reason", ["reason"], registry=r)
+        nan = float("nan")
+        self.upload_age = Gauge("edgeadapt_upload_last_success_age_seconds", "seconds since the cloud last accepted "
+                                "an upload (since start when never; NaN when uploads are off)", registry=r)
+        self.update_check_age = Gauge("edgeadapt_update_check_last_success_age_seconds", "seconds since the last "
+                                      "update check the cloud answered (since start when never; NaN: no updater)",
+                                      registry=r)
+        self.heartbeat_age = Gauge("edgeadapt_heartbeat_last_success_age_seconds", "seconds since the cloud last "
+                                   "accepted a heartbeat (since start when never; NaN: standalone)", registry=r)
+        for g in (self.upload_age, self.update_check_age, self.heartbeat_age):
+            g.set(nan)
+        self.watching = Gauge("edgeadapt_update_watching", "1 while a new version is being watched", registry=r)
+        self.watch_age = Gauge("edgeadapt_update_watch_age_seconds", "seconds the watch in progress has run (0: none)",
+                               registry=r)
+        self.queue_fill = Gauge("edgeadapt_upload_queue_fill_ratio", "queued bytes / the queue's byte bound",
+                                registry=r)
+        self.queue_dropped = Gauge("edgeadapt_upload_queue_dropped", "samples the queue dropped, by policy "
+                                   "(oldest, full, too_large, attempts) or refusal (rejected)", ["reason"], registry=r)
+        self.degraded = Gauge("edgeadapt_degraded", "1 while any part of the job fails (see /healthz reasons)",
+                              registry=r)
+        self.degraded_reason = Gauge("edgeadapt_degraded_reason", "1 per degraded reason in effect", ["reason"],
+                                     registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -592,8 +592,24 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
         """Liveness (it answers) with what part of the job fails now: ``status`` is ``degraded`` with reasons
         (each with since-when and a count under ``degraded``), and whether it can serve predictions (``ready``)."""
         degraded = daemon.degraded()
-        return {"ok": True, "status": "degraded" if degraded else "ok", "param_version": daemon.engine.param_version,
-                "reasons": {k: v["reason"] for k, v in degraded.items()}}
+        not_ready = daemon.not_ready()
+        return {"ok": True, "status": "not ready" if not_ready else "degraded" if degraded else "ok",
+                "ready": not_ready is None, "not_ready": not_ready, "param_version": daemon.engine.param_version,
+                "reasons": {k: v["reason"] for k, v in degraded.items()}, "degraded": degraded}
+
+    @app.get("/livez")
+    def livez():
+        """Liveness for an orchestrator: the process answers (restart it when this fails)."""
+        return {"ok": True}
+
+    @app.get("/readyz")
+    def readyz():
+        """Readiness: 200 when predictions can be served (engine built, batch worker running), else 503 with why
+        (take it out of the load balancer; a degraded device is still ready)."""
+        why = daemon.not_ready()
+        if why is not None:
+            return JSONResponse({"ready": False, "reason": why}, status_code=503)
+        return {"ready": True}
 
     @app.get("/metrics")
     def metrics():

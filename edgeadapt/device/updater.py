@@ -16,6 +16,14 @@ measurement never reads as "kept". A package refused once is remembered (its sha
 refused against) and hostile outcomes back the polling off, so nothing is re-verified in a hot loop. A manual
 rollback (``manual_rollback``) takes the same lock as an update, ends a watch in progress and pins the device
 (``VersionStore.pin``): the versions it left are not taken again until the cloud offers a newer one.
+
+No pointless loops (issue 20): once a package for target T was refused against version V (rejected, blocked,
+pinned), the next polls ask ``/v1/updates/info`` first and download nothing while the cloud still offers T; a
+bundle without the cloud's public key never downloads at all. A watch that has not seen its window after
+``watch_timeout_s`` decides on what it saw, or, with no traffic at all, keeps the version unwatched and says so.
+What fails is reported to the daemon's health (``cloud_unreachable`` past ``degraded_after_s``, ``cloud_auth``,
+``updater``, ``updates_rejected``, ``update_rolled_back``, ``heartbeat``), and the heartbeat carries the
+daemon's degraded reasons to the cloud.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import numpy as np
 from edgeadapt.core import update_package as UP
 from edgeadapt.core.jsonsafe import json_safe
 from edgeadapt.core.mathops import entropy_from_logits
-from edgeadapt.core.wire import Heartbeat
+from edgeadapt.core.wire import Heartbeat, UpdateInfo
 from edgeadapt.device.versions import VersionStoreError, atomic_write
 
 log = logging.getLogger("edgeadapt.device.updater")
@@ -61,6 +69,7 @@ class _Watch:
     entropy: list = field(default_factory=list)
     ood: list = field(default_factory=list)
     samples: int = 0
+    started: float = field(default_factory=time.monotonic)
     agree: list = field(default_factory=list)
     # the same inputs through both versions: a paired entropy comparison that input noise cannot trip
     paired_entropy_prev: list = field(default_factory=list)
@@ -77,7 +86,35 @@ DOWNLOAD_BYTES_PER_VALUE = 8
 DOWNLOAD_HEADER_ALLOWANCE = 64 << 10
 DOWNLOAD_BYTES_PER_TENSOR = 256  # the header's tensor entry, uncompressed
 #: polling outcomes after which the next poll comes sooner than a backoff
-_HEALTHY = ("current", "applied", "busy", "error")
+_HEALTHY = ("current", "applied", "busy", "error", "off")
+INFO_BYTES = 64 << 10  # an /v1/updates/info or heartbeat answer is read up to this much
+
+#: bounded labels for why an update was refused, the words a degraded reason uses, and what each label matches
+REJECTION_KINDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("no_public_key", "no public key", ("no cloud public key", "invalid public key")),
+    ("signature", "bad signature (signed with another key?)", ("bad signature",)),
+    ("wrong_model", "package for another model", ("wrong model",)),
+    ("base_mismatch", "package against other parameters", ("base version mismatch", "base params hash")),
+    ("downgrade", "downgrade", ("downgrade",)),
+    ("bounds", "implausible values", ("implausible", "non-finite")),
+    ("too_large", "too large", ("exceeds", "decompress")),
+    ("timeout", "download too slow", ("took more than", "timed out")),
+)
+
+
+def rejection_kind(reason: str) -> tuple[str, str]:
+    """(metric label, words) for a rejection or refusal reason; anything else is a malformed package."""
+    r = reason.lower()
+    for kind, words, needles in REJECTION_KINDS:
+        if any(n in r for n in needles):
+            return kind, words
+    return "malformed", "malformed package"
+
+
+def _detail(text: str, limit: int = 200) -> str:
+    from edgeadapt.device.uploader import detail
+
+    return detail(text, limit)
 
 
 def max_update_bytes(params: dict) -> int:
@@ -109,6 +146,17 @@ class Updater:
         self.download_timeout_s = float(download_timeout_s or daemon.config.update_download_timeout_s)
         self.max_download_bytes = int(max_download_bytes or max_update_bytes(self.reference))
         self.max_backoff_s = float(max_backoff_s) if max_backoff_s is not None else max(poll_s, min(60.0, 16 * poll_s))
+        cfg = daemon.config
+        self.updates = bool(getattr(cfg, "updates", True))  # False: heartbeats only
+        self.watch_timeout_s = float(getattr(cfg, "watch_timeout_s", 600.0))
+        self.failing_after_s = float(getattr(cfg, "degraded_after_s", 60.0))
+        self.last_check_at: float | None = None  # time.time() of the last update check the cloud answered
+        self.last_heartbeat_at: float | None = None  # ... and of the last heartbeat it accepted
+        # version in use -> (target, outcome) of the package refused against it: not downloaded again while the
+        # cloud's /v1/updates/info still offers that target
+        self._refused: dict[int, tuple[int, str]] = {}
+        self._code: int | None = None  # HTTP status of the last update check
+        self._offered: int | None = None  # the version the last download's X-Edgeadapt-Version header named
         self._failures = 0  # hostile outcomes in a row: the backoff exponent
         self._recent = collections.deque(maxlen=max(watch_batches, 4))
         self._watch: _Watch | None = None
@@ -120,7 +168,7 @@ class Updater:
         self.events: list[dict] = []
         self.counters = {"checks": 0, "applied": 0, "rejected": 0, "rolled_back": 0, "kept": 0, "bytes_down": 0,
                          "errors": 0, "downloads_refused": 0, "rejected_again": 0, "pinned_skips": 0,
-                         "manual_rollbacks": 0}
+                         "manual_rollbacks": 0, "kept_unwatched": 0, "info_checks": 0}
         self._rejected: collections.OrderedDict[tuple[str, int], str] = collections.OrderedDict()
         self._blocked = set(self._load_blocked())
         self._pin = self.versions.read_pin()
@@ -147,37 +195,141 @@ class Updater:
         ev = json_safe({"at": time.time(), "event": kind, **kw})
         self.events = (self.events + [ev])[-100:]
         self.daemon.metrics.updates.labels(kind).inc()
+        if kind in ("rejected", "download_refused"):
+            self.daemon.metrics.update_rejections.labels(rejection_kind(str(kw.get("reason", "")))[0]).inc()
         log.info("update %s: %s", kind, kw)
+
+    def _rejected_problem(self, reason: str, target: int | None) -> None:
+        words = rejection_kind(reason)[1]
+        which = f"version {target}" if target is not None else "the package"
+        self.daemon.problem("updates_rejected", f"rejects updates: {words} ({which}: {reason[:150]})")
+
+    def _reached(self) -> None:
+        """The cloud answered (whatever it said): it is reachable."""
+        self.daemon.resolved("cloud_unreachable")
+
+    def _unreachable(self, exc: BaseException) -> None:
+        self.daemon.problem("cloud_unreachable", f"cloud unreachable: {type(exc).__name__}: {str(exc)[:200]}",
+                            after_s=self.failing_after_s)
+
+    def _check_answered(self, code: int | None, why: str) -> None:
+        """An update check the cloud answered with an error: a refused token is ``cloud_auth``, the rest
+        ``updater``."""
+        if code in (401, 403):
+            self.daemon.problem("cloud_auth", f"the cloud refuses this device's token ({why[:160]}): revoked, "
+                                "expired or wrong")
+        else:
+            self.daemon.problem("updater", why)
 
     # -- polling -----------------------------------------------------------------------------------
     def check_once(self) -> str:
-        """One poll; returns "current", "applied", "rejected", "blocked", "pinned", "refused", "busy" or
-        "error"."""
-        if self._watch is not None:
-            return "busy"
+        """One poll; returns "current", "applied", "rejected", "blocked", "pinned", "refused", "busy", "off"
+        (updates not wanted) or "error"."""
+        if not self.updates:
+            return "off"
+        w = self._watch
+        if w is not None:
+            if time.monotonic() - w.started <= self.watch_timeout_s:
+                return "busy"
+            self._watch_timed_out(w)
+            if self._watch is not None:
+                return "busy"
         self.counters["checks"] += 1
         have = self.engine.param_version
+        try:
+            known = self._precheck(have)
+        except httpx.HTTPError as exc:
+            self.counters["errors"] += 1
+            self._unreachable(exc)
+            return "error"
+        if known is not None:
+            return known
         try:
             outcome, got = self._download(have)
         except httpx.TimeoutException as exc:
             outcome, got = "refused", f"update download timed out: {type(exc).__name__}: {exc}"
         except httpx.HTTPError as exc:
             self.counters["errors"] += 1
-            self.daemon._error("updater", f"cloud unreachable for updates: {exc}")
+            self._unreachable(exc)
             return "error"
+        self._reached()
         if outcome == "refused":
             self.counters["downloads_refused"] += 1
             self.daemon._error("updater", f"update download refused: {got}")
             self._event("download_refused", reason=got, have=have)
+            if self._offered is not None:  # the cloud named the version: not downloaded again while it offers it
+                self._refused[have] = (self._offered, "refused")
             return "refused"
         if outcome == "error":
             self.counters["errors"] += 1
-            self.daemon._error("updater", got)
+            self._check_answered(self._code, got)
             return "error"
-        self.daemon.errors.pop("updater", None)
+        self.last_check_at = time.time()
+        self.daemon.resolved("updater", "cloud_auth")
         if outcome == "current":
+            self._refused.pop(have, None)
+            self.daemon.resolved("updates_rejected", "update_rolled_back")  # nothing refused is offered now
             return "current"
         return self.apply_package(got)
+
+    def _precheck(self, have: int) -> str | None:
+        """Before downloading: when a package was refused against ``have`` (or this bundle has no key to verify
+        any), ask ``/v1/updates/info`` what the cloud offers. The same target again: the same outcome, nothing
+        downloaded. Returns the outcome, or None: go and download."""
+        refused = self._refused.get(have)
+        if self.public_key is not None and refused is None:
+            return None
+        self.counters["info_checks"] += 1
+        kind, got = self._info(have)
+        self._reached()
+        if kind == "error":
+            self.counters["errors"] += 1
+            self._check_answered(self._code, str(got))
+            return "error"
+        self.last_check_at = time.time()
+        self.daemon.resolved("updater", "cloud_auth")
+        if kind == "current":
+            self._refused.pop(have, None)
+            self.daemon.resolved("updates_rejected", "update_rolled_back")
+            return "current"
+        target = got.version  # type: ignore[union-attr]
+        if self.public_key is None:
+            reason = "no cloud public key configured: cannot verify the update"
+            if refused is None or refused[0] != target:  # counted and recorded once per version offered
+                self._refused[have] = (target, "rejected")
+                self.counters["rejected"] += 1
+                self._event("rejected", reason=reason, target=target, downloaded=False)
+            else:
+                self.counters["rejected_again"] += 1
+            self.daemon.problem("updates_rejected", f"rejects updates: no public key (the cloud offers version "
+                                f"{target}; the bundle carries no cloud public key: re-export it with --cloud-key, "
+                                "or run the device with --no-updates)")
+            return "rejected"
+        if refused is not None and refused[0] == target:
+            if refused[1] == "pinned":
+                self.counters["pinned_skips"] += 1
+            else:
+                self.counters["rejected_again"] += 1
+            return refused[1]
+        return None  # something else is offered now: download it
+
+    def _info(self, have: int) -> tuple[str, UpdateInfo | str | None]:
+        """``GET /v1/updates/info`` -> ("current", None), ("offer", UpdateInfo) or ("error", why); bounded like a
+        download."""
+        t0 = time.monotonic()
+        with self.client.stream("GET", f"{self.url}/v1/updates/info", params={"model": self.model, "have": have},
+                                headers={"Accept-Encoding": "identity"},
+                                timeout=httpx.Timeout(min(10.0, self.download_timeout_s))) as r:
+            self._code = r.status_code
+            if r.status_code == 204:
+                return "current", None
+            body, why = self._read(r, INFO_BYTES, t0, self.download_timeout_s)
+            if r.status_code != 200:
+                return "error", f"update check answered {r.status_code}: {_detail(body.decode('utf-8', 'replace'))}"
+        try:
+            return "offer", UpdateInfo.model_validate_json(body)
+        except ValueError:
+            return "error", f"update info unreadable ({why or 'not an UpdateInfo'}): {body[:80]!r}"
 
     def _download(self, have: int) -> tuple[str, bytes | str | None]:
         """GET the update, streamed: -> ("current", None), ("ok", bytes), ("error", why) or ("refused", why).
@@ -193,6 +345,9 @@ class Updater:
         per_read = min(10.0, limit)
         with self.client.stream("GET", f"{self.url}/v1/updates", params={"model": self.model, "have": have},
                                 headers={"Accept-Encoding": "identity"}, timeout=httpx.Timeout(per_read)) as r:
+            self._code = r.status_code
+            offered = r.headers.get("x-edgeadapt-version", "")
+            self._offered = int(offered) if offered.isdigit() else None
             if r.status_code == 204:
                 return "current", None
             if r.status_code != 200:
@@ -254,8 +409,11 @@ class Updater:
         return None
 
     def apply_package(self, data: bytes) -> str:
-        skip = self._skip(self._peek_target(data))
+        peeked = self._peek_target(data)
+        skip = self._skip(peeked)
         if skip:
+            if peeked is not None:
+                self._refused[self.engine.param_version] = (peeked, skip)
             return skip
         digest = hashlib.sha256(bytes(data)).hexdigest()
         with self._lock:
@@ -276,10 +434,14 @@ class Updater:
                 while len(self._rejected) > 64:
                     self._rejected.popitem(last=False)
                 self.counters["rejected"] += 1
-                self._event("rejected", reason=reason, target=self._peek_target(data), sha256=digest[:16])
+                self._event("rejected", reason=reason, target=peeked, sha256=digest[:16])
+                self._rejected_problem(reason, peeked)
+                if peeked is not None:
+                    self._refused[base_version] = (peeked, "rejected")
                 return "rejected"
             skip = self._skip(version)  # the verified version (the peek may not have read it)
             if skip:
+                self._refused[base_version] = (version, skip)
                 return skip
             try:
                 self.versions.save(version, params)
@@ -295,6 +457,8 @@ class Updater:
             self.daemon.metrics.param_version.set(version)
             self.counters["applied"] += 1
             self._event("applied", version=version, base=base_version, mode=header.get("compression"))
+            self._refused.clear()
+            self.daemon.resolved("updates_rejected", "update_rolled_back")
             if self._pin:  # the cloud assigned something newer than every version the operator rolled back from
                 self._event("unpinned", version=version, pin=self._pin)
                 self._pin = None
@@ -341,6 +505,26 @@ class Updater:
             w.paired_entropy_cur.append(float(entropy_from_logits(cur).mean()))
         if len(w.entropy) >= self.watch_batches:
             self._decide(w)
+
+    def watch_age_s(self) -> float:
+        w = self._watch
+        return time.monotonic() - w.started if w is not None else 0.0
+
+    def _watch_timed_out(self, w: _Watch) -> None:
+        """No full window within ``watch_timeout_s``: decide on the batches seen, or, with none (no traffic),
+        keep the version unwatched, as a stated outcome rather than "watching" for ever."""
+        self._event("watch_timed_out", version=w.version, batches=len(w.entropy), of=self.watch_batches,
+                    after_s=round(time.monotonic() - w.started, 1))
+        if w.entropy:
+            self._decide(w)
+            return
+        with self._lock:
+            if self._watch is not w:
+                return
+            self._watch = None
+            self.counters["kept_unwatched"] += 1
+            self._event("kept_unwatched", version=w.version,
+                        reason=f"no traffic in the {self.watch_timeout_s:g} s after the update: kept without a watch")
 
     def _decide(self, w: _Watch) -> None:
         p = self.policy
@@ -400,6 +584,9 @@ class Updater:
             self.versions.set_current(to, reason=f"rollback: {reason}")
             if bad_version is not None:
                 self._block(bad_version)
+                self.daemon.problem("update_rolled_back", f"rolled back version {bad_version} to {to}: "
+                                    f"{reason[:150]}")
+            self._refused.clear()
             self.daemon.metrics.param_version.set(to)
             self.counters["rolled_back"] += 1
             self._event("rolled_back", version=bad_version, to=to, reason=reason)
@@ -414,6 +601,7 @@ class Updater:
                 self._event("watch_ended", version=w.version, reason=reason)
             out = switch_version_by_hand(self.engine, self.versions, to, reason)
             self._pin = self.versions.read_pin()
+            self._refused.clear()
             self.daemon.metrics.param_version.set(out["to"])
             self.counters["manual_rollbacks"] += 1
             self._event("manual_rollback", **out)
@@ -421,19 +609,35 @@ class Updater:
 
     # -- heartbeat and thread ----------------------------------------------------------------------
     def heartbeat(self) -> None:
+        """Version, counters, a status word and the daemon's degraded reasons, to the cloud (``cloud devices``)."""
         counters = {k: float(v) for k, v in self.counters.items()}
         counters["samples"] = float(self.daemon.samples_seen)
+        problems = {k: v["reason"] for k, v in self.daemon.degraded().items()}
+        status = "watching" if self._watch else "degraded" if problems else "pinned" if self._pin else \
+            "ok" if self.updates else "ok (updates off)"
         hb = Heartbeat(model=self.model, param_version=self.engine.param_version, counters=counters,
-                       status="watching" if self._watch else "pinned" if self._pin else "ok")
+                       status=status, problems=problems)
         # bounded like the download: a cloud that drips its answer must not hold the updater's loop
         t0, per_read = time.monotonic(), min(10.0, self.download_timeout_s)
         try:
             with self.client.stream("POST", f"{self.url}/v1/heartbeat", content=hb.model_dump_json(),
                                     headers={"content-type": "application/json"},
                                     timeout=httpx.Timeout(per_read)) as r:
-                self._read(r, 64 << 10, t0, self.download_timeout_s)
-        except httpx.HTTPError:
-            pass
+                body = self._read(r, INFO_BYTES, t0, self.download_timeout_s)[0]
+                code = r.status_code
+        except httpx.HTTPError as exc:
+            self._unreachable(exc)
+            return
+        self._reached()
+        if 200 <= code < 300:
+            self.last_heartbeat_at = time.time()
+            self.daemon.resolved("heartbeat", "cloud_auth")
+        elif code in (401, 403):
+            self.daemon.problem("cloud_auth", f"the cloud refuses this device's token (heartbeat answered {code}): "
+                                "revoked, expired or wrong")
+        else:
+            self.daemon.problem("heartbeat", f"heartbeat refused (HTTP {code}: "
+                                f"{_detail(body.decode('utf-8', 'replace'))})")
 
     def next_wait_s(self, outcome: str) -> float:
         """Seconds until the next poll: ``poll_s``, doubling after each hostile outcome in a row (a rejected,
@@ -464,7 +668,13 @@ class Updater:
         self.client.close()
 
     def status(self) -> dict:
-        return json_safe({"counters": dict(self.counters), "watching": self._watch.version if self._watch else None,
+        w = self._watch
+        watch = None if w is None else {"version": w.version, "age_s": round(time.monotonic() - w.started, 1),
+                                        "batches": len(w.entropy), "of": self.watch_batches,
+                                        "timeout_s": self.watch_timeout_s}
+        return json_safe({"counters": dict(self.counters), "watching": w.version if w else None, "watch": watch,
+                          "updates": "on" if self.updates else "off", "last_check_at": self.last_check_at,
+                          "last_heartbeat_at": self.last_heartbeat_at,
                           "blocked_versions": sorted(self._blocked), "pin": self._pin, "events": self.events[-10:],
                           "max_download_bytes": self.max_download_bytes,
                           "download_timeout_s": self.download_timeout_s})

@@ -10,6 +10,11 @@ Outcome per request:
 - other 4xx except 408 / 429: the server refused the batch; it is dropped and counted as ``rejected``
   (the server's message is logged).
 - 408, 429, 5xx, network errors and timeouts: nacked, retried after an exponential backoff with jitter.
+
+What the operator sees (``health``, the daemon): a refusal as ``uploads_refused`` with its reason in words
+("uploads refused: sample too large (HTTP 413: ...)"), a refused token as ``cloud_auth``, failures that last
+longer than ``failing_after_s`` as ``uploads_failing``; each clears at the next accepted upload. ``metrics``
+count refused samples and failed requests by reason.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import ssl
 import threading
 import time
+from typing import Protocol
 
 import httpx
 
@@ -28,6 +34,55 @@ from edgeadapt.device.upload_queue import UploadQueue
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("requests", "bytes_up", "acked", "rejected", "retried", "errors", "auth_errors")
+
+#: bounded labels for a refusal, and how each reads in a degraded reason
+REFUSAL_WORDS = {"too_large": "sample too large", "wrong_model": "the cloud does not serve this model",
+                 "invalid_input": "the cloud's input contract refuses the samples",
+                 "invalid": "the cloud finds the batch invalid", "other": "refused by the cloud"}
+
+
+class Health(Protocol):
+    """Where problems go (the daemon): a problem by key, and its resolution."""
+
+    def problem(self, key: str, msg: str, after_s: float = 0.0) -> None: ...
+
+    def resolved(self, *keys: str) -> None: ...
+
+
+def detail(text: str, limit: int = 200) -> str:
+    """The ``detail`` of a JSON error answer (FastAPI's shape), else the text, shortened."""
+    try:
+        d = json.loads(text).get("detail")
+        if d is not None:
+            text = d if isinstance(d, str) else json.dumps(d)
+    except (ValueError, AttributeError):
+        pass
+    return " ".join(str(text).split())[:limit]
+
+
+def refusal_kind(code: int, message: str) -> str:
+    """A bounded label for a 4xx refusal of uploads (metrics; the words come from ``REFUSAL_WORDS``)."""
+    m = message.lower()
+    if code == 413 or ("exceeds" in m and "limit" in m):
+        return "too_large"
+    if "not served here" in m or "wrong model" in m:
+        return "wrong_model"
+    if "input" in m:
+        return "invalid_input"
+    if code == 422:
+        return "invalid"
+    return "other"
+
+
+def failure_kind(exc: BaseException | None, code: int | None = None) -> str:
+    """A bounded label for a failed (retried) upload request."""
+    if code is not None:
+        return "auth" if code in (401, 403) else f"http_{code}" if code in (408, 429) else "http_5xx"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return "tls"
+    return "network"
 
 
 class Uploader:
@@ -43,6 +98,9 @@ class Uploader:
         poll_interval: float = 1.0,
         max_body_bytes: int = MAX_BODY_BYTES,
         verify: ssl.SSLContext | bool = True,
+        health: Health | None = None,
+        metrics=None,
+        failing_after_s: float = 60.0,
     ) -> None:
         self.queue = queue
         self.url = cloud_url.rstrip("/") + "/v1/samples"
@@ -56,6 +114,10 @@ class Uploader:
         self.stats = dict.fromkeys(STAT_NAMES, 0)
         self.last_status: int | None = None
         self.last_error: str | None = None
+        self.last_success_at: float | None = None  # time.time() of the last accepted upload
+        self.health = health
+        self.metrics = metrics
+        self.failing_after_s = float(failing_after_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._send_lock = threading.Lock()
@@ -98,12 +160,16 @@ class Uploader:
                                    "signed it (--ca-file / ca_file)")
             log.warning("upload of %d samples failed (%s); will retry", len(ids), self.last_error)
             self._failing = True
+            self._failed(failure_kind(e), f"uploads failing: {self.last_error[:200]}")
             self.stats["retried"] += self.queue.nack(ids, now)
             return 0
         code = resp.status_code
         self.last_status = code
         if 200 <= code < 300:
             self.last_error = None
+            self.last_success_at = time.time()
+            if self.health is not None:
+                self.health.resolved("uploads_refused", "uploads_failing", "cloud_auth")
             n = self.queue.ack(ids)
             self.stats["acked"] += n
             if self._failing:  # the cloud is back: send the backlog now, not after each item's backoff
@@ -122,18 +188,38 @@ class Uploader:
             self.stats["auth_errors"] += 1
             log.error("cloud refused the device token (HTTP %d: %s); samples kept, will retry", code, msg)
             self._failing = True
+            self._count("upload_failures", "auth")
+            if self.health is not None:
+                self.health.problem("cloud_auth", f"the cloud refuses this device's token (HTTP {code}: "
+                                    f"{detail(msg, 120)}): revoked, expired or wrong; samples are kept and retried")
             self.stats["retried"] += self.queue.nack(ids, now)
             return 0
         if 400 <= code < 500 and code not in (408, 429):
             n = self.queue.drop(ids, "rejected")
             self.stats["rejected"] += n
             log.error("cloud rejected %d samples (HTTP %d): %s", n, code, msg)
+            kind = refusal_kind(code, msg)
+            self._count("uploads_refused", kind, n)
+            if self.health is not None:
+                self.health.problem("uploads_refused", f"uploads refused: {REFUSAL_WORDS[kind]} (HTTP {code}: "
+                                    f"{detail(msg)})")
             return 0
         self.stats["errors"] += 1
         log.warning("upload of %d samples got HTTP %d (%s); will retry", len(ids), code, msg)
         self._failing = True
+        self._failed(failure_kind(None, code), f"uploads failing: HTTP {code}: {detail(msg)}")
         self.stats["retried"] += self.queue.nack(ids, now)
         return 0
+
+    def _count(self, metric: str, reason: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            getattr(self.metrics, metric).labels(reason).inc(n)
+
+    def _failed(self, kind: str, msg: str) -> None:
+        """A retried failure: counted now, degraded once failures have lasted ``failing_after_s``."""
+        self._count("upload_failures", kind)
+        if self.health is not None:
+            self.health.problem("uploads_failing", msg, after_s=self.failing_after_s)
 
     # ------------------------------------------------------------------ background thread
     def _run(self) -> None:
