@@ -542,3 +542,23 @@ def test_pointwise_and_linear_adapters_export_and_rebuild_in_the_cloud(tmp_path,
     up = f"{targets[-1]}.adapter.up.weight"
     moved = {**b.params, up: np.random.default_rng(0).normal(0, 0.5, b.params[up].shape).astype(np.float32)}
     assert np.abs(s.run(["logits"], {**feeds, **moved})[0] - base).max() > 1e-4
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_batchnorm_adaptive_graph_at_newer_opsets(tmp_path, opset):
+    """ReduceMean takes its axes as an input from opset 18: the adaptive graph's statistics nodes follow."""
+    from tests.export_zoo import build
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 1, 32, 32), dtype=np.uint8)
+    manifest = export_bundle(build("resnet", (1, 32, 32), 10), _spec("tests.export_zoo:x"), x, np.arange(64) % 10,
+                             tmp_path / "b", ExportProfile(calib_samples=64, parity_batch=16, opset=opset))
+    assert manifest.norm_layers
+    assert verify_bundle(tmp_path / "b", student_model="tests.export_zoo:x")["ok"]
+    from edgeadapt.device.backend import make_backend
+
+    backend = make_backend(Bundle(tmp_path / "b"), threads=1)
+    xf = Bundle(tmp_path / "b").preprocess(x[:8])
+    mixed = backend.run_adaptive(xf, Bundle(tmp_path / "b").params, np.ones(len(manifest.norm_layers), np.float32))
+    assert np.abs(mixed.logits - backend.run_static(xf).logits).max() > 1e-3  # batch statistics really used
+    assert all(np.isfinite(v).all() for pair in mixed.batch_stats.values() for v in pair)

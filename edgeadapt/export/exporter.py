@@ -336,9 +336,9 @@ def export_bundle(
              if v.dtype.is_floating_point}
     base, tracer_notes = _onnx_export(model, torch.from_numpy(xs[:trace_n]), profile.opset)
     GS.dealias_identities(base, state)
-    affine_layers = [(n, "groupnorm" if isinstance(m, nn.GroupNorm) else "layernorm", float(m.eps))
-                     for n, m in norms if isinstance(m, nn.GroupNorm)]
-    nodes = GS.find_norm_nodes(base) + GS.affine_norm_nodes(base, affine_layers)
+    # BatchNorm and LayerNorm are single ONNX nodes; GroupNorm (opset < 18) is not, so it is found by module name
+    groupnorms = [(n, "groupnorm", float(m.eps)) for n, m in norms if isinstance(m, nn.GroupNorm)]
+    nodes = GS.find_norm_nodes(base) + GS.affine_norm_nodes(base, groupnorms)
     if not nodes:
         raise ExportError("no normalization layer survived ONNX export as named tensors; cannot build an adaptive "
                           f"graph; {SUPPORTED}")

@@ -179,6 +179,15 @@ def build_adaptive(
     if bns:
         g.input.append(helper.make_tensor_value_info(STAT_MIX, TensorProto.FLOAT, [len(bns)]))
     index = {nn.layer: i for i, nn in enumerate(bns)}
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 17)
+    if bns and opset >= 18:  # ReduceMean's axes became an input at opset 18
+        g.initializer.append(numpy_helper.from_array(np.array([0, 2, 3], np.int64), "adapt/axes_nhw"))
+
+    def reduce_mean(src: str, dst: str):
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [src, "adapt/axes_nhw"], [dst], keepdims=0)
+        return helper.make_node("ReduceMean", [src], [dst], keepdims=0, axes=[0, 2, 3])
+
     new_nodes = []
     for n in g.node:
         layer = n.input[1][: -len(".weight")] if n.op_type == "BatchNormalization" and len(n.input) > 1 else None
@@ -192,9 +201,9 @@ def build_adaptive(
         g.initializer.append(numpy_helper.from_array(np.array([k], np.int64), idx))
         bmean, bvar = f"{layer}.batch_mean", f"{layer}.batch_var"
         new_nodes += [
-            helper.make_node("ReduceMean", [x], [bmean], keepdims=0, axes=[0, 2, 3]),
+            reduce_mean(x, bmean),
             helper.make_node("Mul", [x, x], [p + "sq"]),
-            helper.make_node("ReduceMean", [p + "sq"], [p + "m2"], keepdims=0, axes=[0, 2, 3]),
+            reduce_mean(p + "sq", p + "m2"),
             helper.make_node("Mul", [bmean, bmean], [p + "mm"]),
             helper.make_node("Sub", [p + "m2", p + "mm"], [p + "vraw"]),
             helper.make_node("Relu", [p + "vraw"], [bvar]),
