@@ -1,10 +1,16 @@
-"""`edgeadapt bench load`: N concurrent clients for S seconds against the device's /v1/predict or the cloud's
+"""`edgeadapt bench load`: concurrent clients for S seconds against the device's predict routes or the cloud's
 /v1/samples, on loopback. Counts every outcome (a non-2xx answer, a wrong answer, a timeout or a dropped
 connection is an error) and reports p50/p99 latency and throughput.
 
 It starts the real daemon or cloud process itself (``edgeadapt device run`` / ``edgeadapt cloud serve
 --no-trainer`` on a free loopback port, state and store in a temporary directory), or measures a running one
 given ``url``. Bounded twice: by time and by a total request count. Torch-free (the device side imports it).
+
+The device target measures serving honestly (issue 16): the load comes from its own process (``wrk`` with a Lua
+script where it is installed, else an asyncio client over raw keep-alive sockets), whose CPU share is reported;
+any of the routes (``v1-json``, ``v1-npy``, ``v1-raw``, ``v1-image``, ``v2-binary``, ``v2-json``) with ``batch``
+images per request; and the engine's own img/s at the batch the server can form (connections × batch, up to the
+daemon's max batch) is measured in the same run, on the same machine state, so HTTP/engine is one figure.
 """
 
 from __future__ import annotations
@@ -297,9 +303,411 @@ def _target(target: str, bundle: str | Path, url: str | None, home: str | Path |
         yield url.rstrip("/"), None
     elif target == "device":
         with start_device(bundle, work / "state", *device_args) as p:
-            yield p.url, None
+            _STARTED[p.url] = p.proc.pid
+            try:
+                yield p.url, None
+            finally:
+                _STARTED.pop(p.url, None)
     else:
         if home is None:
             raise ValueError("the cloud target needs the cloud home that signs for the bundle (--home)")
         with start_cloud(home, bundle, work) as p:
             yield p.url, p.admin_token
+
+
+# ------------------------------------------------------------------------------------------------ serving (issue 16)
+ROUTES = ("v1-json", "v1-npy", "v1-raw", "v1-image", "v2-binary", "v2-json")
+
+
+@dataclass
+class ServingRequest:
+    """One prepared request: what every connection sends again and again."""
+
+    route: str
+    path: str
+    body: bytes
+    headers: dict[str, str]
+    batch: int
+
+
+def serving_request(route: str, manifest, batch: int, seed: int = 0) -> ServingRequest:
+    """The request body of ``route`` for ``batch`` random images of the bundle's input shape."""
+    import base64
+
+    import orjson
+
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, not {route!r}")
+    shape = list(manifest.input.shape)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
+    if route == "v1-json":
+        body = orjson.dumps({"array": {"dtype": "uint8", "shape": list(x.shape),
+                                       "data": base64.b64encode(x.tobytes()).decode()}})
+        return ServingRequest(route, "/v1/predict", body, {"Content-Type": "application/json"}, batch)
+    if route == "v1-npy":
+        return ServingRequest(route, "/v1/predict", _npy(x), {"Content-Type": "application/x-npy"}, batch)
+    if route == "v1-raw":
+        return ServingRequest(route, "/v1/predict", x.tobytes(), {
+            "Content-Type": "application/octet-stream", "X-Dtype": "uint8",
+            "X-Shape": ",".join(map(str, x.shape))}, batch)
+    if route == "v1-image":
+        files = _jpegs(manifest.input, batch, rng)
+        if batch == 1:
+            return ServingRequest(route, "/v1/predict", files[0], {"Content-Type": "image/jpeg"}, batch)
+        boundary = "edgeadaptbench"
+        parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.jpg\"\r\n"
+                  "Content-Type: image/jpeg\r\n\r\n").encode() + f + b"\r\n" for i, f in enumerate(files)]
+        return ServingRequest(route, "/v1/predict", b"".join(parts) + f"--{boundary}--\r\n".encode(),
+                              {"Content-Type": f"multipart/form-data; boundary={boundary}"}, batch)
+    path = f"/v2/models/{manifest.model_name}/infer"
+    outputs = [{"name": n, "parameters": {"binary_data": route == "v2-binary"}} for n in ("class", "probs", "ood",
+                                                                                         "ood_score")]
+    if route == "v2-json":
+        body = orjson.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(x.shape),
+                                         "data": x.reshape(-1).tolist()}], "outputs": outputs})
+        return ServingRequest(route, path, body, {"Content-Type": "application/json"}, batch)
+    head = orjson.dumps({"inputs": [{"name": "input", "datatype": "UINT8", "shape": list(x.shape),
+                                     "parameters": {"binary_data_size": x.nbytes}}], "outputs": outputs})
+    return ServingRequest(route, path, head + x.tobytes(), {"Content-Type": "application/octet-stream",
+                                                           "Inference-Header-Content-Length": str(len(head))}, batch)
+
+
+def _jpegs(spec, n: int, rng: np.random.Generator) -> list[bytes]:
+    """``n`` JPEG files of the size the spec's preprocessing starts from (its resize, else its H×W): camera-like
+    content (smooth gradients plus noise), quality 90."""
+    from PIL import Image
+
+    shape = list(spec.shape)
+    c, h, w = (shape if spec.layout.upper().startswith("NC") else [shape[2], shape[0], shape[1]])
+    side = spec.image_resize or max(h, w)
+    out = []
+    for _ in range(n):
+        yy, xx = np.mgrid[0:side, 0:side]
+        base = (np.sin(xx / rng.uniform(5, 30)) + np.cos(yy / rng.uniform(5, 30))) * 60 + 128
+        img = np.clip(base[..., None] + rng.normal(0, 20, (side, side, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img if c == 3 else img[..., 0]).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def _check_answer(route: str, batch: int, status: int, body: bytes, head_len: int | None) -> str | None:
+    """None if ``body`` is a right answer to a request of ``batch`` images, else what was wrong."""
+    import orjson
+
+    if status != 200:
+        return f"HTTP {status}: {body[:200]!r}"
+    try:
+        if route.startswith("v1"):
+            n = len(orjson.loads(body)["predictions"])
+        else:
+            doc = orjson.loads(body[:head_len] if head_len is not None else body)
+            n = doc["outputs"][0]["shape"][0]
+    except Exception as exc:  # not the JSON a right answer is
+        return f"wrong answer: {type(exc).__name__}: {exc}"
+    return None if n == batch else f"wrong answer: {n} predictions for {batch} images"
+
+
+# -- the Python client: its own process, asyncio over raw keep-alive sockets ----------------------------------
+def _client_process_main() -> None:
+    """``python -m edgeadapt.bench.load`` (internal): read a job as JSON on stdin, load, print results as JSON."""
+    import json
+
+    job = json.loads(sys.stdin.read())
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - the asyncio loop does too, a little slower
+        pass
+    import asyncio
+
+    t_cpu = time.process_time()
+    res = asyncio.run(_client_load(job))
+    res["client_cpu_s"] = round(time.process_time() - t_cpu, 3)
+    print(json.dumps(res))
+
+
+async def _client_load(job: dict) -> dict:
+    import asyncio
+    import base64
+
+    host, port, conns = job["host"], int(job["port"]), int(job["connections"])
+    body = base64.b64decode(job["body"])
+    head = f"POST {job['path']} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(body)}\r\n" + \
+        "".join(f"{k}: {v}\r\n" for k, v in job["headers"].items()) + "\r\n"
+    request = head.encode() + body
+    seconds, max_requests = float(job["seconds"]), job.get("max_requests")
+    route, batch = job["route"], int(job["batch"])
+    latencies: list[list[float]] = [[] for _ in range(conns)]
+    codes: Counter = Counter()
+    errors: list[str] = []
+    sent = [0]
+    t_end = [0.0]
+
+    def problem(what: str) -> None:
+        codes[what.split(":")[0]] += 1
+        if len(errors) < 20:
+            errors.append(what[:300])
+
+    async def one_connection(i: int, start: asyncio.Event) -> None:
+        reader = writer = None
+        await start.wait()
+        while time.perf_counter() < t_end[0] and (max_requests is None or sent[0] < max_requests):
+            sent[0] += 1
+            t0 = time.perf_counter()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, port, limit=1 << 24)
+                writer.write(request)
+                resp_head = await reader.readuntil(b"\r\n\r\n")
+                status = int(resp_head[9:12])
+                length, hlen, close = 0, None, False
+                for line in resp_head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    name = name.strip().lower()
+                    if name == b"content-length":
+                        length = int(value)
+                    elif name == b"inference-header-content-length":
+                        hlen = int(value)
+                    elif name == b"connection" and value.strip().lower() == b"close":
+                        close = True
+                data = await reader.readexactly(length)
+                latencies[i].append(time.perf_counter() - t0)
+                wrong = _check_answer(route, batch, status, data, hlen)
+                if wrong is not None:
+                    problem(wrong)
+                if close:
+                    writer.close()
+                    reader = writer = None
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                latencies[i].append(time.perf_counter() - t0)
+                problem(f"{type(exc).__name__}: {exc}")
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+        if writer is not None:
+            writer.close()
+
+    start = asyncio.Event()
+    tasks = [asyncio.create_task(one_connection(i, start)) for i in range(conns)]
+    await asyncio.sleep(0)
+    t0 = time.perf_counter()
+    t_end[0] = t0 + seconds
+    start.set()
+    done, pending = await asyncio.wait(tasks, timeout=seconds + 60)
+    wall = time.perf_counter() - t0
+    for t in pending:
+        t.cancel()
+    lat = np.array([v for per in latencies for v in per]) * 1000
+    return _summary(lat, wall, codes, errors, conns, hung=len(pending))
+
+
+def _summary(lat_ms: np.ndarray, wall: float, codes: Counter, errors: list[str], clients: int, hung: int) -> dict:
+    n = len(lat_ms)
+    pct = (lambda q: round(float(np.percentile(lat_ms, q)), 3)) if n else (lambda q: None)
+    return {"clients": clients, "seconds": round(wall, 2), "requests": n, "errors": sum(codes.values()),
+            "error_kinds": dict(codes), "error_samples": errors, "p50_ms": pct(50), "p90_ms": pct(90),
+            "p99_ms": pct(99), "max_ms": round(float(lat_ms.max()), 3) if n else None,
+            "req_s": round(n / wall, 1) if wall > 0 else 0.0, "hung_clients": hung}
+
+
+def python_client(url: str, req: ServingRequest, connections: int, seconds: float,
+                  max_requests: int | None = None) -> dict:
+    """The load from a child Python process (asyncio, raw sockets, keep-alive), with its CPU time."""
+    import base64
+    import json
+
+    u = httpx.URL(url)
+    job = {"host": u.host, "port": u.port or 80, "path": req.path, "headers": req.headers,
+           "body": base64.b64encode(req.body).decode(), "connections": connections, "seconds": seconds,
+           "max_requests": max_requests, "route": req.route, "batch": req.batch}
+    out = subprocess.run([sys.executable, "-m", "edgeadapt.bench.load"], input=json.dumps(job), text=True,
+                         capture_output=True, timeout=seconds + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"load client failed: {out.stderr[-2000:]}")
+    return {**json.loads(out.stdout), "client": "python"}
+
+
+# -- wrk --------------------------------------------------------------------------------------------
+_WRK_LUA = r"""
+local f = io.open("%(body)s", "rb"); local body = f:read("*all"); f:close()
+wrk.method = "POST"
+wrk.body = body
+%(headers)s
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %%d, "duration_us": %%d, "connect": %%d, "read": %%d, ' ..
+    '"write": %%d, "status": %%d, "timeout": %%d, "p50": %%d, "p90": %%d, "p99": %%d, "max": %%d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def wrk_client(url: str, req: ServingRequest, connections: int, seconds: float, work: Path) -> dict:
+    """The load from ``wrk`` (one thread; a Lua script posts the prepared body), with its CPU time."""
+    import json
+    import resource
+
+    body = work / f"body-{req.route}.bin"
+    body.write_bytes(req.body)
+    headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in req.headers.items())
+    script = work / f"{req.route}.lua"
+    script.write_text(_WRK_LUA % {"body": body, "headers": headers})
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+                          "-s", str(script), url.rstrip("/") + req.path], capture_output=True, text=True,
+                         timeout=seconds + 120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr[-2000:]} {out.stdout[-2000:]}")
+    w = json.loads(line[len("WRKJSON "):])
+    wall = w["duration_us"] / 1e6
+    kinds = {k: w[k] for k in ("connect", "read", "write", "status", "timeout") if w[k]}
+    n = w["requests"]
+    res = {"clients": connections, "seconds": round(wall, 2), "requests": n, "errors": sum(kinds.values()),
+           "error_kinds": kinds, "error_samples": [], "p50_ms": w["p50"] / 1000, "p90_ms": w["p90"] / 1000,
+           "p99_ms": w["p99"] / 1000, "max_ms": w["max"] / 1000, "req_s": round(n / wall, 1) if wall else 0.0,
+           "hung_clients": 0, "client": "wrk"}
+    res["client_cpu_s"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 3)
+    return res
+
+
+# -- the engine alone, in the same run ----------------------------------------------------------------
+def engine_throughput(bundle: str | Path, batch: int, seconds: float = 5.0, method: str | None = None,
+                      threads: int = 2) -> dict:
+    """img/s of the device's engine (``AdaptiveEngine.process`` on validated uint8 batches of ``batch``): what
+    the HTTP path is compared with. Same method and threads as the daemon."""
+    from edgeadapt.core.bundle import Bundle
+    from edgeadapt.device.config import STANDALONE_METHOD
+    from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
+
+    b = Bundle(bundle)
+    engine = AdaptiveEngine(b, EngineConfig(method=method or STANDALONE_METHOD, threads=threads))
+    rng = np.random.default_rng(1)
+    xs = [engine.codec.check(rng.integers(0, 256, (batch, *b.manifest.input.shape), dtype=np.uint8))[0]
+          for _ in range(8)]
+    for i in range(5):
+        engine.process(xs[i % len(xs)], validated=True)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        engine.process(xs[n % len(xs)], validated=True)
+        n += 1
+    wall = time.perf_counter() - t0
+    return {"engine_batch": batch, "engine_img_s": round(n * batch / wall, 1), "engine_batches": n,
+            "engine_threads": threads, "engine_method": engine.config.method}
+
+
+def _proc_cpu_s(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):  # not Linux, or gone
+        return None
+
+
+def _served_batches(url: str) -> tuple[float, float]:
+    """(batches, samples) the daemon has run so far, from its metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    count = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("edgeadapt_batch_size_count"):
+            count = float(line.split()[-1])
+        elif line.startswith("edgeadapt_batch_size_sum"):
+            total = float(line.split()[-1])
+    return count, total
+
+
+def _served_config(url: str, model: str) -> dict:
+    """The running daemon's batcher size, method and threads (its v2 model configuration): the engine alone is
+    measured as the daemon runs it."""
+    doc = httpx.get(f"{url}/v2/models/{model}/config", timeout=10).raise_for_status().json()
+    params = doc.get("parameters", {})
+    return {"max_batch": int(doc["dynamic_batching"]["preferred_batch_size"][0]),
+            "method": params["adaptation_method"]["string_value"],
+            "threads": int(params["engine_threads"]["string_value"])}
+
+
+def run_serving_bench(bundle: str | Path, route: str = "v1-npy", batch: int = 1, connections: int = 50,
+                      seconds: float = 30.0, max_requests: int | None = None, url: str | None = None,
+                      client: str = "auto", engine_seconds: float = 5.0, work_dir: str | Path | None = None,
+                      device_args: tuple[str, ...] = ()) -> dict:
+    """Serving, measured honestly: start the daemon (unless ``url``), warm it, load ``route`` from a client in
+    its own process (``wrk`` when installed and ``client`` is auto/wrk, else the Python client; a request-count
+    bound needs the Python client), then the engine alone at the batch the server could form. -> one dict."""
+    from edgeadapt.core.bundle import read_manifest
+
+    if connections < 1 or seconds <= 0 or batch < 1:
+        raise ValueError("connections and batch must be >= 1 and seconds > 0")
+    if client not in ("auto", "wrk", "python"):
+        raise ValueError(f"client must be auto, wrk or python, not {client!r}")
+    if url is not None:
+        _check_loopback(url)
+    use_wrk = client == "wrk" or (client == "auto" and shutil.which("wrk") is not None and max_requests is None)
+    if use_wrk and shutil.which("wrk") is None:
+        raise ValueError("--client wrk: wrk is not installed (apt-get install wrk)")
+    if use_wrk and max_requests is not None:
+        raise ValueError("wrk is bounded by time only: use the python client with --max-requests")
+    manifest = read_manifest(bundle)
+    req = serving_request(route, manifest, batch)
+    tmp = tempfile.mkdtemp(prefix="edgeadapt-serve-") if work_dir is None else None
+    work = Path(work_dir or tmp)
+    work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    try:
+        with _target("device", bundle, url, None, work, device_args) as (base, _):
+            pid = _device_pid(base)
+            with httpx.Client(base_url=base, timeout=30) as c:  # a right answer first, and a warm server
+                for _ in range(20):
+                    r = c.post(req.path, content=req.body, headers=req.headers)
+                    wrong = _check_answer(route, batch, r.status_code, r.content,
+                                          int(r.headers["inference-header-content-length"])
+                                          if "inference-header-content-length" in r.headers else None)
+                    if wrong is not None:
+                        raise RuntimeError(f"the {route} request is not answered right: {wrong}")
+            served = _served_config(base, manifest.model_name)
+            b0, s0 = _served_batches(base)
+            cpu0 = _proc_cpu_s(pid) if pid else None
+            res = wrk_client(base, req, connections, seconds, work) if use_wrk else \
+                python_client(base, req, connections, seconds, max_requests)
+            cpu1 = _proc_cpu_s(pid) if pid else None
+            b1, s1 = _served_batches(base)
+            healthy = httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    load_after = os.getloadavg()
+    server_cpu = None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 3)
+    client_cpu = res.get("client_cpu_s")
+    eng = engine_throughput(bundle, min(served["max_batch"], connections * batch), engine_seconds,
+                            served["method"], served["threads"])
+    items_s = round(res["req_s"] * batch, 1)
+    out = {"target": "device", "route": route, "url": url or "started", "batch": batch, **res,
+           "items_s": items_s, "healthy_after": healthy,
+           "mean_served_batch": round((s1 - s0) / (b1 - b0), 2) if b1 > b0 else None,
+           "server_cpu_s": server_cpu,
+           "server_cpu_ms_per_request": round(1000 * server_cpu / res["requests"], 3)
+           if server_cpu is not None and res["requests"] else None,
+           "client_cpu_share": round(client_cpu / (client_cpu + server_cpu), 3)
+           if client_cpu is not None and server_cpu else None,
+           "client_cpu_of_machine": round(client_cpu / (res["seconds"] * (os.cpu_count() or 1)), 3)
+           if client_cpu is not None and res["seconds"] else None,
+           **eng, "http_engine_ratio": round(items_s / eng["engine_img_s"], 3) if eng["engine_img_s"] else None,
+           "cpus": os.cpu_count(), "load_avg_before": [round(v, 2) for v in load_before],
+           "load_avg_after": [round(v, 2) for v in load_after]}
+    return out
+
+
+def _device_pid(base: str) -> int | None:
+    """The pid of the daemon this bench started (``_STARTED``), None for one given by URL."""
+    return _STARTED.get(base)
+
+
+_STARTED: dict[str, int] = {}
+
+
+if __name__ == "__main__":
+    _client_process_main()

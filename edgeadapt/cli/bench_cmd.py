@@ -146,20 +146,30 @@ def update(
 
 @app.command()
 def load(
-    target: str = typer.Option(..., help="device (POST /v1/predict) or cloud (POST /v1/samples)"),
-    clients: int = typer.Option(50, help="concurrent clients, each with its own connection"),
+    target: str = typer.Option(..., help="device (its predict routes) or cloud (POST /v1/samples)"),
+    clients: int = typer.Option(50, "--clients", "--connections",
+                                help="concurrent clients, each with its own keep-alive connection"),
     seconds: float = typer.Option(60.0, help="how long to keep them busy"),
-    max_requests: int = typer.Option(None, help="stop after this many requests in all"),
+    max_requests: int = typer.Option(None, help="stop after this many requests in all (device: Python client)"),
     url: str = typer.Option(None, help="a running daemon/cloud on loopback (default: start one)"),
     bundle: Path = typer.Option(None, help="bundle (input shape, model; default: the reference edge model)"),
     home: Path = typer.Option(None, help="cloud: the home that signs for the bundle (a copy is used; "
                                          "default: the benchmarks' cloud home)"),
     admin_token: str = typer.Option(None, help="cloud with --url: admin token to register the load's devices"),
-    batch: int = typer.Option(None, help="images per predict (default 1) or samples per upload (default 8)"),
+    batch: int = typer.Option(None, help="images per request (default 1) or samples per upload (default 8)"),
+    route: str = typer.Option("v1-npy", help="device: v1-json (base64 array), v1-npy, v1-raw (octet-stream), "
+                                             "v1-image (JPEG; multipart when --batch > 1), v2-binary, v2-json"),
+    client: str = typer.Option("auto", help="device: wrk (when installed), python (asyncio, its own process) or "
+                                            "auto (wrk if installed and no --max-requests)"),
+    engine_seconds: float = typer.Option(5.0, help="device: how long to run the engine alone afterwards"),
+    device_args: str = typer.Option("", help="device: extra `edgeadapt device run` flags, e.g. '--threads 1'"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """N concurrent clients for S seconds on loopback: requests, errors, p50/p99 latency, requests/s."""
-    from edgeadapt.bench.load import run_load_bench
+    """N concurrent clients for S seconds on loopback: requests, errors, p50/p99 latency, requests/s; for the
+    device also the client's CPU share and the engine's own img/s in the same run (HTTP/engine ratio)."""
+    import shlex
+
+    from edgeadapt.bench.load import run_load_bench, run_serving_bench
 
     if target not in ("device", "cloud"):
         fail(f"--target must be device or cloud, not {target!r}")
@@ -173,8 +183,13 @@ def load(
         home = cloud_home(console)
     with console.status(f"{clients} clients for {seconds:g} s against the {target}"):
         try:
-            res = run_load_bench(target, bundle, clients=clients, seconds=seconds, max_requests=max_requests,
-                                 url=url, home=home, admin_token=admin_token, batch=batch)
+            if target == "device":
+                res = run_serving_bench(bundle, route=route, batch=batch or 1, connections=clients,
+                                        seconds=seconds, max_requests=max_requests, url=url, client=client,
+                                        engine_seconds=engine_seconds, device_args=tuple(shlex.split(device_args)))
+            else:
+                res = run_load_bench(target, bundle, clients=clients, seconds=seconds, max_requests=max_requests,
+                                     url=url, home=home, admin_token=admin_token, batch=batch)
         except (ValueError, RuntimeError) as exc:
             fail(str(exc))
     if json_out:
@@ -182,3 +197,7 @@ def load(
     else:
         console.print(f"{res['requests']} requests, {res['errors']} errors, p50 {res['p50_ms']} ms, "
                       f"p99 {res['p99_ms']} ms, {res['req_s']} req/s")
+        if target == "device":
+            console.print(f"{res['client']} client: {res['client_cpu_share']} of the CPU the load used; engine "
+                          f"alone {res['engine_img_s']} img/s at batch {res['engine_batch']}: HTTP/engine "
+                          f"{res['http_engine_ratio']}")

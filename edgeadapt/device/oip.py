@@ -260,14 +260,20 @@ def model_metadata(manifest: BundleManifest) -> dict:
             "outputs": [{"name": n, "datatype": dt, "shape": shapes[n]} for n, dt in OUTPUTS.items()]}
 
 
-def model_config(manifest: BundleManifest, max_batch: int, max_queue_delay_ms: float) -> dict:
-    """Triton's model configuration (the ``model_configuration`` extension), as far as it describes this model."""
+def model_config(manifest: BundleManifest, max_request: int, max_batch: int, max_queue_delay_ms: float,
+                 method: str, threads: int) -> dict:
+    """Triton's model configuration (the ``model_configuration`` extension), as far as it describes this model:
+    ``max_batch_size`` is the most samples one request may carry, the dynamic batcher's preferred (largest)
+    batch is ``max_batch``; the engine's method and threads are parameters."""
     shapes = _output_shapes(manifest)
     return {"name": manifest.model_name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
-            "max_batch_size": max_batch,
+            "max_batch_size": max_request,
             "input": [{"name": INPUT_NAME, "data_type": f"TYPE_{_input_datatype(manifest)}",
                        "dims": list(manifest.input.shape)}],
             "output": [{"name": n, "data_type": f"TYPE_{'STRING' if dt == 'BYTES' else dt}", "dims": shapes[n][1:] or [1]}
                        for n, dt in OUTPUTS.items()],
-            "dynamic_batching": {"max_queue_delay_microseconds": int(max_queue_delay_ms * 1000)},
-            "parameters": {"labels": {"string_value": ",".join(manifest.labels)}}}
+            "dynamic_batching": {"max_queue_delay_microseconds": int(max_queue_delay_ms * 1000),
+                                 "preferred_batch_size": [max_batch]},
+            "parameters": {"labels": {"string_value": ",".join(manifest.labels)},
+                           "adaptation_method": {"string_value": method},
+                           "engine_threads": {"string_value": str(threads)}}}

@@ -658,7 +658,8 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
 
     @app.get("/v2/models/{name}/config", summary="Triton's model configuration extension")
     def v2_model_config(name: str):
-        return _model_or_404(name, None) or oip.model_config(manifest, cfg.max_request_samples, cfg.max_wait_ms)
+        return _model_or_404(name, None) or oip.model_config(manifest, cfg.max_request_samples, cfg.max_batch,
+                                                             cfg.max_wait_ms, cfg.method, cfg.threads)
 
     def openapi() -> dict:
         # the hot routes are answered in front of FastAPI's router: their descriptions are added here
