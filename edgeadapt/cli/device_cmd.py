@@ -105,8 +105,11 @@ def run(
         fail(str(exc))
     daemon.start()
     host, _, port = cfg.listen.rpartition(":")
+    # serving (issue 16): uvloop when installed (uvicorn's "auto"); no proxy-header rewriting (the device is
+    # not behind a proxy, and the client address its admin routes check stays the socket's) and no Server header
     server = GracefulServer(uvicorn.Config(create_app(daemon), host=host, port=int(port), log_level="warning",
-                                           access_log=False, **uvicorn_options(cfg.net_limits())))
+                                           access_log=False, loop="auto", proxy_headers=False, server_header=False,
+                                           **uvicorn_options(cfg.net_limits())))
     stop = threading.Event()
     if cfg.source:
         threading.Thread(target=_stream_npz, args=(daemon, Path(cfg.source[4:]), cfg.source_batch, stop),
