@@ -44,8 +44,47 @@ def _table(names, stats, version, status) -> Table:
     return t
 
 
+DEFAULT_FPS = 150.0  # chosen so the cloud keeps up on 2 cores (docs/BENCHMARKS.md, "Demo")
+PLAIN_EVERY_S = 5.0
+
+
+def _plain_line(done: int, total: int, stats: dict, version: int, status: dict, behind: float) -> str:
+    tot = sum(stats.values()) if stats else np.zeros(4)
+    acc = (f"source {tot[1] / tot[0]:.1%} · device-only {tot[2] / tot[0]:.1%} · full loop {tot[3] / tot[0]:.1%}"
+           if tot[0] else "no images scored yet")
+    upd = status.get("updater", {}).get("counters", {})
+    return (f"[demo] {done:,}/{total:,} images ({done / max(total, 1):.0%}) · {acc} · uploads "
+            f"{status.get('queue', {}).get('sent', 0):,} · updates applied {upd.get('applied', 0)} (running v{version})"
+            + (f" · {behind:.1f} s behind the camera" if behind > 1 else ""))
+
+
+def _verdict(summary: dict, names: list[str]) -> list[str]:
+    """The end screen in words a new user understands."""
+    a = summary["acc"]
+    gain = (a["full_loop"] - a["device_only"]) * 100
+    per = summary["per_corruption"]
+    deltas = sorted(((v["full_loop"] - v["device_only"]) * 100, k) for k, v in per.items())
+    best = [f"{k.replace('_', ' ')} ({d:+.1f})" for d, k in reversed(deltas[-3:]) if d > 0]
+    worse = [k.replace("_", " ") for d, k in deltas if d < -0.5]
+    up = summary["updates"]
+    lines = [
+        f"The full loop (device + cloud) scored {a['full_loop']:.1%} against {a['device_only']:.1%} for the device "
+        f"adapting alone ({gain:+.1f} points) and {a['source']:.1%} for the unadapted model.",
+        ("It helped most on " + ", ".join(best) + " points." if best else "No corruption gained from the cloud.")
+        + (f" Worse than the device alone on: {', '.join(worse)}." if worse else ""),
+        f"The device uploaded {summary['uploads_sent']:,} of {summary['images']:,} images "
+        f"({summary['uploads_sent'] / max(summary['images'], 1):.0%}, {summary['bytes_up'] / 1e6:.1f} MB up) and "
+        f"applied {int(up.get('applied', 0))} signed updates ({summary['bytes_down'] / 1e3:.0f} kB down; "
+        f"{int(up.get('rolled_back', 0))} rolled back by its own watch).",
+        f"Pacing: {summary['pacing']}.",
+    ]
+    return lines
+
+
 def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every: int = 256,
-             console: Console | None = None) -> dict:
+             fps: float = DEFAULT_FPS, console: Console | None = None) -> dict:
+    """``fps``: the camera the stream stands for (frames per second, sent to the device in batches of ``batch``);
+    0 streams as fast as the device answers."""
     from edgeadapt.assets import cloud_home, default_bundle, default_stream, default_teacher
     from edgeadapt.bench.loop import loop_processes
     from edgeadapt.core.bundle import Bundle
@@ -68,7 +107,11 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
     bundle = Bundle(bundle_dir)
     source = AdaptiveEngine(bundle, EngineConfig(method="none"))
     device_only = AdaptiveEngine(bundle, EngineConfig(method=LOOP_METHOD))  # what the daemon runs with a cloud
-    console.print(f"[cyan]•[/] starting cloud and device; streaming {len(x)} images in batches of {batch}")
+    pacing = (f"a camera at {fps:g} fps, its frames sent in batches of {batch} (one every {batch / fps:.2f} s); "
+              f"the cloud trains a round after every {train_every} new uploads" if fps > 0 else
+              f"as fast as the device answers, in batches of {batch}; the cloud trains after every {train_every} "
+              "new uploads")
+    console.print(f"[cyan]•[/] starting cloud and device; streaming {len(x):,} images: {pacing}")
     stats: dict[int, np.ndarray] = {}
     curve = []
     work = out / "run"
@@ -78,12 +121,24 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
         shutil.rmtree(work)
     work.mkdir(parents=True)
     version, status = 0, {}
+    interactive = console.is_terminal
+    behind = 0.0
     with loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True, poll_s=1.0,
                         log_dir=out, train_every=train_every) as p, httpx.Client(timeout=120) as c:
-        # the demo's cloud trains every `train_every` uploads
-        with Live(_table(names, stats, version, status), console=console, refresh_per_second=4) as live:
+        live = Live(_table(names, stats, version, status), console=console, refresh_per_second=4) \
+            if interactive else None
+        t0, last_line = time.monotonic(), 0.0
+        try:
+            if live is not None:
+                live.start()
             for bi, i in enumerate(range(0, len(x), batch)):
                 xb, yb, db = x[i : i + batch], y[i : i + batch], dom[i : i + batch]
+                if fps > 0:  # the batch is complete when its last frame has arrived
+                    due = t0 + (i + len(xb)) / fps
+                    wait = due - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    behind = max(0.0, -wait)
                 buf = io.BytesIO()
                 np.save(buf, xb)
                 r = c.post(f"{p['device']}/v1/predict", content=buf.getvalue(),
@@ -102,12 +157,24 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
                               version))
                 if bi % 5 == 0:
                     status = c.get(f"{p['device']}/v1/status").json()
-                    live.update(_table(names, stats, version, status))
+                    if live is not None:
+                        live.update(_table(names, stats, version, status))
+                if live is None and time.monotonic() - last_line >= PLAIN_EVERY_S:
+                    last_line = time.monotonic()
+                    print(_plain_line(i + len(xb), len(x), stats, version, status, behind), flush=True)
             status = c.get(f"{p['device']}/v1/status").json()
-            live.update(_table(names, stats, version, status))
+            if live is not None:
+                live.update(_table(names, stats, version, status))
+        finally:
+            if live is not None:
+                live.stop()
+        stream_s = time.monotonic() - t0
+    if live is None:
+        console.print(_table(names, stats, version, status))
     tot = sum(stats.values())
     summary = {
-        "images": int(tot[0]), "seconds": round(time.time() - t_start, 1),
+        "images": int(tot[0]), "seconds": round(time.time() - t_start, 1), "stream_seconds": round(stream_s, 1),
+        "fps": fps, "batch": batch, "train_every": train_every, "pacing": pacing,
         "acc": {"source": tot[1] / tot[0], "device_only": tot[2] / tot[0], "full_loop": tot[3] / tot[0]},
         "per_corruption": {names[k]: {"source": v[1] / v[0], "device_only": v[2] / v[0], "full_loop": v[3] / v[0]}
                            for k, v in sorted(stats.items())},
@@ -116,13 +183,15 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
         "bytes_down": status.get("updater", {}).get("counters", {}).get("bytes_down", 0),
         "final_version": version,
         "updates": status.get("updater", {}).get("counters", {}),
+        "update_at_images": [int(n) for (n, *_r, v), prev in zip(curve[1:], curve[:-1], strict=True) if v != prev[4]],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     _plot(np.array(curve), names, per_corruption, out / "accuracy.png")
     console.print()
-    console.print(f"[green]done[/] in {summary['seconds']}s: source {summary['acc']['source']:.1%}, device-only "
-                  f"{summary['acc']['device_only']:.1%}, full loop {summary['acc']['full_loop']:.1%}; "
-                  f"wrote {out / 'accuracy.png'} and {out / 'summary.json'}")
+    for line in _verdict(summary, names):
+        console.print(line, highlight=False, markup=False)
+    console.print(f"[green]done[/] in {summary['seconds']}s (stream {summary['stream_seconds']}s). Plot: "
+                  f"{out / 'accuracy.png'}; summary: {out / 'summary.json'}; logs: {out}/cloud.log, {out}/device.log")
     return summary
 
 
@@ -137,6 +206,11 @@ def _plot(curve: np.ndarray, names: list[str], per: int, path: Path) -> None:
     kernel = np.ones(k) / k
     for col, label in ((1, "source"), (2, "device-only"), (3, "full loop")):
         ax.plot(curve[:, 0], np.convolve(curve[:, col], kernel, mode="same"), label=label)
+    versions = curve[:, 4]
+    for n in curve[1:, 0][np.diff(versions) != 0]:
+        ax.axvline(n, color="tab:green", lw=0.6, ls=":", alpha=0.7)
+    if (np.diff(versions) != 0).any():
+        ax.plot([], [], color="tab:green", lw=0.6, ls=":", label="update applied")
     for j, name in enumerate(names):
         ax.axvline(j * per, color="0.85", lw=0.8)
         ax.text(j * per + per * 0.05, 0.02, name.replace("_", " "), rotation=90, fontsize=7, color="0.4")
