@@ -121,6 +121,10 @@ def _store(path: Path, min_free_mb: float) -> list[Finding]:
         except sqlite3.Error as exc:
             out.append(Finding("fatal", "store", f"{db}: {exc}", "restore the store from a backup, or start a fresh "
                                "store_dir"))
+    blobs = path / "blobs"
+    if blobs.exists() and not blobs.is_dir():
+        out.append(Finding("fatal", "store", f"{blobs} is not a directory: no upload can be stored",
+                           f"move it away and recreate the directory (mkdir -m 700 {blobs})"))
     where = path if path.exists() else path.parent
     try:
         free = shutil.disk_usage(where).free

@@ -67,8 +67,11 @@ class CloudHealth:
         svc = self.service
         found: dict[str, str] = {}
         why = self.not_ready()
+        blobs = getattr(getattr(svc.store, "blobs", None), "root", None)
         if why:
             found["store"] = why
+        elif blobs is not None and not Path(blobs).is_dir():
+            found["store"] = f"blob directory {blobs} is not a directory: uploads cannot be stored"
         key_path = svc.home / signing.PRIVATE_KEY_FILE
         if svc.key_from_home:
             try:
@@ -105,8 +108,9 @@ class CloudHealth:
             out = {k: dict(v) for k, v in self._events.items()}
         since_t = t.last_error[0] if t is not None and t.last_error is not None else None
         for k, reason in found.items():
-            if k in out:
-                out[k]["reason"] = reason
+            if k in out:  # found now, and an event recorded before: both said
+                if reason not in out[k]["reason"]:
+                    out[k]["reason"] = f"{reason}; last error: {out[k]['reason']}"
             else:
                 out[k] = {"reason": reason, "since": since_t if k == "trainer" and since_t else now, "count": 1}
         return out

@@ -170,7 +170,10 @@ class BlobStore(ABC):
 
 class LocalBlobStore(BlobStore):
     def __init__(self, root: str | Path):
-        self.root = private_dir(root)
+        try:
+            self.root = private_dir(root)
+        except OSError:  # broken (e.g. a file in its place): reads of the metadata (`cloud devices`) still work,
+            self.root = Path(root)  # blob writes fail, and the cloud's health says why
 
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):

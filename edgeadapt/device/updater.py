@@ -285,7 +285,8 @@ class Updater:
         if kind == "error":
             self.counters["errors"] += 1
             self._check_answered(self._code, str(got))
-            return "error"
+            # an answer that is not an UpdateInfo is a hostile one: backed off like a refused download
+            return "refused" if self._code == 200 else "error"
         self.last_check_at = time.time()
         self.daemon.resolved("updater", "cloud_auth")
         if kind == "current":
