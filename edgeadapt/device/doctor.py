@@ -75,8 +75,10 @@ def bundle_findings(bundle: Path) -> list[Finding]:
     try:
         import onnxruntime as ort
 
-        for graph in (b.adaptive_graph, b.static_graph):
-            ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        from edgeadapt.device.backend import session_options
+
+        for graph in (b.adaptive_graph, b.static_graph):  # as the daemon makes its sessions (the shared pool)
+            ort.InferenceSession(str(graph), session_options(), providers=["CPUExecutionProvider"])
         out.append(Finding("ok", "graphs", "adaptive and static graphs load in ONNX Runtime"))
     except Exception as exc:
         out.append(Finding("fatal", "graphs", f"a graph does not load: {type(exc).__name__}: {str(exc)[:200]}",
