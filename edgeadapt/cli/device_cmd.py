@@ -143,8 +143,16 @@ def status(
     console.print(plain(f"model {st['model']}  version {st['param_version']}  samples {st['samples']}  "
                         f"ood {st['ood_samples']}  uptime {st['uptime_s']}s", 1000))
     console.print("queue:", plain(st["queue"], 2000))
+    console.print("uploads:", plain(st.get("uploads", "?")))
     if st.get("errors"):
         console.print("[red]errors:[/]", plain(st["errors"], 4000))
+    import time
+
+    for key, d in (st.get("degraded") or {}).items():  # what makes /healthz say degraded, with since and count
+        since = d.get("since")
+        age = f"{time.time() - since:.0f} s" if isinstance(since, (int, float)) else "?"
+        console.print("[yellow]degraded:[/]", plain(f"{key}: {d.get('reason')} (for {age}, {d.get('count')} times)",
+                                                    1000))
 
 
 @app.command()
