@@ -53,3 +53,14 @@ def test_wrk_run_reports_cpu_shares_and_the_engine(tiny_bundle, tmp_path):
     # the engine alone runs as the daemon does: its max batch (environment) and its threads (flag)
     assert res["engine_batch"] == 4 and res["mean_served_batch"] <= 4 and res["engine_threads"] == 1
     assert len(res["load_avg_before"]) == 3
+
+
+def test_parameter_swaps_under_load_fail_no_request(tiny_bundle, tmp_path):
+    """The issue's swap figure, small: versions switched through the admin route while the load runs."""
+    res = run_serving_bench(tiny_bundle, route="v1-raw", connections=4, seconds=3, client="python",
+                            engine_seconds=0.3, work_dir=tmp_path / "work", swaps=2)
+    _clean(res)
+    swap = res["swap"]
+    assert swap["swaps"] == 2 and swap["applied"] == 2 and swap["version_after"] == 0
+    assert [s["to"] for s in swap["switches"]] == [1, 0]
+    assert swap["errors"] == 0 and swap["requests"] > 20 and swap["p99_vs_steady"] > 0

@@ -634,10 +634,15 @@ def _served_config(url: str, model: str) -> dict:
 def run_serving_bench(bundle: str | Path, route: str = "v1-npy", batch: int = 1, connections: int = 50,
                       seconds: float = 30.0, max_requests: int | None = None, url: str | None = None,
                       client: str = "auto", engine_seconds: float = 5.0, work_dir: str | Path | None = None,
-                      device_args: tuple[str, ...] = ()) -> dict:
+                      device_args: tuple[str, ...] = (), swaps: int = 0) -> dict:
     """Serving, measured honestly: start the daemon (unless ``url``), warm it, load ``route`` from a client in
     its own process (``wrk`` when installed and ``client`` is auto/wrk, else the Python client; a request-count
-    bound needs the Python client), then the engine alone at the batch the server could form. -> one dict."""
+    bound needs the Python client), then the engine alone at the batch the server could form. -> one dict.
+
+    ``swaps`` > 0 (a daemon this bench starts): versions 1..swaps are written to its state directory first and
+    it starts on the newest; after the steady load, the same load runs again while the versions are switched
+    (``POST /v1/admin/rollback``, the same ``apply_params`` swap an update makes) one by one down to 0, spread
+    over the run: ``swap`` compares its failures and p99 with the steady run's."""
     from edgeadapt.core.bundle import read_manifest
 
     if connections < 1 or seconds <= 0 or batch < 1:
@@ -657,6 +662,10 @@ def run_serving_bench(bundle: str | Path, route: str = "v1-npy", batch: int = 1,
     work = Path(work_dir or tmp)
     work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
+    if swaps:
+        if url is not None:
+            raise ValueError("--swaps needs a daemon this bench starts (its state directory is prepared)")
+        _prepare_versions(bundle, work / "state", swaps)
     try:
         with _target("device", bundle, url, None, work, device_args) as (base, _):
             pid = _device_pid(base)
@@ -671,10 +680,14 @@ def run_serving_bench(bundle: str | Path, route: str = "v1-npy", batch: int = 1,
             served = _served_config(base, manifest.model_name)
             b0, s0 = _served_batches(base)
             cpu0 = _proc_cpu_s(pid) if pid else None
-            res = wrk_client(base, req, connections, seconds, work) if use_wrk else \
-                python_client(base, req, connections, seconds, max_requests)
+            def load() -> dict:
+                return wrk_client(base, req, connections, seconds, work) if use_wrk else \
+                    python_client(base, req, connections, seconds, max_requests)
+
+            res = load()
             cpu1 = _proc_cpu_s(pid) if pid else None
             b1, s1 = _served_batches(base)
+            swap = _swapping_load(base, load, swaps, seconds, res) if swaps else None
             healthy = httpx.get(f"{base}/healthz", timeout=10).status_code == 200
     finally:
         if tmp is not None:
@@ -698,7 +711,50 @@ def run_serving_bench(bundle: str | Path, route: str = "v1-npy", batch: int = 1,
            **eng, "http_engine_ratio": round(items_s / eng["engine_img_s"], 3) if eng["engine_img_s"] else None,
            "cpus": os.cpu_count(), "load_avg_before": [round(v, 2) for v in load_before],
            "load_avg_after": [round(v, 2) for v in load_after]}
+    if swap is not None:
+        out["swap"] = swap
     return out
+
+
+def _prepare_versions(bundle: str | Path, state_dir: Path, n: int) -> None:
+    """Versions 1..n of the bundle's parameters (each norm affine scaled by 1 + 1e-3·v: plausible, distinct) in a
+    new daemon's version store, the newest current."""
+    from edgeadapt.core.bundle import Bundle
+    from edgeadapt.device.versions import VersionStore
+
+    b = Bundle(bundle)
+    kinds = {t.name: t.kind for t in b.manifest.adaptable}
+    state_dir.mkdir(parents=True, exist_ok=True)
+    store = VersionStore(state_dir, b.params, keep=n + 1)
+    for v in range(1, n + 1):
+        params = {k: (a * np.float32(1 + 1e-3 * v) if kinds.get(k) == "norm_affine" else a).astype(np.float32)
+                  for k, a in b.params.items()}
+        store.save(v, params, source="bench")
+    store.set_current(n, reason="bench load --swaps")
+
+
+def _swapping_load(base: str, load: Callable[[], dict], swaps: int, seconds: float, steady: dict) -> dict:
+    """The same load again while the daemon switches versions down to 0, evenly spread; -> the comparison."""
+    done: list[dict] = []
+
+    def switch() -> None:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            for to in range(swaps - 1, -1, -1):
+                time.sleep(seconds / (swaps + 1))
+                t0 = time.perf_counter()
+                r = c.post("/v1/admin/rollback", json={"to": to})
+                done.append({"to": to, "status": r.status_code, "ms": round(1000 * (time.perf_counter() - t0), 1)})
+
+    t = threading.Thread(target=switch, name="swapper", daemon=True)
+    t.start()
+    res = load()
+    t.join(60)
+    version = httpx.get(f"{base}/healthz", timeout=10).json().get("param_version")
+    return {"swaps": len(done), "applied": sum(d["status"] == 200 for d in done), "switches": done,
+            "version_after": version, "requests": res["requests"], "errors": res["errors"],
+            "error_kinds": res["error_kinds"], "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
+            "max_ms": res["max_ms"], "req_s": res["req_s"], "steady_p99_ms": steady["p99_ms"],
+            "p99_vs_steady": round(res["p99_ms"] / steady["p99_ms"], 2) if steady["p99_ms"] else None}
 
 
 def _device_pid(base: str) -> int | None:

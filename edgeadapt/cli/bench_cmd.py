@@ -163,6 +163,8 @@ def load(
                                             "auto (wrk if installed and no --max-requests)"),
     engine_seconds: float = typer.Option(5.0, help="device: how long to run the engine alone afterwards"),
     device_args: str = typer.Option("", help="device: extra `edgeadapt device run` flags, e.g. '--threads 1'"),
+    swaps: int = typer.Option(0, help="device: run the load again while switching this many parameter versions "
+                                      "(prepared in the daemon's state dir) and compare p99 with the steady run"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """N concurrent clients for S seconds on loopback: requests, errors, p50/p99 latency, requests/s; for the
@@ -186,7 +188,8 @@ def load(
             if target == "device":
                 res = run_serving_bench(bundle, route=route, batch=batch or 1, connections=clients,
                                         seconds=seconds, max_requests=max_requests, url=url, client=client,
-                                        engine_seconds=engine_seconds, device_args=tuple(shlex.split(device_args)))
+                                        engine_seconds=engine_seconds, device_args=tuple(shlex.split(device_args)),
+                                        swaps=swaps)
             else:
                 res = run_load_bench(target, bundle, clients=clients, seconds=seconds, max_requests=max_requests,
                                      url=url, home=home, admin_token=admin_token, batch=batch)
