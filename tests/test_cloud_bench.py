@@ -7,7 +7,7 @@ import pytest
 import torch
 
 pytest_plugins = ["tests.cloud_fixtures"]  # the cloud fixtures (cloud_env, kit)
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # includes building the shared trained-bundle fixture on a loaded machine
 
 
 def test_update_bench_report(cloud_env, kit, tmp_path):

@@ -18,7 +18,7 @@ from edgeadapt.cli import app
 from edgeadapt.cloud.config import ConfigError, load_config
 
 pytest_plugins = ["tests.cloud_fixtures"]  # the cloud fixtures (cloud_env, live_cloud)
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # includes building the shared trained-bundle fixture on a loaded machine
 runner = CliRunner()
 
 

@@ -15,7 +15,7 @@ from edgeadapt.core.bundle import read_manifest
 from edgeadapt.core.tensorfile import params_hash
 
 pytest_plugins = ["tests.cloud_fixtures"]  # the cloud fixtures (cloud_env, live_cloud)
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(300)  # includes building the shared trained-bundle fixture on a loaded machine
 
 
 def test_upload_idempotent(live_cloud, kit):
