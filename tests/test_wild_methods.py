@@ -18,10 +18,15 @@ def _img(v: float) -> np.ndarray:
 
 def test_memory_cstu_by_hand():
     # capacity 4, 3 classes: at most 4/3 per class, i.e. 2 (a class with 1 item still has room)
+    strict = ClassBalancedMemory(4, 3, fill_free=False)  # RoTTA: a class at its share is refused room
+    assert [strict.add(_img(i), 0, 0.0) for i in range(4)] == [True, True, True, True]
+    assert len(strict) == 2  # the 3rd and 4th replaced the oldest of class 0
     m = ClassBalancedMemory(4, 3)
-    assert [m.add(_img(i), c, 0.0) for i, c in enumerate([0, 0, 1, 1])] == [True] * 4
+    assert [m.add(_img(i), 0, 0.0) for i in range(2)] + [m.add(_img(i), 1, 0.0) for i in (2, 3)] == [True] * 4
     assert sorted(m.inputs()[:, 0, 0, 0].tolist()) == [0, 1, 2, 3]
     assert m.age[m.cls >= 0].tolist() == [4, 3, 2, 1]  # each item ages once per candidate, itself included
+    full = ClassBalancedMemory(4, 3)
+    assert [full.add(_img(i), 0, 0.0) for i in range(4)] == [True] * 4 and len(full) == 4  # room is filled
     # class 0 is full: its oldest item (value 0, age 4) scores above a new certain one and makes room
     assert m.add(_img(4), 0, 0.0)
     assert sorted(m.inputs()[:, 0, 0, 0].tolist()) == [1, 2, 3, 4]
@@ -53,7 +58,7 @@ def test_rbn_update_cadence_and_ema_by_hand():
     assert req is not None
     inputs, mix = req
     assert len(inputs) == len(m.memory) and mix.tolist() == [pytest.approx(0.05)] * 2
-    assert m.memory.counts().max() <= 7  # 64 / 10 classes: at most 7 each
+    assert m.memory.counts().tolist() == [8, 8] + [6] * 8  # the memory fills with what came
     v0 = m.stats_version
     # memory statistics mean 1, var 4 in bn1 (source 0/1 and 1/2): m = 0.05 after one reference batch
     m.update_stats(stats([1.0, 1.0], [4.0, 4.0]), len(inputs))
@@ -202,3 +207,91 @@ def test_rbn_in_the_engine_runs_its_memory_every_reference_batch(tiny_bundle):
     assert len(set(versions)) >= 4  # the fast path follows each update
     mu = eng.method.forward_stats()["stem.1"][0]
     assert not np.allclose(mu, eng.bundle.params["stem.1.running_mean"])
+
+
+def test_robust_stats_shallow_ema_and_deep_memory_by_hand():
+    ctx = make_ctx()  # layers bn1 (2 channels), bn2 (3 channels): shallow = the first half
+    m = build_method("robust_stats:shallow=0.5,min_fill=1", ctx)
+    assert m.n_shallow == 1
+    np.testing.assert_allclose(m.forward_mix(64), [0.8, 0.0])  # 64 / (16 + 64) in the shallow layer only
+    x = np.stack([_img(i) for i in range(64)])
+    info = _rbn_info(np.arange(64) % 10)
+    info.batch_stats = stats([2.0, 2.0], [1.0, 1.0], [5.0] * 3, [9.0] * 3)
+    req = m.stats_inputs(x, info)
+    # shallow EMA, m = 0.5 after 64 samples, E[x^2] mixing: source bn1 mean (0, 1), var (1, 2)
+    mu, var = m.forward_stats()["bn1"]
+    np.testing.assert_allclose(mu, [1.0, 1.5])
+    np.testing.assert_allclose(var, [0.5 * 1 + 0.5 * 5 - 1.0, 0.5 * 3 + 0.5 * 5 - 2.25])
+    np.testing.assert_allclose(m.forward_stats()["bn2"][0], 0.0)  # deep layers never follow the batch itself
+    assert req is not None and req[1].tolist() == [0.0, 1.0]  # memory: its own deep statistics only
+    m.update_stats(stats([7.0, 7.0], [1.0, 1.0], [3.0] * 3, [4.0] * 3), len(req[0]))
+    np.testing.assert_allclose(m.forward_stats()["bn2"][0], 3.0)  # alpha = 1: the memory's statistics
+    np.testing.assert_allclose(m.forward_stats()["bn1"][0], [1.0, 1.5])  # shallow: untouched by the memory
+
+
+def test_robust_stats_batch_of_one_averages_like_a_batch():
+    """64 single samples move the shallow EMA like one batch of 64 with their pooled statistics."""
+    ctx = make_ctx()
+    rng = np.random.default_rng(0)
+    means = rng.normal(1.0, 0.5, (64, 2))
+    one = build_method("robust_stats:shallow=0.5,fast_momentum=0.05", ctx)
+    x1 = _img(0)[None]
+    for mu_i in means:
+        info = _rbn_info([0])
+        info.batch_stats = stats(mu_i, [1.0, 1.0], [0.0] * 3, [1.0] * 3)
+        one.stats_inputs(x1, info)
+    batch = build_method("robust_stats:shallow=0.5,fast_momentum=0.05", ctx)
+    info = _rbn_info(np.zeros(64, int))
+    info.batch_stats = stats(means.mean(0), 1.0 + means.var(0), [0.0] * 3, [1.0] * 3)
+    batch.stats_inputs(np.stack([_img(0)] * 64), info)
+    for k in (0, 1):
+        np.testing.assert_allclose(one.forward_stats()["bn1"][k], batch.forward_stats()["bn1"][k], rtol=0.05)
+
+
+def test_stats_distance_by_hand():
+    from edgeadapt.device.methods.robust_stats import stats_distance
+
+    a = {"l": (np.array([1.0, 1.0]), np.array([4.0, 4.0]))}
+    b = {"l": (np.zeros(2), np.ones(2))}
+    assert stats_distance(a, b, ["l"], eps=0.0) == pytest.approx(1.0 + math.log(4.0))
+    assert stats_distance(b, b, ["l"]) == 0.0
+
+
+@pytest.mark.parametrize("recent_mean, gate_open", [(3.1, True), (6.0, False)])
+def test_robust_stats_gate_takes_the_recent_samples_only_when_they_agree(recent_mean, gate_open):
+    m = build_method("robust_stats:shallow=0.5,min_fill=1,gate=0.5", make_ctx())
+    x = np.stack([_img(i) for i in range(64)])
+    reqs = m.stats_inputs(x, _rbn_info(np.arange(64) % 10))
+    assert isinstance(reqs, list) and len(reqs) == 2  # the recent samples, then the class-balanced memory
+    assert len(reqs[0][0]) == 64 and reqs[0][1].tolist() == [0.0, 1.0]
+    m.update_stats(stats([9.0, 9.0], [1.0, 1.0], [recent_mean] * 3, [1.0] * 3), 64)
+    np.testing.assert_allclose(m.forward_stats()["bn2"][0], 0.0)  # nothing published before both are in
+    m.update_stats(stats([9.0, 9.0], [1.0, 1.0], [3.0] * 3, [1.0] * 3), len(reqs[1][0]))
+    assert m.gate_open is gate_open
+    np.testing.assert_allclose(m.forward_stats()["bn2"][0], recent_mean if gate_open else 3.0)
+
+
+def test_robust_stats_in_the_engine(tiny_bundle):
+    """Counted at the backend: every batch predicted on the adaptive graph with the batch mixed into the first
+    stage only, and per 64 samples two memory forwards (recent, class-balanced) with their own deep statistics."""
+    from edgeadapt.core.bundle import Bundle
+    from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
+
+    eng = AdaptiveEngine(Bundle(tiny_bundle), EngineConfig(method="robust_stats:min_fill=1,gate=0.08"))
+    calls: list[tuple[int, list[float]]] = []
+    run_adaptive = eng.backend.run_adaptive
+
+    def counting(x, params, mix):
+        calls.append((len(x), np.asarray(mix).round(3).tolist()))
+        return run_adaptive(x, params, mix)
+
+    eng.backend.run_adaptive = counting
+    x = np.random.default_rng(0).integers(0, 256, (256, 1, 32, 32), dtype=np.uint8)
+    for i in range(0, 256, 32):
+        eng.process(x[i : i + 32])
+    predict = [(n, mix) for n, mix in calls if mix[-1] == 0.0]
+    memory = [(n, mix) for n, mix in calls if mix[-1] == 1.0]
+    assert len(predict) == 8 and all(n == 32 and mix == pytest.approx([2 / 3] * 3 + [0.0] * 6, abs=1e-3)
+                                     for n, mix in predict)  # 32 / (16 + 32) in the first stage
+    assert len(memory) == 2 * 4 and all(n == 64 and mix == [0.0] * 3 + [1.0] * 6 for n, mix in memory)
+    assert eng.method.updates == 4 and eng.guard_counters["stats_refused"] == 0

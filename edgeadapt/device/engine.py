@@ -335,11 +335,26 @@ class AdaptiveEngine:
         stats_run = False
         if adapt:
             if method.owns_stats_inputs:
-                # the method picks the inputs (e.g. its class-balanced memory): same graph, same guard
+                # the method picks the inputs (e.g. its class-balanced memory) and may use the forward's own
+                # batch statistics: same graph, same guard
+                if out.batch_stats is not None and mix is not None:
+                    reason = self.state_guard.check_stats(out.batch_stats, "batch statistics")
+                    if reason is None:
+                        info.batch_stats = out.batch_stats
+                    else:
+                        self.guard_counters["stats_refused"] += 1
+                        self._guard_event("stats_refused", reason)
                 req = method.stats_inputs(x, info)
-                if req is not None and len(req[0]):
-                    st = self.backend.run_adaptive(req[0], self.current_params(), req[1])
-                    stats_run = self._update_stats(method, st.batch_stats, len(req[0]), info)
+                reqs = [] if req is None else req if isinstance(req, list) else [req]
+                for inputs, req_mix in reqs:  # in order: each goes to update_stats behind the guard
+                    if len(inputs):
+                        st = self.backend.run_adaptive(inputs, self.current_params(), req_mix)
+                        stats_run = self._update_stats(method, st.batch_stats, len(inputs), info) or stats_run
+                if not reqs and info.batch_stats is not None:
+                    reason = self.state_guard.check_stats(method.forward_stats(), "adapted statistics")
+                    if reason is not None:
+                        self._reset_to_last_good(reason)
+                    stats_run = reason is None
             elif method.needs_stats and shift and mix is not None and out.batch_stats is not None \
                     and c.shift_full_batch and ood_frac <= c.max_ood_fraction:
                 # the first batch of a new domain: its own statistics (all of it, as the transductive forward

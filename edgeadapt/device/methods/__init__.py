@@ -14,6 +14,7 @@ from edgeadapt.device.methods import (  # noqa: F401  (importing fills the regis
     norm_stats,
     prior_correction,
     robust_bn,
+    robust_stats,
     t3a,
 )
 from edgeadapt.device.methods.base import AdaptationMethod, AdaptContext, BatchInfo

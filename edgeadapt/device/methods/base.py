@@ -31,6 +31,7 @@ from edgeadapt.core.bundle import NormLayer
 from edgeadapt.core.mathops import entropy_from_logits
 
 Stats = dict[str, tuple[np.ndarray, np.ndarray]]
+StatsRequest = tuple[np.ndarray, np.ndarray | None]  # (prepared inputs, per-layer in-batch mix)
 
 
 @dataclass
@@ -90,6 +91,8 @@ class BatchInfo:
     ood: np.ndarray  # bool [N]
     entropy: np.ndarray  # [N] nats
     logits: np.ndarray | None = None  # optional raw graph logits [N,C] (lets a composite run its guard early)
+    batch_stats: Stats | None = None  # the prediction forward's own batch statistics, when it computed them and
+    #                                   the runtime's guard found them plausible (``owns_stats_inputs`` methods)
 
     @classmethod
     def from_logits(cls, logits: np.ndarray, reliable: np.ndarray | None = None) -> BatchInfo:
@@ -200,10 +203,11 @@ class AdaptationMethod:
     def update_stats(self, batch_stats: Stats, n_reliable: int, batch_info: BatchInfo | None = None) -> None:
         """Observe statistics of the batch's reliable subset. Default: no-op."""
 
-    def stats_inputs(self, x: np.ndarray, batch_info: BatchInfo) -> tuple[np.ndarray, np.ndarray | None] | None:
+    def stats_inputs(self, x: np.ndarray, batch_info: BatchInfo) -> StatsRequest | list[StatsRequest] | None:
         """(``owns_stats_inputs`` only) the prepared inputs whose statistics should update the state now, and the
-        per-layer in-batch mix to compute them with (None = the given statistics), or None for no update.
-        ``x`` is this batch (prepared for the graphs); a method may keep some of it. Default: None."""
+        per-layer in-batch mix to compute them with (None = the given statistics), or None for no update; a
+        list: several, each passed to ``update_stats`` in order. ``x`` is this batch (prepared for the graphs);
+        a method may keep some of it. Default: None."""
         return None
 
     def reset_requested(self) -> bool:

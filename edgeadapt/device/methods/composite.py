@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeadapt.device.methods.base import AdaptationMethod, AdaptContext, BatchInfo, Stats
+from edgeadapt.device.methods.base import AdaptationMethod, AdaptContext, BatchInfo, Stats, StatsRequest
 
 
 class CompositeMethod(AdaptationMethod):
@@ -90,7 +90,7 @@ class CompositeMethod(AdaptationMethod):
         if batch_info is not None and batch_info.logits is not None:
             self._apply_pending(self._decide(batch_info.logits))
 
-    def stats_inputs(self, x: np.ndarray, batch_info: BatchInfo) -> tuple[np.ndarray, np.ndarray | None] | None:
+    def stats_inputs(self, x: np.ndarray, batch_info: BatchInfo) -> StatsRequest | list[StatsRequest] | None:
         return self.stats_member.stats_inputs(x, batch_info) if self.owns_stats_inputs else None  # type: ignore[union-attr]
 
     def on_shift(self) -> None:

@@ -4,11 +4,15 @@ Normalization statistics that a run of one class cannot drag along: a batch is n
 statistics; the statistics are an EMA of the statistics of a *memory* of recent inputs kept balanced over the
 predicted classes (RoTTA's category-balanced sampling with timeliness and uncertainty, CSTU):
 
-- memory of ``capacity`` (64) inputs, at most capacity / C per predicted class. A new sample enters with score
-  ``lambda_t * sigmoid(age / capacity) + lambda_u * H(p) / ln C`` (age 0): if its class has room and the memory
-  has room it is added; if its class has room but the memory is full, the highest-scoring (oldest, most
-  uncertain) item of the largest classes is evicted for it, if that score is above the new one's; if its class
-  is full, the same within its class. Every item ages by one per admitted candidate (RoTTA's ``add_age``).
+- memory of ``capacity`` (64) inputs, balanced over the predicted classes (capacity / C each). A new sample
+  enters with score ``lambda_t * sigmoid(age / capacity) + lambda_u * H(p) / ln C`` (age 0): while the memory
+  has room it is added; once it is full, a sample whose class holds fewer than capacity / C items evicts the
+  highest-scoring (oldest, most uncertain) item of the largest classes, if that score is above its own, and a
+  sample of a class at its share does the same within its class. Every item ages by one per candidate
+  (RoTTA's ``add_age``). RoTTA also refuses a sample of a class at its share while the memory has room
+  (``fill_free=false``); under a severe shift the source model predicts one class for everything and that
+  memory never holds more than capacity / C samples of the new domain (dev stream, contrast: stuck at 7 items,
+  no update, 9.8% accuracy), so by default a free slot is always filled and balance is kept by eviction.
 - every ``ref_batch`` (64) samples seen, the runtime runs the memory through the adaptive graph normalized as
   RoTTA's RBN does in training mode (stat_mix ``alpha``: (1 - alpha) * running + alpha * memory at every
   layer) and the running statistics move: mu <- (1 - m) mu + m mu_mem, var <- (1 - m) var + m var_mem, with
@@ -16,7 +20,8 @@ predicted classes (RoTTA's category-balanced sampling with timeliness and uncert
 - predictions use the running statistics only (the runtime's fast folded session), so they do not depend on
   the batch size or on which classes share a batch.
 
-Options beyond RoTTA's: ``shift_momentum`` (the first ``shift_updates`` updates after the runtime reports a
+Options beyond RoTTA's: ``mix`` (the memory forward's in-batch mix; -1 = alpha, as RoTTA), ``balance``
+(false: a plain FIFO of the last ``capacity`` samples, for comparison), ``shift_momentum`` (the first ``shift_updates`` updates after the runtime reports a
 domain shift use at least this momentum; 0 = RoTTA as published), ``min_fill`` (the memory must hold this many
 items before it updates anything), ``exclude_ood`` (a sample the novelty flag marks, in a batch where few are
 marked, never enters the memory).
@@ -37,8 +42,10 @@ from edgeadapt.device.methods.registry import register
 class ClassBalancedMemory:
     """RoTTA's CSTU memory over predicted classes (numpy arrays; the inputs themselves are kept)."""
 
-    def __init__(self, capacity: int, num_classes: int, lambda_t: float = 1.0, lambda_u: float = 1.0):
+    def __init__(self, capacity: int, num_classes: int, lambda_t: float = 1.0, lambda_u: float = 1.0,
+                 fill_free: bool = True):
         self.capacity = capacity
+        self.fill_free = fill_free
         self.num_classes = num_classes
         self.per_class = capacity / num_classes
         self.lambda_t, self.lambda_u = lambda_t, lambda_u
@@ -78,11 +85,10 @@ class ClassBalancedMemory:
             self.x = np.zeros((self.capacity, *x.shape), np.float32)
         new_score = float(self.score(0.0, unc))
         counts = self.counts()
-        if counts[cls] < self.per_class:
-            if len(self) < self.capacity:
-                ok = True
-            else:
-                ok = self._evict_from(np.flatnonzero(counts == counts.max()), new_score)
+        if len(self) < self.capacity and (self.fill_free or counts[cls] < self.per_class):
+            ok = True
+        elif counts[cls] < self.per_class:
+            ok = self._evict_from(np.flatnonzero(counts == counts.max()), new_score)
         else:
             ok = self._evict_from(np.array([cls]), new_score)
         if ok:
@@ -107,6 +113,7 @@ class RobustBN(AdaptationMethod):
     defaults = {
         "capacity": 64,
         "alpha": 0.05,
+        "mix": -1.0,
         "ref_batch": 64,
         "lambda_t": 1.0,
         "lambda_u": 1.0,
@@ -114,6 +121,8 @@ class RobustBN(AdaptationMethod):
         "shift_momentum": 0.0,
         "shift_updates": 1,
         "exclude_ood": True,
+        "fill_free": True,
+        "balance": True,
         "max_ood_fraction": 0.5,
     }
 
@@ -122,13 +131,16 @@ class RobustBN(AdaptationMethod):
         self._check(o["capacity"] >= 2, "capacity must be >= 2")
         self._check(0 < o["alpha"] <= 1, "alpha must be in (0, 1]")
         self._check(0 <= o["shift_momentum"] <= 1, "shift_momentum must be in [0, 1]")
+        self._check(o["mix"] == -1 or 0 <= o["mix"] <= 1, "mix must be in [0, 1] (or -1: alpha)")
         self._check(o["ref_batch"] >= 1, "ref_batch must be >= 1")
         self._check(1 <= o["min_fill"] <= o["capacity"], "min_fill must be in [1, capacity]")
 
     def reset(self) -> None:
         super().reset()
         o = self.options
-        self.memory = ClassBalancedMemory(o["capacity"], self.ctx.num_classes, o["lambda_t"], o["lambda_u"])
+        classes = self.ctx.num_classes if o["balance"] else 1
+        self.memory = ClassBalancedMemory(o["capacity"], max(classes, 2), o["lambda_t"], o["lambda_u"],
+                                          o["fill_free"])
         self._mean = {k: m.copy() for k, (m, _) in self._source.items()}
         self._var = {k: v.copy() for k, (_, v) in self._source.items()}
         self._seen = 0.0  # samples since the last update
@@ -154,7 +166,7 @@ class RobustBN(AdaptationMethod):
         logits = batch_info.logits
         if logits is None:
             return 0
-        pred = np.asarray(logits).argmax(1)
+        pred = np.asarray(logits).argmax(1) if o["balance"] else np.zeros(len(x), np.int64)
         skip = np.zeros(len(x), bool)
         if o["exclude_ood"] and batch_info.ood.mean() <= o["max_ood_fraction"]:
             skip = np.asarray(batch_info.ood, bool)
@@ -170,7 +182,8 @@ class RobustBN(AdaptationMethod):
         self._pending_momentum = self.momentum()
         self._boost = max(0, self._boost - 1)
         self._seen = 0.0
-        return self.memory.inputs(), np.full(len(self.layer_names), self.options["alpha"], np.float32)
+        mix = self.options["alpha"] if self.options["mix"] < 0 else self.options["mix"]
+        return self.memory.inputs(), np.full(len(self.layer_names), mix, np.float32)
 
     def momentum(self) -> float:
         o = self.options
