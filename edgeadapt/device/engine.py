@@ -209,6 +209,7 @@ class AdaptiveEngine:
     def reset(self) -> None:
         with self._lock:
             self.method.reset()
+            self.detector.reset_domain()
             self._refresh(force=True)
 
     # -- input -------------------------------------------------------------------------------------
@@ -305,6 +306,10 @@ class AdaptiveEngine:
             self._hybrid_left -= 1
         if mix is not None:
             out = self.backend.run_adaptive(x, self.current_params(), mix)
+            again = method.rerun_mix(out.batch_stats, n) if adapt and out.batch_stats is not None else None
+            if again is not None:  # the method decided on this batch's own statistics
+                mix = again
+                out = self.backend.run_adaptive(x, self.current_params(), mix)
         else:
             if adapt and self._stale:
                 self._stale = False
@@ -326,6 +331,8 @@ class AdaptiveEngine:
                 entropy = entropy_from_logits(out.logits)
                 self._hybrid_left -= 1
         logits, feats = out.logits, out.features
+        if adapt:  # an online detector follows the domain with the batch it is about to score (as the norm does)
+            self.detector.observe(logits, feats, shift)
         ood_score = self.detector.score(logits, feats)
         ood = ood_score > self.detector.threshold
         ood_frac = float(ood.mean())

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeadapt.device.ood import energy, gen, mahalanobis, maxlogit, msp, vim  # noqa: F401  (registration)
+from edgeadapt.device.ood import (  # noqa: F401  (registration)
+    energy,
+    gen,
+    mahalanobis,
+    mahalanobis_domain,
+    maxlogit,
+    msp,
+    rmds_domain,
+    vim,
+)
 from edgeadapt.device.ood.base import OODDetector, quantile_threshold
 from edgeadapt.device.ood.metrics import auroc, fpr_at_tpr
 from edgeadapt.device.ood.registry import all_detectors, get_detector, register
@@ -95,7 +104,9 @@ def _f32_ceil(x: float) -> np.ndarray:
 def load_all(
     flat_state: dict[str, np.ndarray], head_weight: np.ndarray, head_bias: np.ndarray
 ) -> dict[str, OODDetector]:
-    """Rebuild every detector found in a flat state (other keys are ignored). Unknown detector names raise."""
+    """Rebuild every detector found in a flat state (other keys are ignored). Unknown detector names raise.
+    A registered detector with ``derived_from`` whose own state is absent (a bundle exported before it existed)
+    is rebuilt from its parent's state and threshold."""
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for full, arr in flat_state.items():
         if not full.startswith(PREFIX):
@@ -103,7 +114,11 @@ def load_all(
         name, _, key = full[len(PREFIX) :].partition(".")
         if key:
             grouped.setdefault(name, {})[key] = arr
-    return {name: get_detector(name).from_state(st, head_weight, head_bias) for name, st in grouped.items()}
+    out = {name: get_detector(name).from_state(st, head_weight, head_bias) for name, st in grouped.items()}
+    for name, cls in all_detectors().items():
+        if name not in out and cls.derived_from in grouped:
+            out[name] = cls.from_state(grouped[cls.derived_from], head_weight, head_bias)
+    return out
 
 
 def score_all(

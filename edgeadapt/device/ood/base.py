@@ -8,6 +8,12 @@ itself is not stored in the state: the device already has it and passes it to ``
 
 ``threshold`` is set by ``calibrate_threshold`` so that a fraction ``tpr`` (default 95%) of the
 in-distribution calibration scores pass (``score <= threshold``); ``is_ood`` flags the rest.
+
+Online detectors (``online = True``) keep statistics of the device's current domain beside the source ones:
+the engine calls ``observe`` with each adapting batch's logits and features *before* scoring it, as its own
+normalization already uses the batch. A detector that can be rebuilt from another detector's exported state
+(same statistics, same score on clean data, hence the same threshold) names it in ``derived_from``, so bundles
+exported before it existed still serve it.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class OODDetector(ABC):
 
     name: ClassVar[str]
     uses_features: ClassVar[bool] = False
+    online: ClassVar[bool] = False
+    derived_from: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self.threshold: float = math.inf
@@ -66,6 +74,15 @@ class OODDetector(ABC):
     @abstractmethod
     def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """OOD score per sample, shape [N], float64; higher = more OOD."""
+
+    def observe(self, logits: np.ndarray, features: np.ndarray | None = None, shift: bool = False) -> None:
+        """Follow the current domain with one batch (``shift``: the engine saw a domain change at this batch).
+        Static detectors keep nothing, so the default does nothing."""
+        return None
+
+    def reset_domain(self) -> None:
+        """Forget the current domain (back to the source statistics); nothing to forget by default."""
+        return None
 
     def is_ood(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         return self.score(logits, features) > self.threshold
