@@ -205,7 +205,7 @@ def test_cli_devices_add_with_expiry(cloud_env, tmp_path):
 
 
 def test_tokens_stored_hashed_and_compared_in_constant_time(live_cloud, kit, monkeypatch):
-    import edgeadapt.cloud.store as store_mod
+    import edgeadapt.cloud.store.fleet as store_mod  # where devices are authenticated (hash_token, hmac)
 
     cloud = live_cloud()
     tokens = [cloud.add_device(f"d{i}") for i in range(3)]

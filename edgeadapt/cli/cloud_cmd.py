@@ -1,6 +1,7 @@
 """`edgeadapt cloud ...` commands: init, serve, devices, push, rollouts, versions, train.
 
-Admin commands open the cloud's store directly (SQLite in WAL mode, safe while `cloud serve` runs); `train`
+Admin commands open the cloud's store directly (SQLite in WAL mode, safe while `cloud serve` runs, or the
+configured PostgreSQL + object store); `train`
 talks to the running server over HTTP with the admin token from the cloud home.
 """
 
@@ -105,6 +106,14 @@ def serve(
     no_trainer: bool = typer.Option(False, "--no-trainer", help="store uploads only; train via the admin API"),
     seed: int = typer.Option(None, "--seed"),
     log_level: str = typer.Option(None, "--log-level"),
+    database_url: str = typer.Option(None, "--database-url",
+                                     help="postgresql://USER:PASSWORD@HOST:PORT/DB shared by replicas (default: "
+                                          "SQLite in the store directory; EDGEADAPT_CLOUD_DATABASE_URL keeps the "
+                                          "password off the command line)"),
+    blob_url: str = typer.Option(None, "--blob-url", help="s3://BUCKET/PREFIX or a directory for uploads, "
+                                                          "parameters and packages (default: <store>/blobs)"),
+    blob_endpoint_url: str = typer.Option(None, "--blob-endpoint-url",
+                                          help="endpoint of a non-AWS S3-compatible store, e.g. http://minio:9000"),
 ) -> None:
     """Run the cloud service (HTTP API, trainer thread) until interrupted."""
     from edgeadapt.cloud.config import ConfigError
@@ -117,6 +126,7 @@ def serve(
                          "student_model": student_model, "tls_cert": str(tls_cert) if tls_cert else None,
                          "tls_key": str(tls_key) if tls_key else None,
                          "update_mode": update_mode, "auto_rollout": auto_rollout, "log_level": log_level,
+                         "database_url": database_url, "blob_url": blob_url, "blob_endpoint_url": blob_endpoint_url,
                          "trainer": trainer})
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edgeadapt.cloud.server import serve as run_server
@@ -129,7 +139,8 @@ def serve(
         fail(str(exc))
     console.print(f"serving model [bold]{escape(service.model_name)}[/] on {cfg.scheme}://{cfg.listen} "
                   f"(latest version {service.store.latest_version()}, updates {cfg.update_mode}, "
-                  f"trainer {'on' if service.trainer and cfg.trainer.enabled else 'off'})")
+                  f"trainer {'on' if service.trainer and cfg.trainer.enabled else 'off'}; store: "
+                  f"{escape(service.store.describe())})")
     run_server(service, log_level=cfg.log_level)
 
 

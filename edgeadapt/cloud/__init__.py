@@ -2,7 +2,8 @@
 
 - ``config``: ``CloudConfig`` / ``TrainerConfig``, ``load_config(home, overrides)`` (flags > env > TOML > defaults).
 - ``admin``: cloud home (``init_home``), admin operations shared by the CLI and the admin API (``push``, ...).
-- ``store``: ``SampleStore`` / ``Store`` interfaces, ``SQLiteStore`` (SQLite WAL + blob directory).
+- ``store``: repositories for samples, versions and the fleet over one transaction type; ``SQLiteStore`` (SQLite
+  WAL + blob directory, the default) and ``PostgresStore`` (PostgreSQL + S3-compatible blobs).
 - ``edge_model``: ``rebuild_edge_model(bundle, params)``, ``extract_params``, ``load_teacher``.
 - ``trainer``: ``Trainer`` (CEMA distillation, replay, gate; ``train_now()``; background thread).
 - ``service``: ``CloudService`` (ingest, heartbeats, per-device update packages).

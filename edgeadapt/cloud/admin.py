@@ -7,7 +7,7 @@ A cloud home holds::
     signing_key.pem        ed25519 private key (0600) that signs update packages
     signing_key.pub    its public key (PEM); `edgeadapt export ... --cloud-key <home>/signing_key.pub` reads it
     admin_token            the admin bearer token (0600); EDGEADAPT_CLOUD_ADMIN_TOKEN overrides it
-    store/                 SQLite (WAL) + blobs (unless store_dir says otherwise)
+    store/                 SQLite (WAL) + blobs (unless store_dir, database_url or blob_url say otherwise)
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from edgeadapt.cloud.config import ADMIN_TOKEN_FILE, CONFIG_FILE, DEFAULT_TOML, ENV_PREFIX, CloudConfig, resolve_home
-from edgeadapt.cloud.store import NotFound, SQLiteStore, Store, StoreError, new_token
+from edgeadapt.cloud.store import NotFound, Store, StoreError, new_token
+from edgeadapt.cloud.store import open_store as open_store_at
 from edgeadapt.core import signing
 from edgeadapt.core.fileperm import private_dir
 
@@ -63,8 +64,10 @@ def store_dir(home: str | Path | None, config: CloudConfig) -> Path:
     return Path(config.store_dir).expanduser() if config.store_dir else resolve_home(home) / "store"
 
 
-def open_store(home: str | Path | None, config: CloudConfig) -> SQLiteStore:
-    return SQLiteStore(store_dir(home, config))
+def open_store(home: str | Path | None, config: CloudConfig) -> Store:
+    """The store the config names: SQLite + blobs under the store directory, or PostgreSQL + S3 (``database_url``,
+    ``blob_url``)."""
+    return open_store_at(store_dir(home, config), config.database_url, config.blob_url, config.blob_endpoint_url)
 
 
 # ------------------------------------------------------------------------------------------------ operations

@@ -90,7 +90,15 @@ class CloudConfig(BaseModel, extra="forbid"):
     student_model: str | None = Field(None, description="builder of the bundle's architecture when the bundle names "
                                                         "an unregistered one: package.module:factory (the manifest's "
                                                         "arch is never imported by itself)")
-    store_dir: str | None = Field(None, description="default: <home>/store")
+    store_dir: str | None = Field(None, description="default: <home>/store (SQLite and, by default, blobs)")
+    database_url: str | None = Field(None, description="PostgreSQL for the metadata, shared by every replica: "
+                                                       "postgresql://USER:PASSWORD@HOST:PORT/DBNAME (unset: the "
+                                                       "embedded SQLite store in store_dir)")
+    blob_url: str | None = Field(None, description="where uploads, parameters and packages go: "
+                                                   "s3://BUCKET/PREFIX (S3-compatible; credentials from the AWS_* "
+                                                   "environment) or a directory (default: <store_dir>/blobs)")
+    blob_endpoint_url: str | None = Field(None, description="the S3 endpoint of a non-AWS object store, e.g. "
+                                                            "http://127.0.0.1:9000 (unset: AWS)")
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1024)
     update_mode: str = Field("int8", description=f"compression of served updates: one of {MODES}")
     update_opts: dict[str, Any] = Field(default_factory=dict, description="mode options, e.g. {density = 0.1}")
@@ -129,6 +137,22 @@ class CloudConfig(BaseModel, extra="forbid"):
             if path and not Path(path).expanduser().is_file():
                 raise ValueError(f"{name} {path} is not a file")
         return self
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, v: str | None) -> str | None:
+        if v and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database_url must be postgresql://... (leave it unset for the embedded SQLite store)")
+        return v or None
+
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_url(cls, v: str | None) -> str | None:
+        if v and "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError(f"blob_url must be s3://BUCKET/PREFIX or a directory, not {v!r}")
+        if v and v.startswith("s3://") and not v[5:].split("/", 1)[0]:
+            raise ValueError(f"blob_url {v!r} names no bucket (s3://BUCKET/PREFIX)")
+        return v or None
 
     @field_validator("update_mode")
     @classmethod
@@ -252,6 +276,9 @@ long_poll_max_s = 30
 # tls_key = "/etc/edgeadapt/cloud.key"
 # max_connections = 1024                # half-sent/idle connections past this are closed, oldest first
 # header_timeout_s = 10                 # a request head (body: body_timeout_s = 60) must arrive within this
+# database_url = "postgresql://edgeadapt:PASSWORD@db:5432/edgeadapt"  # shared metadata (default: SQLite)
+# blob_url = "s3://edgeadapt/cloud"     # shared blobs, S3-compatible (default: <store_dir>/blobs)
+# blob_endpoint_url = "http://minio:9000"  # a non-AWS object store
 
 [cloud.update_opts]                     # options of the update mode
 # density = 0.1                         # ternary / bitmask_fp16: fraction of entries kept

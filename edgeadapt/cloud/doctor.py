@@ -54,7 +54,10 @@ def cloud_findings(home: Path | None, bundle: Path | None = None, url: str | Non
     except Exception as exc:
         out.append(Finding("fatal", "admin token", str(exc), f"`edgeadapt cloud init {h}`"))
     out += _bundle(cfg, key_b64, h)
-    out += _store(store_dir(h, cfg), cfg.min_free_disk_mb)
+    if cfg.database_url or (cfg.blob_url or "").startswith("s3://"):
+        out += _shared_store(cfg)
+    if not cfg.database_url:
+        out += _store(store_dir(h, cfg), cfg.min_free_disk_mb)
     if cfg.teacher:
         w = cfg.teacher_weights
         if w and not Path(w).expanduser().is_file():
@@ -136,6 +139,38 @@ def _store(path: Path, min_free_mb: float) -> list[Finding]:
     level = "fatal" if free < 64 * 2**20 else "warn" if free < min_free_mb * 2**20 else "ok"
     out.append(Finding(level, "disk", f"{free / 2**20:.0f} MiB free under {where}",
                        "" if level == "ok" else "free space: uploads and versions are stored here"))
+    return out
+
+
+def _shared_store(cfg) -> list[Finding]:
+    """PostgreSQL and the S3-compatible object store of a replicated cloud: reachable, nothing created."""
+    from edgeadapt.cloud.store import open_blob_store, redact_url
+
+    out = []
+    if cfg.database_url:
+        where = redact_url(cfg.database_url)
+        try:
+            import psycopg
+
+            with psycopg.connect(cfg.database_url, connect_timeout=10) as conn:
+                exists = conn.execute("SELECT to_regclass('devices') IS NOT NULL").fetchone()[0]
+                n = conn.execute("SELECT COUNT(*) FROM devices").fetchone()[0] if exists else None
+            out.append(Finding("ok", "store", f"{where} answers " + (f"({n} devices)" if exists else
+                                                                     "(tables not created yet: the first `cloud "
+                                                                     "serve` creates them)")))
+        except Exception as exc:  # ImportError, psycopg.Error
+            out.append(Finding("fatal", "store", f"{where}: {type(exc).__name__}: {str(exc)[:300]}",
+                               "start the database, or fix database_url (and `pip install 'psycopg[binary]'`)"))
+    if (cfg.blob_url or "").startswith("s3://"):
+        try:
+            blobs = open_blob_store(cfg.blob_url, cfg.blob_endpoint_url, create_bucket=False)
+            blobs.exists("doctor-probe")
+            blobs.close()
+            out.append(Finding("ok", "blobs", f"{cfg.blob_url} answers"))
+        except Exception as exc:  # StoreUnavailable, ImportError
+            out.append(Finding("fatal", "blobs", f"{cfg.blob_url}: {type(exc).__name__}: {str(exc)[:300]}",
+                               "start the object store, or fix blob_url / blob_endpoint_url and the AWS_* "
+                               "credentials"))
     return out
 
 

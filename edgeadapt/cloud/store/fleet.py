@@ -1,0 +1,143 @@
+"""The fleet: the model this store serves (meta), devices and their tokens, heartbeats, rollouts."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+from edgeadapt.cloud.store.db import Database, Row, Transaction
+from edgeadapt.cloud.store.records import Device, NotFound, Rollout, StoreError, hash_token, new_token
+
+
+class FleetRepository:
+    def __init__(self, db: Database):
+        self.db = db
+
+    # -- meta (e.g. the model name this store belongs to)
+    def get_meta(self, key: str) -> str | None:
+        with self.db.reader() as tx:
+            row = tx.one("SELECT value FROM meta WHERE key=?", (key,))
+        return None if row is None else row["value"]
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (key, value))
+
+    # -- devices
+    @staticmethod
+    def _device(row: Row) -> Device:
+        return Device(id=row["id"], name=row["name"], created=row["created"], revoked=row["revoked"],
+                      last_seen=row["last_seen"], version=row["version"], status=row["status"],
+                      counters=json.loads(row["counters"]) if row["counters"] else {}, expires=row["expires"],
+                      problems=json.loads(row["problems"]) if row["problems"] else {},
+                      heartbeat_at=row["heartbeat_at"])
+
+    def add_device(self, name: str, expires_in_s: float | None = None) -> str:
+        """Register a device; returns its token (shown once, stored hashed), valid for ``expires_in_s`` seconds
+        (None: until revoked)."""
+        if expires_in_s is not None and not expires_in_s > 0:
+            raise StoreError(f"expiry must be a positive number of seconds, not {expires_in_s!r}")
+        if not name or len(name) > 64 or not all(ch.isalnum() or ch in "-_." for ch in name):
+            raise StoreError(f"device name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
+        token = new_token()
+        with self.db.transaction() as tx:
+            tx.lock("devices")
+            if tx.one("SELECT 1 AS found FROM devices WHERE name=?", (name,)):
+                raise StoreError(f"device {name!r} already exists")
+            now = time.time()
+            tx.execute("INSERT INTO devices(name, token_hash, created, expires) VALUES(?, ?, ?, ?)",
+                       (name, hash_token(token), now, None if expires_in_s is None else now + expires_in_s))
+        return token
+
+    def revoke_device(self, name: str) -> None:
+        with self.db.transaction() as tx:
+            cur = tx.execute("UPDATE devices SET revoked=? WHERE name=? AND revoked IS NULL", (time.time(), name))
+            if cur.rowcount == 0 and not tx.one("SELECT 1 AS found FROM devices WHERE name=?", (name,)):
+                raise NotFound(f"no device named {name!r}")
+
+    def get_device(self, name: str) -> Device:
+        with self.db.reader() as tx:
+            row = tx.one("SELECT * FROM devices WHERE name=?", (name,))
+        if row is None:
+            raise NotFound(f"no device named {name!r}")
+        return self._device(row)
+
+    def list_devices(self) -> list[Device]:
+        with self.db.reader() as tx:
+            return [self._device(r) for r in tx.all("SELECT * FROM devices ORDER BY name")]
+
+    def authenticate(self, token: str) -> Device | None:
+        """The device holding this token, unless revoked or expired; else None."""
+        if not token or len(token) > 256:
+            return None
+        digest = hash_token(token)
+        with self.db.reader() as tx:
+            row = tx.one("SELECT * FROM devices WHERE token_hash=?", (digest,))
+        if row is None or not hmac.compare_digest(row["token_hash"], digest) or row["revoked"] is not None:
+            return None
+        if row["expires"] is not None and row["expires"] <= time.time():
+            return None
+        return self._device(row)
+
+    def touch_device(self, device_id: int, version: int | None = None, status: str | None = None,
+                     counters: dict | None = None, problems: dict | None = None, heartbeat: bool = False) -> None:
+        """Note a request from the device (``last_seen``); a heartbeat also records its status and problems."""
+        now = time.time()
+        sets, args = ["last_seen=?"], [now]
+        if heartbeat:
+            sets.append("heartbeat_at=?")
+            args.append(now)
+        if problems is not None:
+            sets.append("problems=?")
+            args.append(json.dumps(problems))
+        if version is not None:
+            sets.append("version=?")
+            args.append(int(version))
+        if status is not None:
+            sets.append("status=?")
+            args.append(status[:200])
+        if counters is not None:
+            sets.append("counters=?")
+            args.append(json.dumps(counters))
+        with self.db.transaction() as tx:
+            tx.execute(f"UPDATE devices SET {', '.join(sets)} WHERE id=?", (*args, device_id))
+
+    # -- rollouts
+    @staticmethod
+    def check_scope(devices: list[str] | None, fraction: float | None) -> None:
+        if devices is not None and fraction is not None:
+            raise StoreError("a rollout names devices or a fraction, not both")
+        if fraction is not None and not 0 < fraction <= 1:
+            raise StoreError(f"rollout fraction must be in (0, 1], not {fraction}")
+
+    @classmethod
+    def insert_rollout(cls, tx: Transaction, version: int, devices: list[str] | None = None,
+                       fraction: float | None = None, note: str = "") -> int:
+        cls.check_scope(devices, fraction)
+        return tx.insert("INSERT INTO rollouts(version, devices, fraction, created, note) VALUES(?,?,?,?,?)",
+                         (int(version), None if devices is None else json.dumps(sorted(set(devices))), fraction,
+                          time.time(), note))
+
+    def add_rollout(self, version: int, devices: list[str] | None = None, fraction: float | None = None,
+                    note: str = "") -> int:
+        self.check_scope(devices, fraction)
+        with self.db.transaction() as tx:
+            if not tx.one("SELECT 1 AS found FROM versions WHERE version=?", (int(version),)):
+                raise NotFound(f"no version {version}")
+            return self.insert_rollout(tx, version, devices, fraction, note)
+
+    def list_rollouts(self) -> list[Rollout]:
+        with self.db.reader() as tx:
+            rows = tx.all("SELECT * FROM rollouts ORDER BY id")
+        return [Rollout(id=r["id"], version=r["version"],
+                        devices=None if r["devices"] is None else json.loads(r["devices"]),
+                        fraction=r["fraction"], created=r["created"], note=r["note"] or "") for r in rows]
+
+    def target_version(self, device_name: str) -> int | None:
+        """The version the newest rollout covering this device assigns, or None (no rollout covers it)."""
+        for r in sorted(self.list_rollouts(), key=lambda r: r.id, reverse=True):
+            if r.covers(device_name):
+                return r.version
+        return None

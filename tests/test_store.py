@@ -1,0 +1,360 @@
+"""The cloud store, one suite for both back ends: SQLite + a blob directory, and PostgreSQL + an S3-compatible
+object store (real servers on loopback: ``initdb``/``pg_ctl`` and moto's server mode, see tests/store_servers.py).
+
+Every test taking ``store`` runs once per back end; ``replicas`` gives two store objects on the same back end, as
+two ``cloud serve`` processes would hold."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgeadapt.cloud.store import (
+    LocalBlobStore,
+    NewSample,
+    NotFound,
+    PostgresStore,
+    S3BlobStore,
+    SQLiteStore,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    open_blob_store,
+    open_store,
+    redact_url,
+)
+
+pytest_plugins = ["tests.store_servers"]
+
+BACKENDS = ["sqlite", "postgres+s3"]
+
+
+def _open(kind: str, request, tmp_path, shared: dict | None = None) -> Store:
+    """A store of this kind; with ``shared`` (filled by the first call), another one on the same data."""
+    if kind == "sqlite":
+        return SQLiteStore(tmp_path / "store")
+    pg, s3 = request.getfixturevalue("postgres_server"), request.getfixturevalue("s3_server")
+    if shared is None:
+        shared = {}
+    if "url" not in shared:
+        shared.update(url=pg.create_database(), bucket=s3.bucket_url())
+    return PostgresStore(shared["url"], open_blob_store(shared["bucket"], s3.endpoint_url))
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request, tmp_path):
+    s = _open(request.param, request, tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def replicas(request, tmp_path):
+    """Two store objects over the same database and blobs (two processes' worth of connections)."""
+    shared: dict = {}
+    a = _open(request.param, request, tmp_path, shared)
+    b = _open(request.param, request, tmp_path, shared)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def _samples(ids, split="train", dtype=np.uint8, shape=(1, 4, 4), seed=0) -> list[NewSample]:
+    rng = np.random.default_rng(seed)
+    return [NewSample(sample_id=i, input=rng.integers(0, 255, shape).astype(dtype), logits=rng.normal(size=10),
+                      entropy=0.5, ood_score=0.1, novel=split == "novel", param_version=0, split=split) for i in ids]
+
+
+def _params(v: float = 0.0) -> dict[str, np.ndarray]:
+    return {"bn.weight": np.full(4, 1.0 + v, np.float32), "bn.bias": np.arange(4, dtype=np.float32) * v}
+
+
+# ------------------------------------------------------------------------------------------------ fleet
+def test_devices_tokens_expiry_and_heartbeats(store):
+    token = store.add_device("cam-1")
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_device("cam-1")
+    with pytest.raises(StoreError, match="device name"):
+        store.add_device("bad name!")
+    with pytest.raises(StoreError, match="expiry"):
+        store.add_device("cam-x", expires_in_s=0)
+    dev = store.authenticate(token)
+    assert dev is not None and dev.name == "cam-1" and dev.expires is None and dev.revoked is None
+    assert store.authenticate("not-a-token") is None and store.authenticate("") is None
+    temp = store.add_device("cam-0", expires_in_s=3600)
+    assert 3590 < store.get_device("cam-0").expires - time.time() <= 3600
+    assert [d.name for d in store.list_devices()] == ["cam-0", "cam-1"]
+    with store._tx() as tx:  # an hour later
+        tx.execute("UPDATE devices SET expires=? WHERE name=?", (time.time() - 1, "cam-0"))
+    assert store.authenticate(temp) is None
+    store.touch_device(dev.id)
+    assert store.get_device("cam-1").last_seen is not None and store.get_device("cam-1").heartbeat_at is None
+    store.touch_device(dev.id, version=3, status="ok" * 200, counters={"frames": 7}, problems={"disk": "low"},
+                       heartbeat=True)
+    got = store.get_device("cam-1")
+    assert (got.version, got.counters, got.problems, len(got.status)) == (3, {"frames": 7}, {"disk": "low"}, 200)
+    assert got.heartbeat_at >= got.created
+    store.revoke_device("cam-1")
+    store.revoke_device("cam-1")  # twice: no error
+    assert store.authenticate(token) is None and store.get_device("cam-1").revoked is not None
+    with pytest.raises(NotFound):
+        store.revoke_device("nobody")
+    with pytest.raises(NotFound):
+        store.get_device("nobody")
+
+
+def test_meta_and_rollouts(store):
+    assert store.get_meta("model_name") is None
+    store.set_meta("model_name", "a")
+    store.set_meta("model_name", "b")
+    assert store.get_meta("model_name") == "b"
+    with pytest.raises(NotFound):
+        store.add_rollout(0)
+    store.add_version(_params(0), parent=None, version=0)
+    store.add_version(_params(1), parent=0)
+    with pytest.raises(StoreError, match="not both"):
+        store.add_rollout(1, devices=["a"], fraction=0.5)
+    with pytest.raises(StoreError, match="fraction"):
+        store.add_rollout(1, fraction=1.5)
+    assert store.target_version("a") is None
+    r_all = store.add_rollout(0, note="all")
+    r_dev = store.add_rollout(1, devices=["b", "a", "a"])
+    assert r_dev > r_all
+    assert (store.target_version("a"), store.target_version("c")) == (1, 0)
+    rollouts = store.list_rollouts()
+    assert [r.scope for r in rollouts] == ["all", "devices: a,b"] and rollouts[0].note == "all"
+    store.add_rollout(1, fraction=0.5)
+    names = [f"d{i}" for i in range(200)]
+    on_1 = sum(store.target_version(n) == 1 for n in names)
+    assert 60 < on_1 < 140  # about half
+
+
+# ------------------------------------------------------------------------------------------------ samples
+def test_samples_once_per_device_and_sample_id(store):
+    a, b = store.add_device("a"), store.add_device("b")
+    da, db = store.authenticate(a), store.authenticate(b)
+    new, dups = store.add_samples(da.id, _samples(["s1", "s2", "s1"]))
+    assert (new, dups) == (["s1", "s2"], ["s1"])
+    new, dups = store.add_samples(da.id, _samples(["s2", "s3"]) + _samples(["h1"], "holdout"))
+    assert (sorted(new), dups) == (["h1", "s3"], ["s2"])
+    new, _ = store.add_samples(db.id, _samples(["s1"], dtype=np.float16, shape=(1, 2, 2)))  # another device's s1
+    assert new == ["s1"]
+    assert store.add_samples(da.id, []) == ([], [])
+    assert store.count_samples() == 5 and store.count_samples("train") == 4 and store.count_samples("holdout") == 1
+    pending = store.pending_samples()
+    assert [s.sample_id for s in pending] == ["s1", "s2", "s3", "s1"]
+    assert [s.device_id for s in pending] == [da.id, da.id, da.id, db.id]
+    inputs = store.load_inputs(pending)
+    assert [x.dtype for x in inputs] == [np.uint8] * 3 + [np.float16] and inputs[3].shape == (1, 2, 2)
+    assert np.array_equal(inputs[0], _samples(["s1"])[0].input)
+    assert store.oldest_pending_time() == pytest.approx(pending[0].received)
+    store.mark_consumed([pending[0].seq, pending[1].seq])
+    assert store.count_samples("train", consumed=False) == 2 and store.count_samples("train", consumed=True) == 2
+    assert [s.sample_id for s in store.recent_samples("train", 2)] == ["s3", "s1"]
+    assert [s.sample_id for s in store.recent_samples("train", 10, consumed=True)] == ["s1", "s2"]
+    per_device = store.recent_samples_per_device("train", 1)
+    assert [(s.device_id, s.sample_id) for s in per_device] == [(da.id, "s3"), (db.id, "s1")]
+    store.mark_consumed([s.seq for s in store.pending_samples()])
+    assert store.pending_samples() == [] and store.oldest_pending_time() is None
+
+
+def test_batch_responses_are_kept_for_retries(store):
+    assert store.get_batch_response(1, "sha") is None
+    store.put_batch_response(1, "sha", '{"ok": true}')
+    store.put_batch_response(1, "sha", '{"ok": false}')  # the first answer stays
+    assert store.get_batch_response(1, "sha") == '{"ok": true}' and store.get_batch_response(2, "sha") is None
+
+
+# ------------------------------------------------------------------------------------------------ versions
+def test_versions_candidates_param_sets_packages(store):
+    assert store.latest_version() is None
+    assert store.add_version(_params(0), parent=None, note="bundle", version=0) == 0
+    with pytest.raises(StoreError, match="already exists"):
+        store.add_version(_params(0), parent=None, version=0)
+    assert store.add_version(_params(1), parent=0, metrics={"agree": np.float32(0.5)}) == 1
+    assert store.latest_version() == 1 and [v.version for v in store.list_versions()] == [0, 1]
+    rec = store.get_version(1)
+    assert (rec.parent, rec.metrics, store.get_version(0).note) == (0, {"agree": 0.5}, "bundle")
+    p1 = store.get_params(1)
+    assert np.array_equal(p1["bn.bias"], _params(1)["bn.bias"])
+    p1["bn.bias"][:] = 99  # a caller's copy: the store's cache is not changed
+    assert np.array_equal(store.get_params(1)["bn.bias"], _params(1)["bn.bias"])
+    with pytest.raises(NotFound):
+        store.get_version(7)
+    with pytest.raises(NotFound):
+        store.get_params(7)
+    cid = store.add_candidate(1, "rejected", None, "abc", "worse", {"drop": 0.1})
+    cands = store.list_candidates()
+    assert [(c.id, c.status, c.version, c.reason, c.metrics) for c in cands] == [(cid, "rejected", None, "worse",
+                                                                                  {"drop": 0.1})]
+    # parameter sets: every version's, and a lossy reconstruction a device may hold
+    assert store.get_param_set(rec.params_hash)[0] == 1
+    recon = _params(1.01)
+    phash = store.put_param_set(1, recon)
+    assert store.put_param_set(1, recon) == phash
+    version, got = store.get_param_set(phash)
+    assert version == 1 and np.allclose(got["bn.weight"], recon["bn.weight"])
+    assert store.get_param_set("0" * 64) is None
+    store.record_served(5, 1, phash)
+    store.record_served(5, 1, rec.params_hash)
+    assert store.served_hash(5, 1) == rec.params_hash and store.served_hash(5, 0) is None
+    # packages
+    assert store.get_package("m/0/1/int8") is None
+    store.put_package("m/0/1/int8", b"pkg-1", {"mode": "int8"})
+    store.put_package("m/0/1/int8", b"pkg-2", {"mode": "int8", "n": 2})
+    assert store.get_package("m/0/1/int8") == (b"pkg-2", {"mode": "int8", "n": 2})
+    blob = store.db  # the row stays, its blob gone: treated as not built
+    with blob.reader() as tx:
+        key = tx.one("SELECT blob FROM packages WHERE key=?", ("m/0/1/int8",))["blob"]
+    store.blobs.delete(key)
+    assert store.get_package("m/0/1/int8") is None
+
+
+def test_finish_round_is_one_transaction(store, monkeypatch):
+    dev = store.authenticate(store.add_device("cam"))
+    store.add_version(_params(0), parent=None, version=0)
+    store.add_samples(dev.id, _samples([f"s{i}" for i in range(6)]))
+    seqs = [s.seq for s in store.pending_samples()]
+    cid, version = store.finish_round(0, "h-rej", {"agree": 0.1}, seqs[:2], reason="gate")
+    assert version is None and store.latest_version() == 0
+    assert store.list_candidates()[-1].status == "rejected" and store.count_samples("train", consumed=False) == 4
+    # a failure late in the round (marking its uploads) leaves nothing: no version, rollout or candidate
+    real = store.samples.mark_consumed_in
+
+    def fail_on_capped(tx, seqs_, split=None):
+        real(tx, seqs_, split)
+        if split == "capped":
+            raise RuntimeError("crash")
+
+    monkeypatch.setattr(store.samples, "mark_consumed_in", fail_on_capped)
+    with pytest.raises(RuntimeError):
+        store.finish_round(0, "h1", {}, seqs[2:4], params=_params(1), rollout=True, capped=seqs[4:5])
+    assert store.latest_version() == 0 and store.list_rollouts() == [] and len(store.list_candidates()) == 1
+    assert store.count_samples("train", consumed=False) == 4 and store.count_samples("capped") == 0
+    monkeypatch.setattr(store.samples, "mark_consumed_in", real)
+    cid2, version = store.finish_round(0, "h1", {"agree": 0.9}, seqs[2:4], params=_params(1), rollout=True,
+                                       capped=seqs[4:5], note="round 1")
+    assert version == 1 and cid2 > cid and store.target_version("cam") == 1
+    assert store.get_version(1).note == "round 1" and store.list_rollouts()[-1].note == "auto"
+    assert store.count_samples("train", consumed=False) == 1 and store.count_samples("capped", consumed=True) == 1
+
+
+# ------------------------------------------------------------------------------------------------ replicas
+def test_two_replicas_share_everything_and_number_versions_once(replicas):
+    a, b = replicas
+    dev = a.authenticate(a.add_device("cam"))
+    assert b.authenticate(b.add_device("cam2")).name == "cam2" and {d.name for d in a.list_devices()} == {"cam",
+                                                                                                        "cam2"}
+    a.add_version(_params(0), parent=None, version=0)
+    # the same upload retried through both replicas at once is stored once
+    batch = _samples([f"s{i}" for i in range(20)])
+    results: list = []
+    threads = [threading.Thread(target=lambda s=s: results.append(s.add_samples(dev.id, batch))) for s in (a, b)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(len(new) for new, _ in results) == [0, 20] or sum(len(new) for new, _ in results) == 20
+    assert b.count_samples() == 20 and len(b.load_inputs(a.pending_samples())) == 20
+    # versions added concurrently through both get distinct numbers
+    made: list[int] = []
+    lock = threading.Lock()
+
+    def add(store, k):
+        for i in range(5):
+            v = store.add_version(_params(k * 10 + i), parent=0)
+            with lock:
+                made.append(v)
+
+    threads = [threading.Thread(target=add, args=(s, k)) for k, s in enumerate((a, b, a, b))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(made) == list(range(1, 21)) and b.latest_version() == 20
+
+
+# ------------------------------------------------------------------------------------------------ blobs, config
+@pytest.fixture(params=["local", "s3"])
+def blobs(request, tmp_path):
+    if request.param == "local":
+        yield LocalBlobStore(tmp_path / "blobs")
+        return
+    s3 = request.getfixturevalue("s3_server")
+    b = open_blob_store(s3.bucket_url(), s3.endpoint_url)
+    assert isinstance(b, S3BlobStore)
+    yield b
+    b.close()
+
+
+def test_blob_stores(blobs):
+    blobs.put("a/b.bin", b"one")
+    blobs.put("a/b.bin", b"two")
+    assert blobs.get("a/b.bin") == b"two" and blobs.exists("a/b.bin") and not blobs.exists("a/c.bin")
+    with pytest.raises(NotFound):
+        blobs.get("a/c.bin")
+    blobs.delete("a/b.bin")
+    blobs.delete("a/b.bin")
+    assert not blobs.exists("a/b.bin")
+    for bad in ("/etc/passwd", "../x", "a/../../x", ""):
+        with pytest.raises(StoreError, match="illegal"):
+            blobs.put(bad, b"x")
+
+
+def test_open_store_by_url(tmp_path, request):
+    s = open_store(tmp_path / "s")
+    assert isinstance(s, SQLiteStore) and s.blobs.root == tmp_path / "s" / "blobs"
+    s.close()
+    s = open_store(tmp_path / "s", blob_url=str(tmp_path / "elsewhere"))
+    assert s.blobs.root == tmp_path / "elsewhere"
+    s.close()
+    with pytest.raises(StoreError, match="only postgresql"):
+        open_store(tmp_path / "s", database_url="mysql://x")
+    with pytest.raises(StoreError, match="s3://BUCKET"):
+        open_blob_store("ftp://x/y")
+    assert redact_url("postgresql://u:secret@h:5/db") == "postgresql://u:***@h:5/db"
+    assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    pg, s3 = request.getfixturevalue("postgres_server"), request.getfixturevalue("s3_server")
+    s = open_store(tmp_path / "unused", database_url=pg.create_database(), blob_url=s3.bucket_url(),
+                   blob_endpoint_url=s3.endpoint_url)
+    assert isinstance(s, PostgresStore) and s.describe().startswith("postgresql postgresql://postgres@127.0.0.1")
+    s.close()
+
+
+def test_unreachable_servers_raise_store_unavailable(tmp_path, request):
+    """A database or object store that does not answer is a ``StoreUnavailable`` (an OSError: 503, retry)."""
+    from tests.store_servers import _free_port
+
+    pytest.importorskip("psycopg")
+    port = _free_port()  # nothing listens there
+    with pytest.raises(StoreUnavailable):
+        PostgresStore(f"postgresql://postgres@127.0.0.1:{port}/x", LocalBlobStore(tmp_path / "b"))
+    pytest.importorskip("boto3")
+    with pytest.raises(StoreUnavailable):
+        open_blob_store("s3://bucket/p", f"http://127.0.0.1:{port}")
+    # a server that goes away under an open store: the next call fails the same way
+    request.getfixturevalue("s3_server")  # credentials in the environment
+    assert issubclass(StoreUnavailable, OSError)
+
+
+def test_config_names_the_back_end_and_doctor_checks_it(tmp_path, request):
+    from edgeadapt.cloud.config import ConfigError, load_config
+    from edgeadapt.cloud.doctor import _shared_store
+
+    cfg = load_config(tmp_path, environ={})
+    assert (cfg.database_url, cfg.blob_url, cfg.blob_endpoint_url) == (None, None, None)  # SQLite + blob directory
+    cfg = load_config(tmp_path, environ={"EDGEADAPT_CLOUD_DATABASE_URL": "postgresql://u:p@db/x",
+                                         "EDGEADAPT_CLOUD_BLOB_URL": "s3://bucket/cloud"})
+    assert cfg.database_url == "postgresql://u:p@db/x" and cfg.blob_url == "s3://bucket/cloud"
+    for bad in ({"database_url": "mysql://db/x"}, {"blob_url": "gs://bucket"}, {"blob_url": "s3:///nobucket"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            load_config(tmp_path, bad, environ={})
+    pg, s3 = request.getfixturevalue("postgres_server"), request.getfixturevalue("s3_server")
+    url = pg.create_database()
+    cfg = load_config(tmp_path, {"database_url": url, "blob_url": s3.bucket_url(),
+                                 "blob_endpoint_url": s3.endpoint_url}, environ={})
+    found = _shared_store(cfg)
+    assert [(f.level, f.check) for f in found] == [("ok", "store"), ("ok", "blobs")], found
+    assert "tables not created yet" in found[0].message
+    cfg = load_config(tmp_path, {"database_url": pg.url("nosuchdb"), "blob_url": "s3://b/p",
+                                 "blob_endpoint_url": "http://127.0.0.1:9"}, environ={})
+    assert [(f.level, f.check) for f in _shared_store(cfg)] == [("fatal", "store"), ("fatal", "blobs")]
