@@ -109,12 +109,28 @@ def runtime(
 def ood(
     json_out: bool = typer.Option(False, "--json"),
     work: Path = typer.Option(None, help="work directory for the open-set model (default: cache)"),
+    split: str = typer.Option("test", help="test: the test images; dev: the held-out training images (choose "
+                                           "detectors and settings here, never on the test labels)"),
+    per_set: int = typer.Option(2000, help="clean images per set (in, near, far)"),
+    covariate: bool = typer.Option(True, help="also the covariate-shifted stream through the adapting engine"),
+    corruptions: str = typer.Option(None, help="comma-separated corruptions of the shifted stream (default: all)"),
+    per_domain: int = typer.Option(400, help="in-distribution images per corruption in the shifted stream"),
+    near_rate: float = typer.Option(0.05, help="near-OOD images mixed into each domain, share of per-domain"),
+    far_rate: float = typer.Option(0.05, help="far-OOD inputs mixed into each domain, share of per-domain"),
+    method: str = typer.Option(None, help="adaptation method of the engine (default: the standalone device's)"),
 ) -> None:
-    """AUROC and FPR@95%TPR per OOD detector (in-dist: FMNIST classes 0-7; near: held-out 8-9; far: synthetic)."""
+    """AUROC and FPR@95%TPR per OOD detector (in-dist: FMNIST classes 0-7; near: held-out 8-9; far: synthetic),
+    on clean images and on a covariate-shifted stream (flag rate of the shifted in-distribution)."""
     from edgeadapt.bench.ood import run_ood_bench
+    from edgeadapt.datasets.fmnist import validate_corruptions
 
-    with console.status("OOD benchmark"):
-        res = run_ood_bench(work)
+    try:
+        names = validate_corruptions(corruptions.split(",")) if corruptions else None
+        with console.status("OOD benchmark"):
+            res = run_ood_bench(work, per_set=per_set, split=split, covariate=covariate, corruptions=names,
+                                per_domain=per_domain, near_rate=near_rate, far_rate=far_rate, method=method)
+    except ValueError as exc:
+        fail(str(exc))
     print_json(res) if json_out else console.print(res)
 
 
