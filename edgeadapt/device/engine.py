@@ -306,10 +306,6 @@ class AdaptiveEngine:
             self._hybrid_left -= 1
         if mix is not None:
             out = self.backend.run_adaptive(x, self.current_params(), mix)
-            again = method.rerun_mix(out.batch_stats, n) if adapt and out.batch_stats is not None else None
-            if again is not None:  # the method decided on this batch's own statistics
-                mix = again
-                out = self.backend.run_adaptive(x, self.current_params(), mix)
         else:
             if adapt and self._stale:
                 self._stale = False
