@@ -114,7 +114,9 @@ def start_cloud(home: str | Path, bundle: str | Path, work_dir: str | Path, *arg
     port = free_port()
     cmd = [sys.executable, "-m", "edgeadapt", "cloud", "serve", "--home", str(copy), "--bundle", str(bundle),
            "--listen", f"127.0.0.1:{port}", "--no-trainer", "--log-level", "warning", *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "EDGEADAPT_CLOUD_STORE_DIR": str(copy / "store"), **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "EDGEADAPT_CLOUD_STORE_DIR": str(copy / "store"),
+                # a home configured for PostgreSQL + S3: the copy still gets an empty SQLite store of its own
+                "EDGEADAPT_CLOUD_DATABASE_URL": "", "EDGEADAPT_CLOUD_BLOB_URL": "", **(env or {})}
     with _started(cmd, work_dir / "cloud.log", f"http://127.0.0.1:{port}", full_env, timeout,
                   admin_token=read_admin_token(copy)) as p:
         yield p

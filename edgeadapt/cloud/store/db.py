@@ -163,10 +163,14 @@ class SQLiteDatabase(Database):
             c.execute("BEGIN IMMEDIATE")
             try:
                 yield Transaction(c, "qmark")
+                c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                if c.in_transaction:  # never leave this thread's connection inside a failed transaction
+                    try:
+                        c.execute("ROLLBACK")
+                    except sqlite3.Error:  # the first error is the one worth reporting
+                        pass
                 raise
-            c.execute("COMMIT")
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[Transaction]:
