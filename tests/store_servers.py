@@ -56,6 +56,7 @@ class PostgresServer:
     data_dir: Path
     pg_bin: Path
     as_user: list[str]
+    options: str = ""  # the server's command-line settings (port, socket directory, ...)
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
@@ -68,6 +69,14 @@ class PostgresServer:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url(name)
+
+    def start(self, check: bool = True) -> subprocess.CompletedProcess:
+        return self.pg_ctl("-w", "-t", "60", "-l", str(self.data_dir.parent / "log"), "-o", self.options, "start",
+                           check=check)
+
+    def stop(self) -> subprocess.CompletedProcess:
+        """Fast shutdown: open connections are cut, as when the database restarts under the cloud."""
+        return self.pg_ctl("-w", "-m", "fast", "stop")
 
     def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([*self.as_user, str(self.pg_bin / "pg_ctl"), "-D", str(self.data_dir), *args],
@@ -100,10 +109,11 @@ def postgres_server() -> Iterator[PostgresServer]:
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         pytest.fail(f"initdb failed: {init.stderr[-2000:]}")
-    server = PostgresServer(port=_free_port(), data_dir=data, pg_bin=pg_bin, as_user=as_user)
-    opts = (f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-            "-c full_page_writes=off -c max_connections=200")
-    start = server.pg_ctl("-w", "-t", "60", "-l", str(root / "log"), "-o", opts, "start", check=False)
+    port = _free_port()
+    server = PostgresServer(port=port, data_dir=data, pg_bin=pg_bin, as_user=as_user,
+                            options=f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+    start = server.start(check=False)
     if start.returncode != 0:
         log = (root / "log").read_text() if (root / "log").exists() else ""
         shutil.rmtree(root, ignore_errors=True)

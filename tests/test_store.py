@@ -300,7 +300,7 @@ def test_blob_stores(blobs):
             blobs.put(bad, b"x")
 
 
-def test_open_store_by_url(tmp_path, request):
+def test_open_store_by_url(tmp_path):
     s = open_store(tmp_path / "s")
     assert isinstance(s, SQLiteStore) and s.blobs.root == tmp_path / "s" / "blobs"
     s.close()
@@ -313,7 +313,10 @@ def test_open_store_by_url(tmp_path, request):
         open_blob_store("ftp://x/y")
     assert redact_url("postgresql://u:secret@h:5/db") == "postgresql://u:***@h:5/db"
     assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
-    pg, s3 = request.getfixturevalue("postgres_server"), request.getfixturevalue("s3_server")
+
+
+def test_open_store_postgres_and_s3_by_url(tmp_path, postgres_server, s3_server):
+    pg, s3 = postgres_server, s3_server
     s = open_store(tmp_path / "unused", database_url=pg.create_database(), blob_url=s3.bucket_url(),
                    blob_endpoint_url=s3.endpoint_url)
     assert isinstance(s, PostgresStore) and s.describe().startswith("postgresql postgresql://postgres@127.0.0.1")
@@ -336,9 +339,8 @@ def test_unreachable_servers_raise_store_unavailable(tmp_path, request):
     assert issubclass(StoreUnavailable, OSError)
 
 
-def test_config_names_the_back_end_and_doctor_checks_it(tmp_path, request):
+def test_config_names_the_back_end(tmp_path):
     from edgeadapt.cloud.config import ConfigError, load_config
-    from edgeadapt.cloud.doctor import _shared_store
 
     cfg = load_config(tmp_path, environ={})
     assert (cfg.database_url, cfg.blob_url, cfg.blob_endpoint_url) == (None, None, None)  # SQLite + blob directory
@@ -348,7 +350,13 @@ def test_config_names_the_back_end_and_doctor_checks_it(tmp_path, request):
     for bad in ({"database_url": "mysql://db/x"}, {"blob_url": "gs://bucket"}, {"blob_url": "s3:///nobucket"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             load_config(tmp_path, bad, environ={})
-    pg, s3 = request.getfixturevalue("postgres_server"), request.getfixturevalue("s3_server")
+
+
+def test_doctor_checks_a_shared_store_without_creating_it(tmp_path, postgres_server, s3_server):
+    from edgeadapt.cloud.config import load_config
+    from edgeadapt.cloud.doctor import _shared_store
+
+    pg, s3 = postgres_server, s3_server
     url = pg.create_database()
     cfg = load_config(tmp_path, {"database_url": url, "blob_url": s3.bucket_url(),
                                  "blob_endpoint_url": s3.endpoint_url}, environ={})
@@ -358,3 +366,33 @@ def test_config_names_the_back_end_and_doctor_checks_it(tmp_path, request):
     cfg = load_config(tmp_path, {"database_url": pg.url("nosuchdb"), "blob_url": "s3://b/p",
                                  "blob_endpoint_url": "http://127.0.0.1:9"}, environ={})
     assert [(f.level, f.check) for f in _shared_store(cfg)] == [("fatal", "store"), ("fatal", "blobs")]
+
+
+def test_postgres_down_then_back_the_store_resumes(postgres_server, tmp_path, monkeypatch):
+    """PostgreSQL stopped under an open store: calls raise ``StoreUnavailable`` (503); once it is back the same
+    store object answers again (dead pooled connections are found by a ping and replaced), nothing lost."""
+    from edgeadapt.cloud.store import db as db_mod
+
+    store = PostgresStore(postgres_server.create_database(), LocalBlobStore(tmp_path / "blobs"))
+    try:
+        dev = store.authenticate(store.add_device("cam"))
+        store.add_samples(dev.id, _samples(["sample-1", "sample-2"]))
+        # restarted while the store was idle: its pooled connections are dead, the first call still answers
+        monkeypatch.setattr(db_mod, "IDLE_PING_AFTER_S", 0.0)
+        postgres_server.stop()
+        postgres_server.start()
+        assert store.count_samples() == 2
+        # stopped: every call fails as unavailable until it is back
+        postgres_server.stop()
+        try:
+            with pytest.raises(StoreUnavailable):
+                store.count_samples()
+            with pytest.raises(StoreUnavailable):
+                store.add_samples(dev.id, _samples(["sample-3"]))
+        finally:
+            postgres_server.start()
+        assert store.count_samples() == 2
+        assert store.add_samples(dev.id, _samples(["sample-2", "sample-3"])) == (["sample-3"], ["sample-2"])
+        assert store.authenticate(store.add_device("cam-2")).name == "cam-2"
+    finally:
+        store.close()

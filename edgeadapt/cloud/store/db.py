@@ -14,6 +14,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,7 @@ CREATE TABLE IF NOT EXISTS packages(key TEXT PRIMARY KEY, blob TEXT NOT NULL, in
   created {real} NOT NULL);
 """
 
+IDLE_PING_AFTER_S = 5.0  # a pooled PostgreSQL connection idle longer than this is checked before use
 Row = Any  # a mapping from column name to value (sqlite3.Row, or psycopg's dict row)
 
 
@@ -237,10 +239,7 @@ class PostgresDatabase(Database):
             raise StoreUnavailable(f"database: all {self.pool_size} connections busy for 60 s")
         conn = None
         try:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = self._connect()
+            conn = self._idle_connection() or self._connect()
             try:
                 yield conn
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -252,8 +251,26 @@ class PostgresDatabase(Database):
                 if conn.closed or conn.broken or self._closed:
                     conn.close()
                 else:
-                    self._idle.put(conn)
+                    self._idle.put((time.monotonic(), conn))
             self._slots.release()
+
+    def _idle_connection(self) -> Any | None:
+        """A pooled connection that still works, or None. One idle for a while is pinged first: after a database
+        restart every pooled connection is dead, and a request should not be the one to find out."""
+        import psycopg
+
+        while True:
+            try:
+                since, conn = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            if time.monotonic() - since < IDLE_PING_AFTER_S:
+                return conn
+            try:
+                conn.execute("SELECT 1")
+                return conn
+            except psycopg.Error:
+                conn.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -269,6 +286,6 @@ class PostgresDatabase(Database):
         self._closed = True
         while True:
             try:
-                self._idle.get_nowait().close()
+                self._idle.get_nowait()[1].close()
             except queue.Empty:
                 break
