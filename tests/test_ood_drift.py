@@ -105,7 +105,7 @@ Z2_SHIFTED = Z2 * 2.0 + [10.0, 0.0]
 def test_mahalanobis_domain_by_hand():
     plain = get_detector("mahalanobis").fit(Z2, LOGITS2, Y2, np.eye(2), np.zeros(2))
     det = get_detector("mahalanobis_domain").fit(Z2, LOGITS2, Y2, np.eye(2), np.zeros(2))
-    det.momentum, det.shift_momentum, det.trim = 0.5, 1.0, 0.2
+    det.momentum, det.shift_momentum, det.trim, det.reference_batch = 0.5, 1.0, 0.2, 8
     np.testing.assert_allclose(det.score(None, Z2), plain.score(None, Z2), rtol=1e-9)  # the source: same score
     np.testing.assert_allclose(det.domain_within, np.eye(2), rtol=1e-5)
     # first batch of a domain (weight 1) plus a far sample: the farthest 20% (squared source distances 260, 260 of
@@ -127,6 +127,13 @@ def test_mahalanobis_domain_by_hand():
     np.testing.assert_allclose(det.domain_means, [[11.0, 0.0], [19.0, 0.0]])
     np.testing.assert_allclose(det.domain_within, np.diag([4.5, 4.0]), atol=1e-12)
     np.testing.assert_allclose(det.score(None, np.array([[11.0, 2.0], [15.0, 0.0]])), [1.0, 16.0 / 4.5], rtol=1e-5)
+    # weights compound with the samples behind them: 4 samples of class 0 are a whole class share of a reference
+    # batch of 8 (weight 0.75: its mean (13, 0) moves it from (11, 0) to 12.5), half a batch for the covariance
+    # (1 - 0.25 ** 0.5 = 0.5: residuals (+-2 + 0.5, +-2) -> diag(4.25, 4); within = 0.5 diag(4.5, 4) + 0.5 that)
+    det.momentum = 0.75
+    det.observe(LOGITS2[:4], Z2_SHIFTED[:4] + [3.0, 0.0])
+    np.testing.assert_allclose(det.domain_means, [[12.5, 0.0], [19.0, 0.0]])
+    np.testing.assert_allclose(det.domain_within, np.diag([4.375, 4.0]), atol=1e-12)
     det.reset_domain()
     np.testing.assert_allclose(det.score(None, Z2), plain.score(None, Z2), rtol=1e-9)
 

@@ -327,7 +327,9 @@ class AdaptiveEngine:
                 entropy = entropy_from_logits(out.logits)
                 self._hybrid_left -= 1
         logits, feats = out.logits, out.features
-        if adapt:  # an online detector follows the domain with the batch it is about to score (as the norm does)
+        if adapt and self.method.name != "none":
+            # an online detector follows the domain with the batch it is about to score (as the norm does); a
+            # device that does not adapt (method none) keeps the source detector: the same input, the same answer
             self.detector.observe(logits, feats, shift)
         ood_score = self.detector.score(logits, feats)
         ood = ood_score > self.detector.threshold

@@ -12,7 +12,11 @@ covariance, starting at the source's and following the stream as an EMA over bat
   few novel samples per batch do not pull the domain toward themselves;
 - the batch is observed before it is scored, as the engine's own normalization uses the batch: the first
   batch of a new domain is judged against that domain already (scoring first flagged 37% on the dev stream);
-- at a domain shift (the engine's detection) the batch gets the larger weight ``shift_momentum``.
+- at a domain shift (the engine's detection) the batch gets the larger weight ``shift_momentum``;
+- the weights are those of a batch of ``REFERENCE_BATCH`` samples and compound with the number of samples
+  behind each estimate (``1 - (1 - m) ** (n / REFERENCE_BATCH)`` for the covariance, a class's count against
+  its share of a reference batch for its mean): two batches of 32 move the domain as one of 64 does, a class
+  seen once in a batch barely moves, and a served request of three images barely moves anything.
 
 Score: min_k (z - mu_k)^T Sigma^-1 (z - mu_k) over the domain's means and covariance. While the domain is the
 source this is ``mahalanobis``'s score, so the exported threshold holds and a bundle exported before this
@@ -38,6 +42,8 @@ from edgeadapt.device.ood.registry import register
 MOMENTUM = 0.35
 SHIFT_MOMENTUM = 0.5
 TRIM = 0.1
+#: the batch size the weights are meant for (the benchmark's and the dev stream's)
+REFERENCE_BATCH = 64
 
 
 @register
@@ -47,9 +53,11 @@ class MahalanobisDomain(Mahalanobis):
     derived_from: ClassVar[str | None] = "mahalanobis"
 
     def __init__(self, means: np.ndarray, present: np.ndarray, precision: np.ndarray, momentum: float = MOMENTUM,
-                 shift_momentum: float = SHIFT_MOMENTUM, trim: float = TRIM) -> None:
+                 shift_momentum: float = SHIFT_MOMENTUM, trim: float = TRIM,
+                 reference_batch: int = REFERENCE_BATCH) -> None:
         super().__init__(means, present, precision)
         self.momentum, self.shift_momentum, self.trim = float(momentum), float(shift_momentum), float(trim)
+        self.reference_batch = int(reference_batch)
         self._classes = np.flatnonzero(self.present)
         self._source_within = np.linalg.pinv(self.precision, hermitian=True)
         self.reset_domain()
@@ -78,17 +86,26 @@ class MahalanobisDomain(Mahalanobis):
         nearest = d.min(axis=1)
         keep = nearest <= np.quantile(nearest, 1.0 - self.trim) if len(z) > 1 else np.ones(len(z), bool)
         labels = self._pseudo_labels(logits, d)
-        m = self.shift_momentum if shift or self.domain_batches == 0 else self.momentum
+        m0 = self.shift_momentum if shift or self.domain_batches == 0 else self.momentum
+        per_class = self.reference_batch / len(self._classes)  # a class's share of a reference batch
         means = self.domain_means.copy()
         for k in self._classes:
             idx = keep & (labels == k)
-            if idx.sum() >= 2:
-                means[k] = (1 - m) * means[k] + m * z[idx].mean(axis=0)
-        if keep.sum() >= 2:
+            if idx.any():
+                mk = 1.0 - (1.0 - m0) ** (idx.sum() / per_class)
+                means[k] = (1 - mk) * means[k] + mk * z[idx].mean(axis=0)
+        within, precision = self.domain_within, self.domain_precision
+        if keep.any():
+            m = 1.0 - (1.0 - m0) ** (keep.sum() / self.reference_batch)
             r = z[keep] - means[labels[keep]]
-            self.domain_within = (1 - m) * self.domain_within + m * (r.T @ r / keep.sum())
-            self.domain_precision = _precision(self.domain_within)
-        self.domain_means = means
+            within = (1 - m) * within + m * (r.T @ r / keep.sum())
+            try:
+                precision = _precision(within)
+            except np.linalg.LinAlgError:  # a degenerate batch never replaces a usable domain
+                return
+        if not (np.isfinite(means).all() and np.isfinite(precision).all()):
+            return
+        self.domain_means, self.domain_within, self.domain_precision = means, within, precision
         self.domain_batches += 1
 
     def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
