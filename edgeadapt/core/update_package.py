@@ -11,7 +11,8 @@ compression, mode_opts, tensors [{name, shape, dtype, encoding, nnz}], payload {
 The payload is zstd-compressed safetensors (never pickle) with one array per part (``value``, ``delta``,
 ``q``, ``scale``, ``mask``, ``sign``, ``values``), each the concatenation over all tensors in header order.
 
-Compression modes (Δ = target − base, per tensor):
+Compression modes (Δ = target − base, per tensor), one codec each in ``core.update_codecs`` (its parts, encode,
+decode), looked up by the header's ``compression``:
 
 - ``fp32``: the raw float32 target values (lossless).
 - ``fp16``: Δ in float16.
@@ -55,14 +56,16 @@ import zstandard
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from edgeadapt.core import param_bounds, signing
+from edgeadapt.core import param_bounds, signing, update_codecs
 from edgeadapt.core.tensorfile import ParamSet, params_hash
+from edgeadapt.core.update_codecs import CodecRejected
 
 MAGIC = b"EAUP1\n"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 FORMAT_VERSION = 1
-MODES = ("fp32", "fp16", "int8", "int4", "ecq", "ternary", "bitmask_fp16")
-LOSSLESS_MODES = ("fp32",)
+CODECS = update_codecs.REGISTRY
+MODES = update_codecs.modes()  # ("fp32", "fp16", "int8", "int4", "ecq", "ternary", "bitmask_fp16")
+LOSSLESS_MODES = tuple(m for m, c in CODECS.items() if c.lossless)
 SIG_BYTES = 64
 MAX_HEADER_BYTES = 4 << 20
 MAX_PAYLOAD_BYTES = 512 << 20
@@ -70,7 +73,7 @@ MAX_DECOMPRESSED_BYTES = 1 << 30
 MAX_TENSORS = 100_000
 MAX_TENSOR_ELEMENTS = 1 << 28
 MAX_VERSION = 2**62  # as in core.wire: versions are SQLite INTEGERs on the cloud
-DEFAULT_DENSITY = 0.10
+DEFAULT_DENSITY = update_codecs.DEFAULT_DENSITY
 
 
 class UpdateRejected(Exception):
@@ -93,173 +96,30 @@ class BuiltPackage:
 
 
 # --------------------------------------------------------------------------------------------- encoding
-# The payload holds one array per part, each the concatenation over all tensors in header order (sorted
-# names); tensor boundaries come from the header's shapes and ``nnz`` counts. (One safetensors entry per
-# tensor would cost ~70 bytes of safetensors header per tensor: more than a small model's whole update.)
-PARTS = {
-    "fp32": {"value": "float32"},
-    "fp16": {"delta": "float16"},
-    "int8": {"q": "int8", "scale": "float32"},
-    "ecq": {"q": "int8", "scale": "float32"},
-    "int4": {"q": "uint8", "scale": "float32"},
-    "ternary": {"mask": "uint8", "sign": "uint8", "scale": "float32"},
-    "bitmask_fp16": {"mask": "uint8", "values": "float16"},
-}
-SPARSE_MODES = ("ternary", "bitmask_fp16")
-
-
-def _topk_mask(absd: np.ndarray, density: float, threshold: float | None) -> np.ndarray:
-    if threshold is not None:
-        return absd > threshold
-    n = absd.size
-    k = min(n, max(1, int(math.ceil(density * n)))) if n else 0
-    mask = np.zeros(n, dtype=bool)
-    if k == 0:
-        return mask
-    if k < n:
-        idx = np.argpartition(-absd, k - 1)[:k]
-    else:
-        idx = np.arange(n)
-    mask[idx] = True
-    mask &= absd > 0  # never "keep" an unchanged entry
-    return mask
-
-
-def _pack(mask: np.ndarray) -> np.ndarray:
-    return np.packbits(mask.astype(np.uint8), bitorder="little")
-
-
-def _unpack(packed: np.ndarray, n: int) -> np.ndarray:
-    return np.unpackbits(packed, count=n, bitorder="little").astype(bool)
-
-
-def _ecq_step(delta: np.ndarray, k: float) -> float:
-    """rms(Δ)/k, but never so small that the largest |Δ| would be clipped at code 127."""
-    if not delta.size:
-        return 0.0
-    rms = float(np.sqrt(np.mean(np.square(delta, dtype=np.float64))))
-    return max(rms / k, float(np.abs(delta).max()) / 127.0)
+# One codec per mode (``core.update_codecs``): its payload parts, how it encodes Δ and how the device decodes it.
+# The payload holds one array per part, each the concatenation over all tensors in header order (sorted names).
 
 
 def _encode(names: list[str], base: ParamSet, target: ParamSet, mode: str, opts: dict) -> tuple[dict, list[dict]]:
     """-> (payload arrays, header tensor entries)."""
-    entries = [{"name": n, "shape": list(base[n].shape), "dtype": "float32", "encoding": mode} for n in names]
-    if mode == "fp32":
-        flat = [target[n].reshape(-1) for n in names]
-        return {"value": np.concatenate(flat) if flat else np.zeros(0, np.float32)}, entries
-    deltas = [(target[n] - base[n]).reshape(-1).astype(np.float32) for n in names]
-    cat = np.concatenate(deltas) if deltas else np.zeros(0, np.float32)
-    if mode == "fp16":
-        return {"delta": cat.astype(np.float16)}, entries
-    if mode == "int8":
-        scales = np.array([np.abs(d).max() / 127.0 if d.size else 0.0 for d in deltas], np.float32)
-        q = [np.zeros(d.size, np.int8) if sc == 0 else np.clip(np.rint(d / sc), -127, 127).astype(np.int8)
-             for d, sc in zip(deltas, scales, strict=True)]
-        return {"q": np.concatenate(q) if q else np.zeros(0, np.int8), "scale": scales}, entries
-    if mode == "ecq":
-        vector_k, matrix_k = float(opts.get("vector_k", 24.0)), float(opts.get("matrix_k", 1.0))
-        small_n = int(opts.get("small_n", 1024))
-        if not (0 < vector_k <= 127 and 0 < matrix_k <= 127 and small_n >= 0):
-            raise ValueError(f"vector_k and matrix_k must be in (0, 127] and small_n >= 0, not {vector_k}, "
-                             f"{matrix_k}, {small_n}")
-        ks = [vector_k if base[n].ndim <= 1 else matrix_k * math.sqrt(max(1.0, small_n / max(base[n].size, 1)))
-              for n in names]
-        scales = np.array([_ecq_step(d, k) for d, k in zip(deltas, ks, strict=True)], np.float32)
-        q = [np.zeros(d.size, np.int8) if sc == 0 else np.clip(np.rint(d / sc), -127, 127).astype(np.int8)
-             for d, sc in zip(deltas, scales, strict=True)]
-        return {"q": np.concatenate(q) if q else np.zeros(0, np.int8), "scale": scales}, entries
-    if mode == "int4":  # codes -7..7 stored as 1..15, two per byte (low nibble first)
-        clip = float(opts.get("clip", 1.0))
-        if not 0 < clip <= 1:
-            raise ValueError(f"clip must be in (0, 1], not {clip}")
-        amax = [float(np.quantile(np.abs(d), clip)) if d.size and clip < 1 else float(np.abs(d).max()) if d.size
-                else 0.0 for d in deltas]
-        scales = np.array([a / 7.0 for a in amax], np.float32)
-        q = [np.zeros(d.size, np.int8) if sc == 0 else np.clip(np.rint(d / sc), -7, 7).astype(np.int8)
-             for d, sc in zip(deltas, scales, strict=True)]
-        codes = (np.concatenate(q) if q else np.zeros(0, np.int8)).astype(np.int16) + 8
-        if codes.size % 2:
-            codes = np.append(codes, 0)
-        packed = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
-        return {"q": packed, "scale": scales}, entries
-    if mode in SPARSE_MODES:
-        density = float(opts.get("density", DEFAULT_DENSITY))
-        threshold = opts.get("threshold")
-        if not 0 < density <= 1:
-            raise ValueError(f"density must be in (0, 1], not {density}")
-        masks = [_topk_mask(np.abs(d), density, None if threshold is None else float(threshold)) for d in deltas]
-        for e, m in zip(entries, masks, strict=True):
-            e["nnz"] = int(m.sum())
-        mask_all = np.concatenate(masks) if masks else np.zeros(0, bool)
-        kept = cat[mask_all]
-        if mode == "bitmask_fp16":
-            return {"mask": _pack(mask_all), "values": kept.astype(np.float16)}, entries
-        scales = np.array([np.abs(d[m]).mean() if m.any() else 0.0 for d, m in zip(deltas, masks, strict=True)],
-                          np.float32)
-        return {"mask": _pack(mask_all), "sign": _pack(kept < 0), "scale": scales}, entries
-    raise ValueError(f"unknown compression mode {mode!r}; use one of {MODES}")
+    if mode not in CODECS:
+        raise ValueError(f"unknown compression mode {mode!r}; use one of {MODES}")
+    return CODECS[mode].encode(names, base, target, opts)
 
 
 def _expected_parts(mode: str, entries: list[dict]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Payload array name -> (dtype, shape) for a header's tensor list."""
-    sizes = [math.prod(e["shape"]) for e in entries]  # Python ints: no int64 overflow
-    n, t = sum(sizes), len(entries)
-    nnz = 0
-    if mode in SPARSE_MODES:
-        for e, size in zip(entries, sizes, strict=True):
-            k = e.get("nnz")
-            if type(k) is not int or not 0 <= k <= size:
-                raise UpdateRejected(f"tensor {e['name']}: bad nnz {k!r}")
-            nnz += k
-    shapes = {"fp32": {"value": (n,)}, "fp16": {"delta": (n,)}, "int8": {"q": (n,), "scale": (t,)},
-              "ecq": {"q": (n,), "scale": (t,)},
-              "int4": {"q": ((n + 1) // 2,), "scale": (t,)},
-              "ternary": {"mask": ((n + 7) // 8,), "sign": ((nnz + 7) // 8,), "scale": (t,)},
-              "bitmask_fp16": {"mask": ((n + 7) // 8,), "values": (nnz,)}}[mode]
-    return {k: (PARTS[mode][k], shp) for k, shp in shapes.items()}
+    try:
+        return CODECS[mode].part_shapes(entries)
+    except CodecRejected as exc:
+        raise UpdateRejected(str(exc)) from exc
 
 
 def _decode(mode: str, entries: list[dict], base: ParamSet, arrays: dict[str, np.ndarray]) -> ParamSet:
-    sizes = [math.prod(e["shape"]) for e in entries]
-    offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
-    n = int(offsets[-1])
-    out: ParamSet = {}
-    if mode == "fp32":
-        for i, e in enumerate(entries):
-            out[e["name"]] = arrays["value"][offsets[i] : offsets[i + 1]].astype(np.float32).reshape(e["shape"])
-        return out
-    if mode == "fp16":
-        delta = arrays["delta"].astype(np.float32)
-    elif mode in ("int8", "ecq"):
-        scale = np.repeat(arrays["scale"].astype(np.float32), sizes)
-        delta = arrays["q"].astype(np.float32) * scale
-    elif mode == "int4":
-        packed = arrays["q"]
-        codes = np.empty(packed.size * 2, np.int16)
-        codes[0::2], codes[1::2] = packed & 0x0F, packed >> 4
-        codes = codes[:n]
-        if codes.size and (codes.min() < 1 or codes.max() > 15):
-            raise UpdateRejected("invalid int4 code in the payload")
-        scale = np.repeat(arrays["scale"].astype(np.float32), sizes)
-        delta = (codes - 8).astype(np.float32) * scale
-    else:
-        mask = _unpack(arrays["mask"], n)
-        for i, e in enumerate(entries):
-            got = int(mask[offsets[i] : offsets[i + 1]].sum())
-            if got != e["nnz"]:
-                raise UpdateRejected(f"tensor {e['name']}: bitmask has {got} entries, header says {e['nnz']}")
-        delta = np.zeros(n, np.float32)
-        if mode == "bitmask_fp16":
-            delta[mask] = arrays["values"].astype(np.float32)
-        else:
-            nnz = int(mask.sum())
-            signs = _unpack(arrays["sign"], nnz)
-            per_entry_scale = np.repeat(arrays["scale"].astype(np.float32), [e["nnz"] for e in entries])
-            delta[mask] = np.where(signs, -per_entry_scale, per_entry_scale).astype(np.float32)
-    for i, e in enumerate(entries):
-        b = np.asarray(base[e["name"]], np.float32).reshape(-1)
-        out[e["name"]] = (b + delta[offsets[i] : offsets[i + 1]]).reshape(e["shape"])
-    return out
+    try:
+        return CODECS[mode].decode(entries, base, arrays)
+    except CodecRejected as exc:
+        raise UpdateRejected(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------- building
