@@ -9,7 +9,9 @@ session with the statistics folded in is built and swapped in between batches.
 Covariate shift vs novelty: OOD detectors fitted on clean data flag most samples of a heavily corrupted
 domain. Novel inputs are rare by definition, so when more than ``max_ood_fraction`` of a batch is flagged
 the batch is treated as a domain shift: flags are still reported, but samples are not excluded from
-adaptation for it (the entropy filter still applies). Otherwise a shifted stream could never adapt.
+adaptation for it (the entropy filter still applies). Otherwise a shifted stream could never adapt. The default
+detector (``mahalanobis_domain``) also follows the domain itself: ``detector.observe`` sees each adapting batch
+before it is scored, so a corrupted domain is mostly not flagged in the first place (issue 21).
 """
 
 from __future__ import annotations
