@@ -172,21 +172,15 @@ def rollback(
         console.print(r.json())
         return
     from edgeadapt.core.bundle import Bundle
-    from edgeadapt.device.versions import VersionStore, VersionStoreError
+    from edgeadapt.device.version_manager import RollbackRefused, VersionManager
+    from edgeadapt.device.versions import VersionStore
 
-    store = VersionStore(state_dir, Bundle(bundle).params)
-    cur = store.current()
-    if to is None:
-        older = [v for v in store.versions() if v < cur]
-        if not older:
-            fail(f"no version older than {cur} on disk")
-        to = older[-1]
+    # no engine: the switch, the pin and the block list are recorded on disk, and the daemon runs them at start
+    manager = VersionManager(VersionStore(state_dir, Bundle(bundle).params))
     try:
-        store.load(to)
-    except VersionStoreError as exc:
+        out = manager.switch_by_hand(to, "manual rollback (offline)")
+    except RollbackRefused as exc:
         fail(str(exc))
-    store.set_current(to, reason=f"manual rollback from {cur}")
-    # the same pin a live rollback writes: the daemon's updater does not take the versions left straight back
-    pin = store.pin(to, cur, "manual rollback (offline)")
-    console.print(f"rolled back {cur} -> {to}" + (f"; versions {to + 1}..{pin['through']} are not taken again until "
-                                                   "the cloud assigns a newer one" if pin else ""))
+    cur, to, through = out["from"], out["to"], out["pinned_through"]
+    console.print(f"rolled back {cur} -> {to}" + (f"; versions {to + 1}..{through} are not taken again until "
+                                                   "the cloud assigns a newer one" if through is not None else ""))

@@ -25,7 +25,8 @@ from edgeadapt.device.metrics import DeviceMetrics
 from edgeadapt.device.predictions import Predictions
 from edgeadapt.device.selection import SampleSelector
 from edgeadapt.device.upload_queue import UploadQueue
-from edgeadapt.device.versions import VersionStore, VersionStoreError
+from edgeadapt.device.version_manager import VersionManager
+from edgeadapt.device.versions import VersionStore
 
 log = logging.getLogger("edgeadapt.device")
 ADAPT_STATE = "adapt_state.safetensors"
@@ -66,6 +67,9 @@ class DeviceDaemon:
         self._state_ok = self._prepare_state_dir()
         self.versions = VersionStore(self.state_dir, self.bundle.params, keep=config.keep_versions) \
             if self._state_ok else None
+        #: the one owner of the version in use (updates, rollbacks, the choice at start), None without a state dir
+        self.version_manager = VersionManager(self.versions, self.engine, self.metrics, on_error=self._error) \
+            if self.versions is not None else None
         self.queue: UploadQueue | None = None
         if self._state_ok:
             try:
@@ -200,8 +204,9 @@ class DeviceDaemon:
             return False
 
     def _restore(self) -> None:
-        if self.versions is not None:
-            self._restore_version()
+        if self.version_manager is not None:
+            # the recorded version, else the previous good one, else version 0
+            self.version_manager.restore()
         path = self.state_dir / ADAPT_STATE
         if path.is_file():
             try:
@@ -210,44 +215,6 @@ class DeviceDaemon:
             except Exception as exc:  # unreadable, or refused as not finite / not plausible: never restored
                 self._error("adapt_state", f"saved adaptation state not restored ({exc}); starting fresh")
         self.metrics.param_version.set(self.engine.param_version)
-
-    def _restore_version(self) -> None:
-        """Run the recorded version; if its file is missing or corrupt, the newest earlier version in the pointer's
-        history that still verifies (the previous good state), else the bundle's version 0. The fallback is
-        recorded as the version in use, so the updater asks the cloud for the newer one again and re-stores it."""
-        ptr = self.versions.read_pointer()
-        if ptr.get("error"):
-            self._error("versions", ptr["error"])
-        v = int(ptr.get("version", 0))
-        if not v:
-            return
-        try:
-            self.engine.apply_params(self.versions.load(v), v)
-            return
-        except VersionStoreError as exc:
-            problem = str(exc)
-        seen = {v}
-        for entry in reversed(ptr.get("history", [])):
-            older = int(entry.get("version", 0))
-            if older in seen or older == 0:
-                continue
-            seen.add(older)
-            try:
-                self.engine.apply_params(self.versions.load(older), older)
-            except VersionStoreError as exc:
-                problem += f"; {exc}"
-                continue
-            self._error("versions", f"{problem}; running the previous good version {older}")
-            self._record_fallback(older, problem)
-            return
-        self._error("versions", f"{problem}; running the bundle's version 0")
-        self._record_fallback(0, problem)
-
-    def _record_fallback(self, version: int, problem: str) -> None:
-        try:
-            self.versions.set_current(version, reason=f"fallback at start: {problem}")
-        except OSError as exc:
-            self._error("versions_pointer", f"cannot record the version in use: {exc}")
 
     def save_state(self) -> bool:
         if not self._state_ok:
@@ -449,6 +416,8 @@ class DeviceDaemon:
         }
         if self.queue is not None:
             st["queue"]["fill_ratio"] = round(q.get("queued_bytes", 0) / max(1, self.queue.max_bytes), 4)
+        if self.version_manager is not None:  # also without an updater: a standalone device's manual rollbacks
+            st["version_manager"] = self.version_manager.status()
         if self.updater is not None:
             st["updater"] = self.updater.status()
         return st

@@ -563,11 +563,14 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
         client = request.client.host if request.client else ""
         if client not in ("127.0.0.1", "::1", "localhost", "testclient"):
             raise HTTPException(403, "admin endpoints answer loopback clients only")
-        # the updater's one rollback path: under the update lock, ends a watch, pins the versions it left
-        from edgeadapt.device.updater import RollbackRefused, manual_rollback
+        # the version manager's switch: under the update lock, ends a watch, blocks the version left and pins the
+        # versions it left, with an event, with or without an updater
+        from edgeadapt.device.version_manager import RollbackRefused
 
+        if daemon.version_manager is None:
+            raise HTTPException(409, "no writable state directory: no versions on disk")
         try:
-            return manual_rollback(daemon, req.to)
+            return daemon.version_manager.switch_by_hand(req.to)
         except RollbackRefused as exc:
             raise HTTPException(409, str(exc)) from exc
 

@@ -13,9 +13,10 @@ Hostile updates (DESIGN §15): a download is streamed with a size cap derived fr
 and a total deadline; a package is checked for value bounds per tensor kind before it is applied
 (``core.param_bounds``); a version whose outputs are not finite is rolled back at once, and a non-finite
 measurement never reads as "kept". A package refused once is remembered (its sha256 and the version it was
-refused against) and hostile outcomes back the polling off, so nothing is re-verified in a hot loop. A manual
-rollback (``manual_rollback``) takes the same lock as an update, ends a watch in progress and pins the device
-(``VersionStore.pin``): the versions it left are not taken again until the cloud offers a newer one.
+refused against) and hostile outcomes back the polling off, so nothing is re-verified in a hot loop. Every change
+of the version in use (an update taken, a rollback) goes through the device's ``VersionManager``, which owns the
+block list, the pin and the events; a manual rollback there (``switch_by_hand``) takes the same lock as an
+update and tells the updater first, which ends a watch in progress.
 
 No pointless loops (issue 20): once a package for target T was refused against version V (rejected, blocked,
 pinned), the next polls ask ``/v1/updates/info`` first and download nothing while the cloud still offers T; a
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import logging
 import math
 import threading
@@ -44,7 +44,7 @@ from edgeadapt.core import update_package as UP
 from edgeadapt.core.jsonsafe import json_safe
 from edgeadapt.core.mathops import entropy_from_logits
 from edgeadapt.core.wire import Heartbeat, UpdateInfo
-from edgeadapt.device.versions import VersionStoreError, atomic_write
+from edgeadapt.device.version_manager import VersionManager
 
 log = logging.getLogger("edgeadapt.device.updater")
 
@@ -74,10 +74,6 @@ class _Watch:
     # the same inputs through both versions: a paired entropy comparison that input noise cannot trip
     paired_entropy_prev: list = field(default_factory=list)
     paired_entropy_cur: list = field(default_factory=list)
-
-
-class RollbackRefused(Exception):
-    """A manual rollback that cannot be done (no such version on disk, nothing older): the caller answers 409."""
 
 
 #: per fp32 value of the bundle's adaptable tensors, what an update response may hold (fp32 is the largest mode;
@@ -131,6 +127,9 @@ class Updater:
         self.daemon = daemon
         self.engine = daemon.engine
         self.versions = daemon.versions
+        #: the one owner of the version in use: switches, the block list, the pin and the events
+        self.manager: VersionManager = daemon.version_manager
+        self.manager.listener = self
         self.model = daemon.manifest.model_name
         self.public_key = daemon.manifest.cloud_public_key
         self.url = cloud_url.rstrip("/")
@@ -164,40 +163,21 @@ class Updater:
         self._thread: threading.Thread | None = None
         # the version store's lock: updates, automatic and manual rollbacks (and a daemon without an updater)
         # all change the version in use under the same one
-        self._lock = self.versions.lock
-        self.events: list[dict] = []
+        self._lock = self.manager.lock
         self.counters = {"checks": 0, "applied": 0, "rejected": 0, "rolled_back": 0, "kept": 0, "bytes_down": 0,
                          "errors": 0, "downloads_refused": 0, "rejected_again": 0, "pinned_skips": 0,
                          "manual_rollbacks": 0, "kept_unwatched": 0, "info_checks": 0}
         self._rejected: collections.OrderedDict[tuple[str, int], str] = collections.OrderedDict()
-        self._blocked = set(self._load_blocked())
-        self._pin = self.versions.read_pin()
 
-    # -- persistence of refused versions -----------------------------------------------------------
-    def _blocked_path(self):
-        return self.daemon.state_dir / "blocked_versions.json"
-
-    def _load_blocked(self) -> list[int]:
-        try:
-            vs = json.loads(self._blocked_path().read_text())
-        except (OSError, ValueError):
-            return []
-        return [v for v in vs if type(v) is int] if isinstance(vs, list) else []
-
-    def _block(self, version: int) -> None:
-        self._blocked.add(version)
-        try:
-            atomic_write(self._blocked_path(), json.dumps(sorted(self._blocked)))
-        except OSError as exc:
-            log.error("cannot persist blocked versions: %s", exc)
+    @property
+    def events(self) -> list[dict]:
+        """The device's update and version events (the version manager keeps them)."""
+        return self.manager.events
 
     def _event(self, kind: str, **kw) -> None:
-        ev = json_safe({"at": time.time(), "event": kind, **kw})
-        self.events = (self.events + [ev])[-100:]
-        self.daemon.metrics.updates.labels(kind).inc()
+        self.manager.record(kind, **kw)
         if kind in ("rejected", "download_refused"):
             self.daemon.metrics.update_rejections.labels(rejection_kind(str(kw.get("reason", "")))[0]).inc()
-        log.info("update %s: %s", kind, kw)
 
     def _rejected_problem(self, reason: str, target: int | None) -> None:
         words = rejection_kind(reason)[1]
@@ -398,16 +378,12 @@ class Updater:
         return v if type(v) is int else None
 
     def _skip(self, target: int | None) -> str | None:
-        """"blocked" or "pinned" when a package for ``target`` must not be taken, else None."""
-        if target is None:
-            return None
-        if target in self._blocked:
-            return "blocked"
-        pin = self._pin
-        if pin and target <= int(pin.get("through", 0)):
+        """"pinned" or "blocked" when a package for ``target`` must not be taken (the version manager's pin and
+        block list), else None."""
+        refusal = self.manager.refusal(target)
+        if refusal == "pinned":
             self.counters["pinned_skips"] += 1
-            return "pinned"
-        return None
+        return refusal
 
     def apply_package(self, data: bytes) -> str:
         peeked = self._peek_target(data)
@@ -444,26 +420,13 @@ class Updater:
             if skip:
                 self._refused[base_version] = (version, skip)
                 return skip
-            try:
-                self.versions.save(version, params)
-            except OSError as exc:
-                self.daemon._error("versions", f"cannot store version {version}: {exc}")
             previous_base = self.engine.base_params
             recent = list(self._recent)
-            self.engine.apply_params(params, version)
-            try:
-                self.versions.set_current(version, reason="update")
-            except OSError as exc:
-                self.daemon._error("versions", f"cannot record the version in use: {exc}")
-            self.daemon.metrics.param_version.set(version)
             self.counters["applied"] += 1
-            self._event("applied", version=version, base=base_version, mode=header.get("compression"))
+            # stored, swapped in, recorded in use; a pin ends (this is newer than every version it covers)
+            self.manager.take(version, params, base_version, header.get("compression"))
             self._refused.clear()
             self.daemon.resolved("updates_rejected", "update_rolled_back")
-            if self._pin:  # the cloud assigned something newer than every version the operator rolled back from
-                self._event("unpinned", version=version, pin=self._pin)
-                self._pin = None
-                self.versions.clear_pin()
             self._watch = _Watch(
                 version=version, previous_version=base_version, previous_base=previous_base,
                 baseline_entropy=float(np.mean([e for e, _ in recent])) if recent else float("nan"),
@@ -575,38 +538,26 @@ class Updater:
                 self._event("kept", version=w.version, **measured)
 
     def rollback(self, to: int, reason: str, bad_version: int | None = None) -> None:
+        """The watch's rollback: the version manager runs ``to`` (or version 0) and blocks ``bad_version``."""
         with self._lock:
-            try:
-                params = self.versions.load(to)
-            except VersionStoreError as exc:  # the bad version must go even when the way back is damaged on disk
-                self.daemon._error("versions", f"{exc}; rolling back to the bundle's version 0 instead")
-                reason, to, params = f"{reason}; {exc}", 0, self.versions.load(0)
-            self.engine.apply_params(params, to)
-            self.versions.set_current(to, reason=f"rollback: {reason}")
+            self.counters["rolled_back"] += 1
+            to = self.manager.roll_back(to, reason, bad_version)
             if bad_version is not None:
-                self._block(bad_version)
                 self.daemon.problem("update_rolled_back", f"rolled back version {bad_version} to {to}: "
                                     f"{reason[:150]}")
             self._refused.clear()
-            self.daemon.metrics.param_version.set(to)
-            self.counters["rolled_back"] += 1
-            self._event("rolled_back", version=bad_version, to=to, reason=reason)
 
-    def manual_rollback(self, to: int | None, reason: str = "manual rollback") -> dict:
-        """An operator's rollback (``POST /v1/admin/rollback``): under the update lock, it ends a watch in
-        progress (the updater would otherwise answer "busy" for good) and pins the device below the versions it
-        left, so the next poll does not take them straight back. Raises RollbackRefused."""
-        with self._lock:
-            w, self._watch = self._watch, None
-            if w is not None:
-                self._event("watch_ended", version=w.version, reason=reason)
-            out = switch_version_by_hand(self.engine, self.versions, to, reason)
-            self._pin = self.versions.read_pin()
-            self._refused.clear()
-            self.daemon.metrics.param_version.set(out["to"])
-            self.counters["manual_rollbacks"] += 1
-            self._event("manual_rollback", **out)
-            return out
+    # -- told by the version manager about an operator's switch (under its lock) -------------------
+    def before_manual_switch(self, reason: str) -> None:
+        """End a watch in progress: the updater would otherwise answer "busy" for good, and decide about a version
+        no longer in use."""
+        w, self._watch = self._watch, None
+        if w is not None:
+            self._event("watch_ended", version=w.version, reason=reason)
+
+    def after_manual_switch(self, result: dict) -> None:
+        self._refused.clear()
+        self.counters["manual_rollbacks"] += 1
 
     # -- heartbeat and thread ----------------------------------------------------------------------
     def heartbeat(self) -> None:
@@ -614,7 +565,7 @@ class Updater:
         counters = {k: float(v) for k, v in self.counters.items()}
         counters["samples"] = float(self.daemon.samples_seen)
         problems = {k: v["reason"] for k, v in self.daemon.degraded().items()}
-        status = "watching" if self._watch else "degraded" if problems else "pinned" if self._pin else \
+        status = "watching" if self._watch else "degraded" if problems else "pinned" if self.manager.pin else \
             "ok" if self.updates else "ok (updates off)"
         hb = Heartbeat(model=self.model, param_version=self.engine.param_version, counters=counters,
                        status=status, problems=problems)
@@ -676,38 +627,9 @@ class Updater:
         return json_safe({"counters": dict(self.counters), "watching": w.version if w else None, "watch": watch,
                           "updates": "on" if self.updates else "off", "last_check_at": self.last_check_at,
                           "last_heartbeat_at": self.last_heartbeat_at,
-                          "blocked_versions": sorted(self._blocked), "pin": self._pin, "events": self.events[-10:],
+                          "blocked_versions": sorted(self.manager.blocked), "pin": self.manager.pin,
+                          "events": self.events[-10:],
                           "max_download_bytes": self.max_download_bytes,
                           "download_timeout_s": self.download_timeout_s})
 
 
-def switch_version_by_hand(engine, versions, to: int | None, reason: str = "manual rollback") -> dict:
-    """Switch to version ``to`` (default: the newest on disk older than the one in use) and pin the device below
-    the versions left (``VersionStore.pin``). The caller holds ``versions.lock``. Raises RollbackRefused."""
-    with versions.lock:
-        cur = engine.param_version
-        if to is None:
-            older = [v for v in versions.versions() if v < cur]
-            if not older:
-                raise RollbackRefused(f"no version older than {cur} on disk")
-            to = older[-1]
-        try:
-            params = versions.load(to)
-        except VersionStoreError as exc:
-            raise RollbackRefused(str(exc)) from exc
-        engine.apply_params(params, to)
-        versions.set_current(to, reason=f"{reason} from {cur}")
-        pin = versions.pin(to, cur, reason)
-        return {"from": cur, "to": to, "pinned_through": pin["through"] if pin else None}
-
-
-def manual_rollback(daemon, to: int | None, reason: str = "manual rollback") -> dict:
-    """The one manual rollback path: through the updater when there is one (it also ends a watch), else directly
-    on the version store under its lock (a standalone device). Raises RollbackRefused."""
-    if daemon.updater is not None:
-        return daemon.updater.manual_rollback(to, reason)
-    if daemon.versions is None:
-        raise RollbackRefused("no writable state directory: no versions on disk")
-    out = switch_version_by_hand(daemon.engine, daemon.versions, to, reason)
-    daemon.metrics.param_version.set(out["to"])
-    return out

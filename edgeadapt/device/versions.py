@@ -4,8 +4,8 @@ Layout under ``<state_dir>/versions``: ``v<N>.safetensors`` (full adaptable para
 hash and where it came from) and ``current.json`` ({"version": N, "history": [...]}) written by rename, so
 a crash never leaves a half-written pointer. Version 0 is the bundle's own parameters and is never pruned.
 ``pin.json`` ({"to": T, "through": C, ...}) records a manual rollback: versions T+1..C are not taken again until
-the cloud offers one newer than C (the daemon's updater and the offline ``edgeadapt device rollback`` both write
-it, so a rollback survives a restart). Every file is written under a unique temporary name and renamed: two
+the cloud offers one newer than C (``device.version_manager`` writes it for a live and an offline rollback alike,
+so a rollback survives a restart; it owns every change of the version in use, this module only the files). Every file is written under a unique temporary name and renamed: two
 writers (two rollbacks at once, a rollback and an update) never share a temporary file.
 """
 
