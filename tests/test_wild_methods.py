@@ -211,7 +211,7 @@ def test_rbn_in_the_engine_runs_its_memory_every_reference_batch(tiny_bundle):
 
 def test_robust_stats_shallow_ema_and_deep_memory_by_hand():
     ctx = make_ctx()  # layers bn1 (2 channels), bn2 (3 channels): shallow = the first half
-    m = build_method("robust_stats:shallow=0.5,min_fill=1", ctx)
+    m = build_method("robust_stats:shallow=0.5,min_fill=1,gate=0", ctx)
     assert m.n_shallow == 1
     np.testing.assert_allclose(m.forward_mix(64), [0.8, 0.0])  # 64 / (16 + 64) in the shallow layer only
     x = np.stack([_img(i) for i in range(64)])
@@ -295,3 +295,11 @@ def test_robust_stats_in_the_engine(tiny_bundle):
                                      for n, mix in predict)  # 32 / (16 + 32) in the first stage
     assert len(memory) == 2 * 4 and all(n == 64 and mix == [0.0] * 3 + [1.0] * 6 for n, mix in memory)
     assert eng.method.updates == 4 and eng.guard_counters["stats_refused"] == 0
+
+
+@pytest.mark.parametrize("spec", ["rbn", "robust_stats", "prior_correction", "lame_skew", "collapse_reset",
+                                  "robust_stats+prior_correction+lame_skew+collapse_reset"])
+def test_state_round_trip_of_the_new_methods(spec):
+    from tests.test_methods import test_state_dict_round_trip as round_trip
+
+    round_trip(spec)

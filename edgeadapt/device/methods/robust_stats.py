@@ -22,9 +22,16 @@ So, per normalization layer:
   through the adaptive graph normalized with its *own* deep statistics and the current shallow ones
   (alpha = 1: the memory is already the average, an EMA on top only adds lag).
 
+- **the gate** (``gate`` > 0): a second memory, a plain FIFO of the last ``capacity`` samples, is run the same
+  way; when its deep statistics are within ``gate`` of the balanced memory's (``stats_distance``: channel-RMS
+  mean difference in std units plus channel-RMS |log variance ratio|, averaged over the deep layers) the recent
+  samples are not label-skewed and their unbiased, fresher statistics are used instead. Dev stream (limit
+  1,000): i.i.d. batches sit at a median distance of 0.06, label-sorted ones at 0.16; 0.08 gave +1.0 on
+  continual at -0.1 on class-sorted (0 = always the balanced memory).
+
 Predictions therefore depend on the batch only through the shallow in-batch mix; the runtime runs the adaptive
 graph for every batch (as the loop's ``ema_stats:transductive=true`` does) plus one memory forward per
-``ref_batch`` samples.
+``ref_batch`` samples (two with the gate).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ class RobustStats(RobustBN):
         "prior": 16.0,
         "shallow": 1 / 3,
         "fast_momentum": 0.5,
-        "gate": 0.0,
+        "gate": 0.08,
     }
 
     def _validate(self) -> None:
@@ -119,6 +126,11 @@ class RobustStats(RobustBN):
             return req[0], mix
         self._pending = ["recent", "balanced"]
         return [(self.fifo.inputs(), mix), (req[0], mix)]
+
+    def _set_state(self, state: dict[str, np.ndarray]) -> None:
+        super()._set_state(state)
+        self.fifo.clear()
+        self._pending, self._fifo_deep = [], None
 
     def update_stats(self, batch_stats: Stats, n_reliable: int, batch_info: BatchInfo | None = None) -> None:
         if n_reliable <= 0:
