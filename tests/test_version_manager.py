@@ -58,7 +58,7 @@ def test_take_switch_by_hand_and_previous(tiny_bundle, tmp_path):
             vm.take(v, _version_params(d, v), v - 1, "fp16")
         assert d.engine.param_version == 3 and d.versions.current() == 3
         assert _same(d.engine.base_params, d.versions.load(3))
-        assert d.metrics.param_version._value.get() == 3
+        assert d.metrics.registry.get_sample_value("edgeadapt_param_version") == 3
         assert [e["event"] for e in vm.events] == ["applied"] * 3 and vm.events[-1]["base"] == 2
         assert _updates_metric(d, "applied") == 3
         assert vm.previous() == 2 and vm.previous(2) == 1 and vm.previous(1) == 0
@@ -93,7 +93,7 @@ def test_restore_at_start_runs_the_recorded_version_else_the_previous_good_one(t
     d = _daemon(tiny_bundle, state)
     try:
         assert d.engine.param_version == 2 and _same(d.engine.base_params, v2)
-        assert d.metrics.param_version._value.get() == 2 and "versions" not in d.errors
+        assert d.metrics.registry.get_sample_value("edgeadapt_param_version") == 2 and "versions" not in d.errors
     finally:
         d.stop()
     (state / "versions" / "v2.safetensors").write_bytes(b"not a safetensors file")
