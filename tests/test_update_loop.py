@@ -230,8 +230,8 @@ def test_tampered_or_foreign_packages_are_never_applied(cloud_env, tmp_path):
         d.stop()
 
 
-@pytest.mark.parametrize("in_loop", [False, True], ids=["fast-path", "loop-method"])
-def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(cloud_env, tmp_path, in_loop):
+@pytest.mark.parametrize("which", ["fast-path", "standalone-default", "loop-method"])
+def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(cloud_env, tmp_path, which):
     """The watch compares both versions on the same inputs: a harmless update is kept even when the window's
     traffic is far harder than the traffic before it and the engine refolds its statistics for a new domain
     in the middle of the window (the previous version runs with the same statistics), or, with the loop's
@@ -243,9 +243,9 @@ def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(
     from edgeadapt.device.daemon import DeviceDaemon
     from tests.cloud_fixtures import synthetic_images
 
+    method = {"fast-path": "ema_stats", "standalone-default": STANDALONE_METHOD, "loop-method": LOOP_METHOD}[which]
     d = DeviceDaemon(DeviceConfig(bundle=cloud_env.bundle, state_dir=tmp_path / "s", cloud_url="http://127.0.0.1:9",
-                                  token="t" * 20, watch_batches=4,
-                                  method=LOOP_METHOD if in_loop else STANDALONE_METHOD))
+                                  token="t" * 20, watch_batches=4, method=method))
     try:
         key = signing.load_private_key(cloud_env.home)
         easy = synthetic_images(64, seed=1)
@@ -271,9 +271,9 @@ def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(
         harmless = {k: (v + 0.001 if k.endswith(".bias") else v) for k, v in base.items()}
         folded = window_after(harmless, 1, 0)
         assert d.updater.counters["kept"] == 1 and d.updater.counters["rolled_back"] == 0, d.updater.events[-1]
-        if in_loop:
+        if which == "loop-method":
             assert d.engine.process(hard[:64]).info["transductive"]  # every batch normalized with its own statistics
-        else:
+        elif which == "fast-path":
             assert len(set(folded)) > 1  # the statistics were refolded inside the window
         kept = [e for e in d.updater.events if e["event"] == "kept"][-1]
         assert kept["agreement"] > 0.95  # same statistics on both sides: only the 0.001 bias differs
