@@ -303,3 +303,29 @@ def test_state_round_trip_of_the_new_methods(spec):
     from tests.test_methods import test_state_dict_round_trip as round_trip
 
     round_trip(spec)
+
+
+def test_single_image_requests_are_pooled_for_the_input_shift_test(tiny_bundle):
+    """At batch 1 one image's moments are not a domain's: an i.i.d. stream of single images must not count as a
+    stream of shifts, and a real change of brightness must still be seen within a pool of requests."""
+    from edgeadapt.core.bundle import Bundle
+    from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
+
+    rng = np.random.default_rng(3)
+    eng = AdaptiveEngine(Bundle(tiny_bundle), EngineConfig(method="ema_stats"))
+    # one domain whose images differ as garments do: each its own share of foreground pixels (20-80%)
+    share = rng.uniform(0.2, 0.8, (128, 1, 1, 1))
+    same = np.where(rng.random((128, 1, 32, 32)) < share, rng.integers(120, 256, (128, 1, 32, 32)), 0).astype(np.uint8)
+    for i in range(len(same)):
+        eng.process(same[i : i + 1])
+    assert eng.shifts <= 2, eng.shifts  # the stream's first pool is a new domain; tested per image: ~100
+    before = eng.shifts
+    dark = (same // 4).astype(np.uint8)  # another domain: mean and spread both fall by 4x
+    for i in range(64):
+        eng.process(dark[i : i + 1])
+    assert eng.shifts > before
+    # whole batches are tested on their own, as before
+    eng64 = AdaptiveEngine(Bundle(tiny_bundle), EngineConfig(method="ema_stats"))
+    eng64.process(same[:64])
+    eng64.process(dark[:64])
+    assert eng64.shifts == 2
