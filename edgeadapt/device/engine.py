@@ -297,8 +297,7 @@ class AdaptiveEngine:
         method = self.method
         c = self.config
         mix = method.forward_mix(n) if adapt else None
-        guard = getattr(method, "guard", None)
-        if guard is not None and getattr(method, "last_skewed", False):
+        if method.last_batch_skewed():
             self._hybrid_left = 0  # label-skewed stream: never normalize with a skewed batch's own statistics
         # a change of the input's own moments is visible before the forward: the shifted batch goes straight
         # to the adaptive graph instead of running twice
@@ -324,7 +323,7 @@ class AdaptiveEngine:
             shift = True
             self._on_shift(method)
             if method.needs_stats and self._hybrid_left > 0 and c.rerun_on_shift and not (
-                    guard is not None and guard.detect(out.logits)):
+                    method.detects_skew(out.logits)):
                 # predict the shifted batch with its own statistics instead of the stale ones
                 mix = self._transductive_mix(n)
                 out = self.backend.run_adaptive(x, self.current_params(), mix)
@@ -402,9 +401,7 @@ class AdaptiveEngine:
         method.on_shift()
         self._model_ref = None  # the new domain's outputs become the reference once it runs on the fast path
         self._post_shift_left = self.config.post_shift_stats
-        guard = getattr(method, "guard", None)
-        if method.needs_stats and not method.owns_stats_inputs and not (
-                guard is not None and getattr(method, "last_skewed", False)):
+        if method.needs_stats and not method.owns_stats_inputs and not method.last_batch_skewed():
             self._hybrid_left = self.config.hybrid_batches
 
     def _input_shifted(self, x: np.ndarray) -> bool:

@@ -157,6 +157,7 @@ class AdaptationMethod:
     needs_stats: ClassVar[bool] = False
     provides_stats: ClassVar[bool] = False
     owns_stats_inputs: ClassVar[bool] = False
+    is_guard: ClassVar[bool] = False  # a label-skew guard: a composite takes at most one and asks it per batch
     refresh_every: ClassVar[int | None] = None  # batches between refolds of moved statistics (None: the runtime's)
     defaults: ClassVar[dict[str, Any]] = {}
 
@@ -209,6 +210,15 @@ class AdaptationMethod:
         list: several, each passed to ``update_stats`` in order. ``x`` is this batch (prepared for the graphs);
         a method may keep some of it. Default: None."""
         return None
+
+    def last_batch_skewed(self) -> bool:
+        """The method's guard judged the last batch label-skewed (the runtime then keeps every batch off its own
+        statistics until it is not). Default: never."""
+        return False
+
+    def detects_skew(self, logits: np.ndarray) -> bool:
+        """Would the method's guard call a batch with these logits label-skewed (side-effect free)? Default: no."""
+        return False
 
     def reset_requested(self) -> bool:
         """After ``adjust``: this member asks its composite to reset every member to the source state (a collapse

@@ -33,7 +33,7 @@ class CompositeMethod(AdaptationMethod):
         stats = [m for m in members if m.provides_stats]
         if len(stats) > 1:
             raise ValueError(f"composite {spec!r}: at most one statistics method, got {[m.name for m in stats]}")
-        guards = [m for m in members if getattr(m, "is_guard", False)]
+        guards = [m for m in members if m.is_guard]
         if len(guards) > 1:
             raise ValueError(f"composite {spec!r}: at most one guard")
         self.members = list(members)
@@ -66,6 +66,12 @@ class CompositeMethod(AdaptationMethod):
         if self.stats_member is None or self.last_skewed:
             return None
         return self.stats_member.forward_mix(n)
+
+    def last_batch_skewed(self) -> bool:
+        return self.guard is not None and self.last_skewed
+
+    def detects_skew(self, logits: np.ndarray) -> bool:
+        return self.guard is not None and bool(self.guard.detect(logits))
 
     def _decide(self, logits: np.ndarray) -> bool:
         self.last_skewed = bool(self.guard.detect(logits))
