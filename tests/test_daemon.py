@@ -144,7 +144,7 @@ def test_sigterm_saves_state_and_restart_resumes(tiny_bundle, tmp_path):
 
 def test_method_default_follows_the_cloud(tmp_path):
     """With a cloud the device normalizes every batch with its own statistics, as the trainer trains; standalone
-    it runs the folded fast path; an explicit method wins either way."""
+    it runs the wild-traffic default (issue 17); an explicit method wins either way."""
     from edgeadapt.device.config import LOOP_METHOD, STANDALONE_METHOD, load_config
 
     base = {"bundle": tmp_path, "state_dir": tmp_path}
@@ -153,3 +153,27 @@ def test_method_default_follows_the_cloud(tmp_path):
     assert load_config({**base, **cloud}, env={}).method == LOOP_METHOD
     assert load_config({**base, **cloud, "method": "lame"}, env={}).method == "lame"
     assert LOOP_METHOD != STANDALONE_METHOD
+
+
+def test_engine_knobs_have_one_path_from_the_device_config(tiny_bundle, tmp_path):
+    """Every numeric or boolean engine knob can be set from the device config (``engine``), reaches the daemon's
+    engine, and a wrong name, type or value is a config error naming the knob."""
+    from edgeadapt.device.config import ConfigError, DeviceConfig, load_config
+    from edgeadapt.device.daemon import DeviceDaemon
+    from edgeadapt.device.engine import ENGINE_KNOBS
+
+    assert {"input_shift", "shift_min_samples", "reliable_entropy_factor", "rerun_on_shift"} <= set(ENGINE_KNOBS)
+    assert not {"method", "threads", "backend", "ood_detector", "input_range_policy"} & set(ENGINE_KNOBS)
+    base = {"bundle": tmp_path, "state_dir": tmp_path}
+    for bad, word in [({"nope": 1}, "nope"), ({"input_shift": "high"}, "input_shift"),
+                      ({"stats_samples": 1.5}, "stats_samples"), ({"rerun_on_shift": 1}, "rerun_on_shift"),
+                      ({"refresh_every": 0}, "refresh_every"), ({"input_shift": -1}, "input_shift")]:
+        with pytest.raises(ConfigError, match=word):
+            load_config({**base, "engine": bad}, env={})
+    d = DeviceDaemon(DeviceConfig(bundle=tiny_bundle, state_dir=tmp_path / "s", listen="127.0.0.1:0",
+                                  engine={"input_shift": 0.3, "shift_min_samples": 8, "rerun_on_shift": False}))
+    try:
+        c = d.engine.config
+        assert (c.input_shift, c.shift_min_samples, c.rerun_on_shift) == (0.3, 8, False)
+    finally:
+        d.stop()

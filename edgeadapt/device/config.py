@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 import sys
@@ -84,6 +85,30 @@ class DeviceConfig(BaseModel, extra="forbid"):
         "reject", description="float inputs outside the bundle's declared value range: refused (400) or clipped")
     allowed_origins: list[str] = Field(
         default_factory=list, description="web origins whose browser requests are served (default none)")
+    engine: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="advanced engine knobs by EngineConfig field name (e.g. {\"input_shift\": "
+        "0.2}); the daemon passes them to its engine, an unknown name or a wrong type is a config error")
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_knobs(cls, v: dict) -> dict:
+        from edgeadapt.device.engine import ENGINE_KNOBS
+
+        out = {}
+        for name, value in v.items():
+            if name not in ENGINE_KNOBS:
+                raise ValueError(f"engine: unknown knob {name!r}; known: {', '.join(sorted(ENGINE_KNOBS))}")
+            kind = ENGINE_KNOBS[name]
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"engine.{name} must be true or false")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (kind is int and float(value) != int(value)):
+                raise ValueError(f"engine.{name} must be a finite number >= 0{' (whole)' if kind is int else ''}")
+            if name in ("stats_every", "refresh_every", "good_snapshot_every", "shift_min_samples") and value < 1:
+                raise ValueError(f"engine.{name} is a count of batches or samples and must be >= 1")
+            out[name] = kind(value)
+        return out
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

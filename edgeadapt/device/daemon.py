@@ -56,7 +56,7 @@ class DeviceDaemon:
         self.manifest = self.bundle.manifest
         self.engine = AdaptiveEngine(self.bundle, EngineConfig(
             method=config.method, ood_detector=config.ood_detector, threads=config.threads, backend=config.backend,
-            input_range_policy=config.input_range_policy))
+            input_range_policy=config.input_range_policy, **config.engine))
         self.codec = self.engine.codec
         self._guard_seen = dict(self.engine.guard_counters)
         self._guard_at = 0.0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -64,6 +64,14 @@ class EngineConfig:
     input_range_policy: str = "reject"  # float inputs outside the bundle's value range: "reject" or "clip"
     good_snapshot_every: int = 64  # batches between snapshots of a plausible state (what a reset goes back to)
     stats_bounds: StatsBounds = field(default_factory=StatsBounds)
+
+
+#: the engine's tuning knobs a device config may set by name (``DeviceConfig.engine``): every numeric or boolean
+#: field that has no DeviceConfig field of its own
+ENGINE_KNOBS: dict[str, type] = {
+    f.name: {"float": float, "int": int, "bool": bool}[str(f.type)] for f in fields(EngineConfig)
+    if str(f.type) in ("float", "int", "bool") and f.name != "threads"
+}
 
 
 @dataclass
