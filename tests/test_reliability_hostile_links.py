@@ -127,16 +127,20 @@ def mode(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------ connections
-def test_half_open_and_dripping_connections_cannot_starve_the_server(live_cloud, kit):
+HTTP = ["httptools", "h11"]  # both guarded protocols (core/netguard.py): httptools is the default
+
+
+@pytest.mark.parametrize("http", HTTP)
+def test_half_open_and_dripping_connections_cannot_starve_the_server(live_cloud, kit, http):
     """In-process cloud with a small cap (16) and short deadlines: 60 half-sent heads leave /healthz answering
     within 1 s (the oldest are closed to make room), every one of them is closed by its deadline (408), and a
-    body dripped a byte at a time is cut off at the body deadline."""
+    body dripped a byte at a time is cut off at the body deadline. On each HTTP implementation."""
     from edgeadapt.cloud.server import ServerThread, create_app
     from edgeadapt.core.netguard import NetLimits
 
     cloud = live_cloud()
     limits = NetLimits(max_connections=16, header_timeout_s=1.0, body_timeout_s=1.5)
-    with ServerThread(create_app(cloud.service), limits=limits) as srv:
+    with ServerThread(create_app(cloud.service), limits=limits, http=http) as srv:
         token = None
         with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {cloud.admin}"}) as c:
             token = c.post("/v1/admin/devices", json={"name": "dripper"}).json()["token"]
@@ -182,7 +186,7 @@ def test_half_open_and_dripping_connections_cannot_starve_the_server(live_cloud,
         assert drip_cut_s < limits.body_timeout_s + 1.5, drip_cut_s
         assert got.startswith(b"HTTP/1.1 408"), got[:200]
         assert max(healthz_seconds(srv.url, 2)) < HEALTHZ_BUDGET_S
-    report("half-open in-process", half_open=60, cap=16, healthz_max_s=round(max(lat), 3), closed_408=n408,
+    report("half-open in-process", http=http, half_open=60, cap=16, healthz_max_s=round(max(lat), 3), closed_408=n408,
            evicted_503=n503, all_closed_within_s=round(closed_after, 2), drip_cut_after_s=round(drip_cut_s, 2),
            dripped_bytes=dripped)
 
@@ -218,19 +222,21 @@ def _low_nofile() -> None:
 
 
 @pytest.mark.slow
-def test_250_half_open_connections_leave_healthz_answering_real_processes(cloud_env, tiny_bundle, tmp_path):
+@pytest.mark.parametrize("http", HTTP)
+def test_250_half_open_connections_leave_healthz_answering_real_processes(cloud_env, tiny_bundle, tmp_path, http):
     """The review's reproduction on both real servers, each started with RLIMIT_NOFILE 256 (hard): 250
     connections that send half a request head and hold it. /healthz answers within 1 s all along, the process
-    never runs out of descriptors, and the server closes every half-sent connection by its head deadline."""
+    never runs out of descriptors, and the server closes every half-sent connection by its head deadline. The
+    device on each HTTP implementation (``http``); the cloud, which has no such setting, once (its default)."""
     home = fresh_cloud_home(cloud_env, tmp_path / "home")
     cloud = cloud_proc(cloud_env, home, tmp_path / "cloud.log")
     cloud.env["EDGEADAPT_CLOUD_HEADER_TIMEOUT_S"] = "3"
     cloud.preexec_fn = _low_nofile
-    dev = device_proc(tiny_bundle, tmp_path / "state", tmp_path / "device.log", header_timeout_s=3)
+    dev = device_proc(tiny_bundle, tmp_path / "state", tmp_path / "device.log", header_timeout_s=3, http=http)
     dev.preexec_fn = _low_nofile
     results = {}
     try:
-        for name, proc in (("device", dev), ("cloud", cloud)):
+        for name, proc in (("device", dev), ("cloud", cloud))[: 2 if http == "httptools" else 1]:
             proc.start()
             fds: dict = {}
             res = _half_open_against(proc, fds)
@@ -243,7 +249,7 @@ def test_250_half_open_connections_leave_healthz_answering_real_processes(cloud_
     finally:
         dev.stop()
         cloud.stop()
-    report("250 half-open, real processes", nofile=NOFILE, **{f"{k}.{m}": v for k, r in results.items()
+    report("250 half-open, real processes", http=http, nofile=NOFILE, **{f"{k}.{m}": v for k, r in results.items()
                                                               for m, v in r.items()})
 
 

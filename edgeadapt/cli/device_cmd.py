@@ -109,7 +109,7 @@ def run(
     # not behind a proxy, and the client address its admin routes check stays the socket's) and no Server header
     server = GracefulServer(uvicorn.Config(create_app(daemon), host=host, port=int(port), log_level="warning",
                                            access_log=False, loop="auto", proxy_headers=False, server_header=False,
-                                           **uvicorn_options(cfg.net_limits())))
+                                           **uvicorn_options(cfg.net_limits(), http=cfg.http)))
     stop = threading.Event()
     if cfg.source:
         threading.Thread(target=_stream_npz, args=(daemon, Path(cfg.source[4:]), cfg.source_batch, stop),

@@ -416,12 +416,12 @@ def create_app_from_home(home: str | Path | None = None, overrides: dict | None 
     return create_app(CloudService(config, home, **service_kwargs))
 
 
-def _server_options(config, limits=None, raise_limit: bool = True) -> dict[str, Any]:
+def _server_options(config, limits=None, raise_limit: bool = True, http: str = "auto") -> dict[str, Any]:
     """uvicorn options shared by ``serve`` and ``ServerThread``: connection limits and read deadlines
-    (``edgeadapt.core.netguard``) and TLS when the config names a certificate."""
+    (``edgeadapt.core.netguard``; ``http``: auto | httptools | h11) and TLS when the config names a certificate."""
     from edgeadapt.core.netguard import uvicorn_options
 
-    opts = uvicorn_options(limits or config.net_limits(), raise_limit=raise_limit)
+    opts = uvicorn_options(limits or config.net_limits(), raise_limit=raise_limit, http=http)
     if config.tls_cert:
         opts["ssl_certfile"] = str(Path(config.tls_cert).expanduser())
         if config.tls_key:
@@ -434,7 +434,7 @@ class ServerThread:
     the same connection limits (and TLS, when configured) as ``serve``."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                 limits=None):
+                 limits=None, http: str = "auto"):
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -444,7 +444,7 @@ class ServerThread:
         cfg = app.state.service.config
         self.scheme = cfg.scheme
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
-                                access_log=False, **_server_options(cfg, limits, raise_limit=False))
+                                access_log=False, **_server_options(cfg, limits, raise_limit=False, http=http))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="edgeadapt-cloud-http", daemon=True)

@@ -3,8 +3,11 @@
 uvicorn bounds neither how many connections it holds nor how long a request may take to arrive: its only
 timer (``timeout_keep_alive``) starts after a response, so a client that opens a connection and sends half a
 request head holds a socket (and a file descriptor) for ever. A few hundred of those exhausted the process's
-descriptors and took ``/healthz`` down (issue 22). This module adds what is missing, as an h11 protocol
-subclass that uvicorn runs in place of its own (``uvicorn.Config(http=...)``):
+descriptors and took ``/healthz`` down (issue 22). This module adds what is missing, as subclasses of uvicorn's
+two HTTP/1.1 protocols that uvicorn runs in place of its own (``uvicorn.Config(http=...)``): httptools (its
+parser is C; the default when installed, issue 16: the pure-Python h11 parser was a fifth of the device's
+event loop under load) and h11 (the fallback, and ``http = "h11"``). Both share one guard (``_Guard``); each
+says only where its parser is:
 
 - **Read deadlines.** A request head must arrive completely within ``header_timeout_s`` of the connection
   opening (or of its first byte, for a later request on a kept-alive connection), and its body within
@@ -17,6 +20,8 @@ subclass that uvicorn runs in place of its own (``uvicorn.Config(http=...)``):
   sending its head, then one still sending its body) is closed to make room; a connection whose request the
   app is handling is never closed. Only when every connection is busy is the new one refused with ``503``.
   So an attacker's half-open connections push out each other, not the health check.
+- **A head-size limit.** A request head longer than ``max_head_bytes`` gets ``431`` and the connection is
+  closed (httptools has no limit of its own; h11's is kept as a backstop above this one).
 - ``raise_nofile_limit`` raises the soft ``RLIMIT_NOFILE`` to the hard limit at start (many systems default
   to a soft limit of 1024 with a far higher hard one).
 
@@ -39,6 +44,8 @@ log = logging.getLogger(__name__)
 #: descriptors kept free for the process's own files (SQLite and its WAL, models, logs, outgoing clients)
 FD_RESERVE = 96
 MIN_CONNECTIONS = 16
+#: h11 buffers a whole read (up to 256 KiB with uvloop) before it parses: its own limit sits this far above ours
+HEAD_SLACK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -94,58 +101,74 @@ def _raw_response(status: int, reason: str, message: str) -> bytes:
             f"content-length: {len(body)}\r\n\r\n").encode() + body
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with read deadlines and a connection cap (module docstring). Configure through
-    ``guarded_protocol``, which makes a subclass with the limits as class attributes."""
+class _Guard:
+    """The phases, deadlines, head-size limit and cap shared by both guarded protocols (module docstring). A
+    protocol class mixes it in before uvicorn's own and says, in ``_parser_phase``, what its parser is doing;
+    everything else is here once."""
 
     limits: ClassVar[NetLimits] = NetLimits()
     max_connections: ClassVar[int] = NetLimits().max_connections
     stats: ClassVar[dict[str, int]] = {}
+    # what uvicorn's protocol classes define (declared for the type checker)
+    transport: Any
+    loop: Any
+    cycle: Any
+    connections: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._phase = "head"  # idle | head | body | busy
         self._since = time.monotonic()
         self._deadline: Any = None  # asyncio.TimerHandle
+        self._head_bytes = 0  # bytes received for the request head now arriving
+
+    def _parser_phase(self) -> str:
+        """idle (nothing pending), head (a request head is arriving), body (its body is), busy (the app has it)."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- uvicorn's protocol interface
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
         self._enter("head")
         self._enforce_cap()
 
+    def _head_open(self) -> bool:
+        """Are the bytes now arriving part of a request head (the parser is between requests or inside one)?"""
+        return self._phase in ("idle", "head")
+
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
+        if self._head_open():
+            self._head_bytes += len(data)
+        super().data_received(data)  # type: ignore[misc]
         self._sync()
+        if self._head_bytes > self.limits.max_head_bytes and self._head_open() and not self.transport.is_closing():
+            self._count("head_too_large")
+            self._close(431, "Request Header Fields Too Large",
+                        f"the request head exceeds {self.limits.max_head_bytes} bytes")
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # type: ignore[misc]
         self._sync(after_response=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     # ---------------------------------------------------------------- phases and deadlines
     def _sync(self, after_response: bool = False) -> None:
         if self.transport is None or self.transport.is_closing():
             self._cancel()
             return
-        state = self.conn.their_state
-        if state is h11.IDLE:
-            if self.conn.trailing_data[0] or (self._phase == "head" and not after_response):
-                if self._phase != "head":
-                    self._enter("head")
-            else:
-                self._enter("idle")
-        elif state is h11.SEND_BODY:
-            if self._phase != "body":
-                self._enter("body")
-        elif self._phase != "busy":
-            self._enter("busy")
+        phase = self._parser_phase()
+        if phase == "idle" and self._phase == "head" and not after_response:
+            phase = "head"  # a fresh connection: its head deadline runs from the connection's opening
+        if phase != self._phase:
+            self._enter(phase)
 
     def _enter(self, phase: str) -> None:
         self._cancel()
+        if phase != "head":
+            self._head_bytes = 0
         self._phase = phase
         self._since = time.monotonic()
         timeout = {"head": self.limits.header_timeout_s, "body": self.limits.body_timeout_s}.get(phase)
@@ -184,7 +207,7 @@ class GuardedH11Protocol(H11Protocol):
         excess = len(live) - self.max_connections
         if excess <= 0:
             return
-        victims = sorted((p for p in live if p is not self and isinstance(p, GuardedH11Protocol) and p._phase in _RANK),
+        victims = sorted((p for p in live if p is not self and isinstance(p, _Guard) and p._phase in _RANK),
                          key=lambda p: (_RANK[p._phase], p._since))
         for p in victims[:excess]:
             self._count("evicted")
@@ -198,15 +221,85 @@ class GuardedH11Protocol(H11Protocol):
         cls.stats[what] = cls.stats.get(what, 0) + 1
 
 
-def guarded_protocol(limits: NetLimits, max_connections: int | None = None) -> type[GuardedH11Protocol]:
-    """A protocol class enforcing ``limits`` (with the cap ``max_connections``, default ``limits``')."""
+class GuardedH11Protocol(_Guard, H11Protocol):
+    """uvicorn's h11 protocol (pure Python) with the guard: the fallback when httptools is not installed."""
+
+    def _parser_phase(self) -> str:
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            return "head" if self.conn.trailing_data[0] else "idle"
+        return "body" if state is h11.SEND_BODY else "busy"
+
+
+def _httptools_protocol() -> type | None:
+    """The guarded httptools protocol class, or None when httptools (or uvicorn's protocol for it) is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
+        """uvicorn's httptools protocol (the parser in C) with the guard. httptools parses as bytes arrive (h11
+        waits for the app), so the parser's own position is tracked from its callbacks; a request the app is
+        handling is busy whatever the client sends behind it, except the body of that same request."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._parsing = "none"  # none | head | body: where the parser is in the latest request
+            super().__init__(*args, **kwargs)
+
+        def on_message_begin(self) -> None:
+            self._parsing = "head"
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._parsing, self._head_bytes = "body", 0
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._parsing, self._head_bytes = "none", 0
+            super().on_message_complete()
+
+        def _head_open(self) -> bool:
+            return self._parsing != "body"  # also behind a busy request: httptools reads on
+
+        def _parser_phase(self) -> str:
+            if self._parsing == "body" and not self.pipeline:
+                return "body"
+            if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+                return "busy"
+            return "head" if self._parsing == "head" else "idle"
+
+    return GuardedHttpToolsProtocol
+
+
+GuardedHttpToolsProtocol = _httptools_protocol()
+#: the HTTP implementations the servers can run: ``auto`` is httptools when installed, else h11
+HTTP_IMPLEMENTATIONS = ("auto", "httptools", "h11")
+
+
+def protocol_base(http: str = "auto") -> type[_Guard]:
+    """The guarded protocol class for ``http`` (auto | httptools | h11)."""
+    if http not in HTTP_IMPLEMENTATIONS:
+        raise ValueError(f"http must be one of {', '.join(HTTP_IMPLEMENTATIONS)}, not {http!r}")
+    if http == "h11" or (http == "auto" and GuardedHttpToolsProtocol is None):
+        return GuardedH11Protocol
+    if GuardedHttpToolsProtocol is None:
+        raise ValueError("http = httptools, but the httptools package is not installed (pip install httptools)")
+    return GuardedHttpToolsProtocol
+
+
+def guarded_protocol(limits: NetLimits, max_connections: int | None = None, http: str = "auto") -> type[_Guard]:
+    """A protocol class enforcing ``limits`` (with the cap ``max_connections``, default ``limits``') on the
+    ``http`` implementation."""
     cap = limits.max_connections if max_connections is None else max_connections
-    return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"limits": limits, "max_connections": cap, "stats": {}})
+    base = protocol_base(http)
+    return type(base.__name__, (base,), {"limits": limits, "max_connections": cap, "stats": {}})
 
 
-def uvicorn_options(limits: NetLimits | None = None, raise_limit: bool = True) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.Config`` that apply ``limits``: the guarded h11 protocol, the backlog,
+def uvicorn_options(limits: NetLimits | None = None, raise_limit: bool = True, http: str = "auto"
+                    ) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.Config`` that apply ``limits``: the guarded protocol (``http``: auto |
+    httptools | h11), the backlog,
     keep-alive, head-size limit, and ``limit_concurrency`` just above the cap (uvicorn counts idle connections
     against it and answers 503 to whatever arrives past it, so it only backs up the cap, never undercuts it).
     ``raise_limit``: raise the soft descriptor limit first (the cap is then fitted to it)."""
@@ -224,6 +317,8 @@ def uvicorn_options(limits: NetLimits | None = None, raise_limit: bool = True) -
     if cap < limits.max_connections or backlog < limits.backlog:
         log.warning("connection cap %d -> %d, listen backlog %d -> %d to fit the open-file limit (%d)",
                     limits.max_connections, cap, limits.backlog, backlog, soft)
-    return {"http": guarded_protocol(limits, cap), "backlog": backlog,
-            "timeout_keep_alive": limits.keep_alive_s, "h11_max_incomplete_event_size": limits.max_head_bytes,
+    # h11's own limit is a backstop (its buffer can hold a body too): the guard answers an oversized head first
+    return {"http": guarded_protocol(limits, cap, http), "backlog": backlog,
+            "timeout_keep_alive": limits.keep_alive_s,
+            "h11_max_incomplete_event_size": limits.max_head_bytes + HEAD_SLACK,
             "limit_concurrency": cap + 8}

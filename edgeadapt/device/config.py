@@ -81,6 +81,9 @@ class DeviceConfig(BaseModel, extra="forbid"):
                                                          "one is closed (core/netguard.py)")
     header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request head must arrive within this")
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request body must arrive within this")
+    http: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="the HTTP/1.1 implementation: httptools (C parser; auto picks it when installed) or "
+        "h11 (pure Python); both run the same connection guard (core/netguard.py)")
     input_range_policy: Literal["reject", "clip"] = Field(
         "reject", description="float inputs outside the bundle's declared value range: refused (400) or clipped")
     allowed_origins: list[str] = Field(
