@@ -32,7 +32,8 @@ class CloudMetrics:
         self.latest_version = Gauge("edgeadapt_cloud_latest_version", "latest published version", registry=r)
         self.pending_samples = Gauge("edgeadapt_cloud_pending_samples", "uploads waiting for training", registry=r)
         self.upload_refusals = Counter("edgeadapt_cloud_upload_refusals_total", "upload requests refused, by reason "
-                                       "(too_large, wrong_model, invalid_input, invalid, schema)", ["reason"],
+                                       "(too_large, wrong_model, undecodable, invalid_input, invalid, schema)",
+                                       ["reason"],
                                        registry=r)
         self.trainer_failures = Counter("edgeadapt_cloud_trainer_failures_total", "training rounds that raised",
                                         registry=r)

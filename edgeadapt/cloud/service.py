@@ -28,6 +28,7 @@ from edgeadapt.core.input_codec import InputCodec
 from edgeadapt.core.safetext import clean_text
 from edgeadapt.core.tensorfile import ParamSet
 from edgeadapt.core.update_package import MODES, build_package_full
+from edgeadapt.core.upload_encoding import decode_upload
 from edgeadapt.core.wire import MAX_SAMPLES_PER_BATCH, SampleBatch, SampleBatchResult, UpdateInfo, upload_body_bytes
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ def refusal_kind(message: str) -> str:
         return "too_large"
     if "not served here" in m:
         return "wrong_model"
+    if "undecodable" in m:  # an image-encoded upload that is corrupt, a bomb or not the declared sample
+        return "undecodable"
     if "input" in m:
         return "invalid_input"
     return "invalid"
@@ -188,8 +191,8 @@ class CloudService:
         new: list[NewSample] = []
         for i, s in enumerate(batch.samples):
             where = f"samples[{i}] (id {s.id})"
-            try:  # the bundle's input contract: size from its shape, then shape, dtype, finiteness and range
-                arr = codec.check_upload(s.input.to_numpy(codec.max_upload_sample_bytes))
+            try:  # the bundle's input contract: size from its shape, decoded by its encoding, then shape, dtype,
+                arr = decode_upload(codec, s.input)  # finiteness and range
             except ValueError as exc:  # InputError is a ValueError
                 raise Invalid(f"{where}: input: {exc}") from None
             if len(s.logits) != c:

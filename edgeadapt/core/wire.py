@@ -21,12 +21,16 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 ALLOWED_INPUT_DTYPES = ("uint8", "float16")
 MAX_VERSION = 2**62  # versions are SQLite INTEGERs (64-bit): a larger number would be a 500, not a 422
 MAX_PROBLEMS = 16  # degraded reasons a heartbeat carries at most (each cleaned and capped like ``status``)
+#: how an uploaded sample's bytes are packed (core/upload_encoding.py): raw array bytes or an image file
+WireEncoding = Literal["raw", "png", "jpeg", "webp"]
 
 
 class WireArray(BaseModel):
     dtype: Literal["uint8", "float16", "float32"]
     shape: list[int] = Field(max_length=8)
-    data: str = Field(description="base64 of the raw little-endian bytes")
+    data: str = Field(description="base64 of the raw little-endian bytes, or of an image file (``encoding``)")
+    encoding: WireEncoding = Field("raw", description="raw, or the image format of ``data`` (uint8 samples of 1 or "
+                                   "3 channels; decoded by core/upload_encoding.py)")
 
     @classmethod
     def from_numpy(cls, arr: np.ndarray) -> WireArray:
@@ -35,7 +39,10 @@ class WireArray(BaseModel):
 
     def to_numpy(self, max_bytes: int) -> np.ndarray:
         """The array, refused before decoding when it is larger than ``max_bytes`` (the receiver derives that
-        from the bundle's input spec: ``InputCodec.max_upload_sample_bytes``)."""
+        from the bundle's input spec: ``InputCodec.max_upload_sample_bytes``). Raw arrays only: an image-encoded
+        sample is decoded by ``core.upload_encoding.decode_upload``."""
+        if self.encoding != "raw":
+            raise ValueError(f"a {self.encoding}-encoded array is decoded with its input spec (decode_upload)")
         if any(d < 0 for d in self.shape):
             raise ValueError("negative dimension")
         dtype = np.dtype(self.dtype).newbyteorder("<")

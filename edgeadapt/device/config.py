@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from edgeadapt.core.upload_encoding import DEFAULT_UPLOAD_ENCODING, UploadEncoding
 from edgeadapt.device.ood import DEFAULT_DETECTOR
 
 if sys.version_info >= (3, 11):
@@ -64,6 +65,9 @@ class DeviceConfig(BaseModel, extra="forbid"):
     novel_samples_per_s: float = Field(1.0, ge=0)
     upload_all: bool = Field(False, description="upload every in-distribution sample (the benchmark's baseline)")
     upload_interval_s: float = Field(0.5, gt=0)
+    upload_encoding: str = Field(DEFAULT_UPLOAD_ENCODING, description="how uploaded samples are packed: raw, png "
+                                 "(lossless), jpeg:QUALITY or webp:QUALITY (1..100); inputs that are not 1- or "
+                                 "3-channel uint8 images travel raw (status says so)")
     update_poll_s: float = Field(2.0, gt=0)
     update_download_timeout_s: float = Field(30.0, gt=0, description="total deadline for one update download "
                                              "(each network read also at most min(10 s, this))")
@@ -112,6 +116,11 @@ class DeviceConfig(BaseModel, extra="forbid"):
                 raise ValueError(f"engine.{name} is a count of batches or samples and must be >= 1")
             out[name] = kind(value)
         return out
+
+    @field_validator("upload_encoding")
+    @classmethod
+    def _upload_encoding(cls, v: str) -> str:
+        return str(UploadEncoding.parse(v))
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

@@ -17,7 +17,8 @@ import numpy as np
 
 from edgeadapt.core.bundle import Bundle
 from edgeadapt.core.tensorfile import load_params, save_params
-from edgeadapt.core.wire import UploadSample, WireArray
+from edgeadapt.core.upload_encoding import UploadEncoder
+from edgeadapt.core.wire import UploadSample
 from edgeadapt.device.batcher import MicroBatcher
 from edgeadapt.device.config import DeviceConfig
 from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
@@ -58,6 +59,10 @@ class DeviceDaemon:
             method=config.method, ood_detector=config.ood_detector, threads=config.threads, backend=config.backend,
             input_range_policy=config.input_range_policy, **config.engine))
         self.codec = self.engine.codec
+        self.upload_encoder = UploadEncoder(self.codec, config.upload_encoding)
+        if self.upload_encoder.why_raw:
+            log.warning("upload_encoding %s does not apply to this bundle: %s; samples are uploaded raw",
+                        config.upload_encoding, self.upload_encoder.why_raw)
         self._guard_seen = dict(self.engine.guard_counters)
         self._guard_at = 0.0
         self._reasons_shown: set[str] = set()
@@ -308,7 +313,7 @@ class DeviceDaemon:
     def _select_and_queue(self, x: np.ndarray, res) -> None:
         if self.queue is None or self.uploader is None:  # standalone: nothing queued that could never be sent
             return
-        sample_bytes = self.codec.sample_bytes()
+        sample_bytes = round(self.upload_encoder.mean_bytes)  # the byte budget counts what the encoding sends
         if self.config.upload_all:
             adapt_idx, novel_idx = np.flatnonzero(~res.ood), np.flatnonzero(res.ood)
         else:
@@ -318,9 +323,9 @@ class DeviceDaemon:
         samples = []
         for kind, idx in (("adapt", adapt_idx), ("novel", novel_idx)):
             for i in idx:
-                xi = self.codec.to_upload(x[i])
+                wire = self.upload_encoder.encode(self.codec.to_upload(x[i]))
                 samples.append(UploadSample(
-                    id=uuid.uuid4().hex, input=WireArray.from_numpy(xi), logits=[float(v) for v in res.logits[i]],
+                    id=uuid.uuid4().hex, input=wire, logits=[float(v) for v in res.logits[i]],
                     entropy=float(res.entropy[i]), ood_score=float(res.ood_score[i]), novel=(kind == "novel"),
                     param_version=res.param_version))
                 self.metrics.uploads_queued.labels(kind).inc()
@@ -406,6 +411,7 @@ class DeviceDaemon:
             "uptime_s": round(time.time() - self.started, 1), "samples": self.samples_seen,
             "adapted_batches": self.engine.batches,
             "ood_samples": self.ood_seen, "queue": q, "uploader": up, "errors": dict(self.errors),
+            "upload_encoding": self.upload_encoder.status(),
             "versions_on_disk": self.versions.versions() if self.versions else [],
             "cloud": self.config.cloud_url,
             "adaptation_guard": {"counters": dict(self.engine.guard_counters), "last": self.engine.guard_last},

@@ -37,6 +37,7 @@ STAT_NAMES = ("requests", "bytes_up", "acked", "rejected", "retried", "errors", 
 
 #: bounded labels for a refusal, and how each reads in a degraded reason
 REFUSAL_WORDS = {"too_large": "sample too large", "wrong_model": "the cloud does not serve this model",
+                 "undecodable": "the cloud cannot decode the encoded samples (upload_encoding)",
                  "invalid_input": "the cloud's input contract refuses the samples",
                  "invalid": "the cloud finds the batch invalid", "other": "refused by the cloud"}
 
@@ -67,6 +68,8 @@ def refusal_kind(code: int, message: str) -> str:
         return "too_large"
     if "not served here" in m or "wrong model" in m:
         return "wrong_model"
+    if "undecodable" in m:
+        return "undecodable"
     if "input" in m:
         return "invalid_input"
     if code == 422:
