@@ -58,6 +58,30 @@ def _plain_line(done: int, total: int, stats: dict, version: int, status: dict, 
             + (f" · {behind:.1f} s behind the camera" if behind > 1 else ""))
 
 
+def _note_round(rounds: dict[int, dict], c: httpx.Client, p: dict, t: float, images: int) -> None:
+    """Remember the cloud's newest training round (when it ended, on the stream's clock, and what it did)."""
+    try:
+        r = c.get(f"{p['cloud']}/v1/admin/status", headers={"Authorization": f"Bearer {p['admin']}"}, timeout=10)
+        last = (r.json().get("trainer") or {}).get("last_result") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return
+    if last and last.get("candidate_id") is not None and last["candidate_id"] not in rounds:
+        rounds[last["candidate_id"]] = {"candidate": last["candidate_id"], "status": last.get("status"),
+                                        "version": last.get("version"), "seconds": round(last.get("seconds", 0), 1),
+                                        "uploads": last.get("samples"), "steps": last.get("steps"),
+                                        "seen_at_s": round(t, 1), "seen_at_image": images}
+
+
+def _rounds_line(rounds: list[dict], stream_s: float) -> str:
+    """What the cloud managed, in words: rounds, how long one took, how often a version was published."""
+    if not rounds:
+        return "the cloud finished no training round during the stream"
+    pub = [r for r in rounds if r["status"] == "published"]
+    mean_s = sum(r["seconds"] for r in rounds) / len(rounds)
+    return (f"the cloud ran {len(rounds)} training rounds ({len(pub)} published), {mean_s:.0f} s each on average: "
+            f"a new version every {stream_s / max(len(pub), 1):.0f} s of stream")
+
+
 def _verdict(summary: dict, names: list[str]) -> list[str]:
     """The end screen in words a new user understands."""
     a = summary["acc"]
@@ -76,7 +100,7 @@ def _verdict(summary: dict, names: list[str]) -> list[str]:
         f"({summary['uploads_sent'] / max(summary['images'], 1):.0%}, {summary['bytes_up'] / 1e6:.1f} MB up) and "
         f"applied {int(up.get('applied', 0))} signed updates ({summary['bytes_down'] / 1e3:.0f} kB down; "
         f"{int(up.get('rolled_back', 0))} rolled back by its own watch).",
-        f"Pacing: {summary['pacing']}.",
+        f"Pacing: {summary['pacing']}; {_rounds_line(summary['cloud_rounds'], summary['stream_seconds'])}.",
     ]
     return lines
 
@@ -121,6 +145,7 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
         shutil.rmtree(work)
     work.mkdir(parents=True)
     version, status = 0, {}
+    rounds: dict[int, dict] = {}  # the cloud's training rounds, by candidate id, as its admin status reports them
     interactive = console.is_terminal
     behind = 0.0
     with loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True, poll_s=1.0,
@@ -157,12 +182,14 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
                               version))
                 if bi % 5 == 0:
                     status = c.get(f"{p['device']}/v1/status").json()
+                    _note_round(rounds, c, p, time.monotonic() - t0, i + len(xb))
                     if live is not None:
                         live.update(_table(names, stats, version, status))
                 if live is None and time.monotonic() - last_line >= PLAIN_EVERY_S:
                     last_line = time.monotonic()
                     print(_plain_line(i + len(xb), len(x), stats, version, status, behind), flush=True)
             status = c.get(f"{p['device']}/v1/status").json()
+            _note_round(rounds, c, p, time.monotonic() - t0, len(x))
             if live is not None:
                 live.update(_table(names, stats, version, status))
         finally:
@@ -183,6 +210,7 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
         "bytes_down": status.get("updater", {}).get("counters", {}).get("bytes_down", 0),
         "final_version": version,
         "updates": status.get("updater", {}).get("counters", {}),
+        "cloud_rounds": sorted(rounds.values(), key=lambda r: r["candidate"]),
         "update_at_images": [int(n) for (n, *_r, v), prev in zip(curve[1:], curve[:-1], strict=True) if v != prev[4]],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
