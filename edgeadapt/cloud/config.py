@@ -48,6 +48,8 @@ class TrainerConfig(BaseModel, extra="forbid"):
     replay_size: int = Field(10_000, ge=0, description="FIFO replay buffer capacity")
     replay_min: int = Field(256, ge=0, description="replay is mixed in once it holds this many")
     replay_per_step: int = Field(96, ge=0)
+    input_cache_mb: float = Field(256.0, gt=0, description="uploaded inputs the cloud keeps in RAM at most (a "
+                                  "least-recently-used cache of the store's blobs); replay stays on disk")
     steps_per_chunk: int = Field(2, ge=1, description="SGD steps per group of new uploads (chosen on the held-out dev "
                                                        "stream, see docs/NOTES.md)")
     epochs: int = Field(1, ge=1, description="passes over the pending uploads per training round")

@@ -61,7 +61,7 @@ from torch import nn
 
 from edgeadapt.cloud.config import TrainerConfig
 from edgeadapt.cloud.edge_model import apply_params, extract_params, rebuild_edge_model
-from edgeadapt.cloud.store import Store, register_bundle
+from edgeadapt.cloud.store import Store, StoredSample, register_bundle
 from edgeadapt.core import bundle as B
 from edgeadapt.core import param_bounds
 from edgeadapt.core.input_codec import InputCodec
@@ -115,10 +115,11 @@ def batch_statistics(model: nn.Module, enabled: bool = True) -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
-def sample_groups(samples: list, inputs: list[np.ndarray], size: int) -> list[list[np.ndarray]]:
+def sample_groups(samples: list, inputs: list, size: int) -> list[list]:
     """Cut uploads into groups of up to ``size`` consecutive samples of one device (arrival order kept):
-    one device's recent traffic, i.e. (mostly) one domain, normalized together."""
-    by_device: dict[int, list[np.ndarray]] = {}
+    one device's recent traffic, i.e. (mostly) one domain, normalized together. ``inputs`` (one per sample): what
+    the groups hold, the samples' arrays or the stored records themselves (the trainer's: inputs stay on disk)."""
+    by_device: dict[int, list] = {}
     for smp, x in zip(samples, inputs, strict=True):
         by_device.setdefault(smp.device_id, []).append(x)
     groups = []
@@ -294,12 +295,15 @@ class Trainer:
         self.trainable = self._configure_student(self.student)
         self.optimizer = self._new_optimizer()
         self.evaluator = rebuild_edge_model(self.bundle_dir, store.get_params(self.version), student_model).eval()
-        # replay: groups of past uploads (see sample_groups), at most replay_size samples in all
-        self.replay: deque[list[np.ndarray]] = deque()
+        # replay: groups of past uploads (see sample_groups), at most replay_size samples in all, as the store's
+        # records: their inputs stay in its blobs and a step loads the ones it draws (through the store's cache,
+        # bounded in bytes), so what the trainer holds in RAM does not grow with the replay size or resolution
+        self.replay: deque[list[StoredSample]] = deque()
         self.replay_samples = 0
+        store.samples.input_cache.resize(int(self.cfg.input_cache_mb * 2**20))
         if self.cfg.replay_size > 0:
             old = store.recent_samples("train", self.cfg.replay_size, consumed=True)
-            for g in sample_groups(old, store.load_inputs(old), self.cfg.chunk):
+            for g in sample_groups(old, old, self.cfg.chunk):
                 self._remember(g)
 
     # ------------------------------------------------------------------ setup
@@ -335,13 +339,13 @@ class Trainer:
     def _per_group(self) -> bool:
         return self.cfg.normalization == "batch"
 
-    def _remember(self, group: list[np.ndarray]) -> None:
+    def _remember(self, group: list[StoredSample]) -> None:
         self.replay.append(group)
         self.replay_samples += len(group)
         while self.replay_samples > self.cfg.replay_size and len(self.replay) > 1:
             self.replay_samples -= len(self.replay.popleft())
 
-    def _replay_groups(self) -> list[list[np.ndarray]]:
+    def _replay_groups(self) -> list[list[StoredSample]]:
         """About ``replay_per_step`` replayed samples, as whole groups drawn at random."""
         if self.cfg.replay_size <= 0 or self.cfg.replay_per_step <= 0 or not self.replay \
                 or self.replay_samples < max(1, self.cfg.replay_min):
@@ -366,10 +370,16 @@ class Trainer:
         with torch.no_grad():
             return self.teacher(x)
 
-    def _step(self, groups: list[list[np.ndarray]]) -> float:
+    def _batch(self, items: list) -> torch.Tensor:
+        """Normalized inputs of stored uploads (loaded from the store now) or of arrays."""
+        if items and isinstance(items[0], StoredSample):
+            items = self.store.load_inputs(items)
+        return to_float_batch(items, self.manifest)
+
+    def _step(self, groups: list[list[StoredSample]]) -> float:
         if not self._per_group:  # one mixed batch
             groups = [[x for g in groups for x in g]]
-        xs = [to_float_batch(g, self.manifest) for g in groups]
+        xs = [self._batch(g) for g in groups]
         z_t = torch.cat([self._teacher_logits(x, adapt=True) for x in xs])
         self._train_mode()
         z_s = torch.cat([self.student(x) for x in xs])
@@ -383,9 +393,10 @@ class Trainer:
         self.student.eval()
         return float(loss.detach())
 
-    def _logits(self, model: nn.Module, inputs: list[np.ndarray] | list[list[np.ndarray]]) -> torch.Tensor:
+    def _logits(self, model: nn.Module, inputs: list | list[list]) -> torch.Tensor:
         """Logits for plain inputs (eval mode, in slices) or for groups (each normalized with its own batch
-        statistics under ``normalization = "batch"``; eval mode otherwise)."""
+        statistics under ``normalization = "batch"``; eval mode otherwise). Inputs: arrays or stored uploads
+        (loaded a slice or a group at a time)."""
         model.eval()
         grouped = bool(inputs) and isinstance(inputs[0], list)
         if grouped and self._per_group:
@@ -396,10 +407,10 @@ class Trainer:
         outs = []
         with torch.no_grad(), batch_statistics(model, grouped and self._per_group):
             for part in parts:
-                outs.append(model(to_float_batch(part, self.manifest)))
+                outs.append(model(self._batch(part)))
         return torch.cat(outs) if outs else torch.zeros(0, self.num_classes)
 
-    def distill_loss(self, params: ParamSet, inputs: list[np.ndarray] | list[list[np.ndarray]]) -> float:
+    def distill_loss(self, params: ParamSet, inputs: list | list[list]) -> float:
         """The CEMA loss of the student with ``params`` against the current teacher on ``inputs`` (plain inputs:
         eval mode; groups: normalized as the trainer normalizes, see the module docstring)."""
         if not inputs:
@@ -432,7 +443,7 @@ class Trainer:
         held, _ = cap_device_share(recent, self.cfg.device_share_max, self.cfg.gate_samples)
         if not held:
             return GateResult(True, None, None, 0, "no held-back samples yet: gate skipped")
-        inputs = sample_groups(held, self.store.load_inputs(held), self.cfg.chunk)
+        inputs = sample_groups(held, held, self.cfg.chunk)
         if current is None:
             current = self.store.get_params(self.version)
         t_pred = self._logits(self.teacher, inputs).argmax(1)
@@ -471,9 +482,9 @@ class Trainer:
                 skipped, pending = pending[:-limit], pending[-limit:]
                 pending, more = cap_device_share(pending, self.cfg.device_share_max)
                 capped += more
-            groups = sample_groups(pending, self.store.load_inputs(pending), self.cfg.chunk)
+            groups = sample_groups(pending, pending, self.cfg.chunk)
             if skipped and self.cfg.replay_size > 0:
-                for g in sample_groups(skipped, self.store.load_inputs(skipped), self.cfg.chunk):
+                for g in sample_groups(skipped, skipped, self.cfg.chunk):
                     self._remember(g)
             base_params = self.store.get_params(base)
             probe, probe_n = [], 0

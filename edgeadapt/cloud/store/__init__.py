@@ -22,6 +22,7 @@ import numpy as np
 from edgeadapt.cloud.store.blobs import BlobStore, LocalBlobStore, S3BlobStore, npy_bytes, npy_load, open_blob_store
 from edgeadapt.cloud.store.db import Database, PostgresDatabase, SQLiteDatabase, Transaction
 from edgeadapt.cloud.store.fleet import FleetRepository
+from edgeadapt.cloud.store.input_cache import InputCache
 from edgeadapt.cloud.store.records import (
     CandidateRecord,
     Device,
@@ -70,7 +71,7 @@ class Store:
         return self.db.transaction()
 
     @property
-    def _input_cache(self) -> dict[str, np.ndarray]:
+    def _input_cache(self) -> InputCache:
         return self.samples.input_cache
 
     # -- the step that spans repositories

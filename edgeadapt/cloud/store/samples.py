@@ -10,17 +10,17 @@ import numpy as np
 
 from edgeadapt.cloud.store.blobs import BlobStore, npy_bytes, npy_load
 from edgeadapt.cloud.store.db import Database, Row, Transaction, in_chunks
+from edgeadapt.cloud.store.input_cache import InputCache
 from edgeadapt.cloud.store.records import NewSample, StoredSample, StoreError
 
 BATCH_RESPONSE_TTL_S = 7 * 86400
-INPUT_CACHE_MAX = 4096
 
 
 class SampleRepository:
     def __init__(self, db: Database, blobs: BlobStore):
         self.db = db
         self.blobs = blobs
-        self.input_cache: dict[str, np.ndarray] = {}  # blob key -> its array (blobs never change once written)
+        self.input_cache = InputCache()  # blob key -> its array, bounded in bytes (the trainer resizes it)
 
     def add(self, device_id: int, samples: list[NewSample]) -> tuple[list[str], list[str]]:
         """Store the samples not stored yet; -> (new ids, duplicate ids)."""
@@ -124,17 +124,21 @@ class SampleRepository:
             return [self._sample(r) for r in tx.all(q, (split, int(limit_per_device)))]
 
     def load_inputs(self, samples: list[StoredSample]) -> list[np.ndarray]:
+        """The samples' inputs, from the byte-bounded cache or their blobs (each blob read once per call). The
+        rows are copies, so what a caller keeps never pins a whole blob in memory."""
         out = []
+        fresh: dict[str, np.ndarray] = {}
         for s in samples:
-            arr = self.input_cache.get(s.blob)
+            arr = fresh.get(s.blob)
+            if arr is None:
+                arr = self.input_cache.get(s.blob)
             if arr is None:
                 arr = npy_load(self.blobs.get(s.blob))
                 if arr.dtype not in (np.uint8, np.float16):
                     raise StoreError(f"blob {s.blob}: unexpected dtype {arr.dtype}")
-                if len(self.input_cache) > INPUT_CACHE_MAX:
-                    self.input_cache.clear()
-                self.input_cache[s.blob] = arr
-            out.append(arr[s.row])
+                fresh[s.blob] = arr
+                self.input_cache.put(s.blob, arr)
+            out.append(arr[s.row].copy())
         return out
 
     # -- idempotent upload batches
