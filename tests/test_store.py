@@ -132,6 +132,53 @@ def test_meta_and_rollouts(store):
     assert 60 < on_1 < 140  # about half
 
 
+
+def test_signatures_groups_and_lineages(store):
+    """Issue 18: the latest domain signature per device, groups, a lineage of versions per group and rollouts
+    that cover a group's members, on both back ends."""
+    store.add_version(_params(0), parent=None, version=0)
+    store.add_device("cam-a")
+    store.add_device("cam-b")
+    a, b = store.get_device("cam-a"), store.get_device("cam-b")
+    assert a.signature is None and a.group_id is None
+    store.fleet.set_signature(a.id, [0.5, -1.0], entropy=0.25)
+    store.fleet.set_signature(a.id, [0.25, 2.0], entropy=0.5)  # the latest replaces the previous
+    with pytest.raises(StoreError, match="finite"):
+        store.fleet.set_signature(b.id, [float("nan")])
+    with pytest.raises(StoreError):
+        store.fleet.set_signature(b.id, [])
+    got = store.get_device("cam-a")
+    assert got.signature == [0.25, 2.0] and got.signature_entropy == 0.5 and got.signature_at is not None
+    g1 = store.fleet.add_group(0, [0.25, 2.0], note="founded by cam-a")
+    g2 = store.fleet.add_group(0, None)
+    store.fleet.set_device_group(a.id, g1)
+    store.fleet.set_device_group(b.id, g2)
+    assert store.get_device("cam-a").group_id == g1
+    assert [g.id for g in store.fleet.list_groups()] == [g1, g2]
+    assert store.fleet.get_group(g1).centroid == [0.25, 2.0] and store.fleet.get_group(g1).note == "founded by cam-a"
+    # a lineage per group: numbers stay global, each group's newest is its own
+    assert store.versions.latest_in_lineage(g1) is None and store.versions.latest_in_lineage(None) == 0
+    cid, v1 = store.finish_round(0, "h1", {}, [], params=_params(1), rollout=True, group_id=g1)
+    _, v2 = store.finish_round(0, "h2", {}, [], params=_params(2), rollout=True, group_id=g2)
+    assert (v1, v2) == (1, 2) and store.get_version(v1).group_id == g1
+    assert store.versions.latest_in_lineage(g1) == 1 and store.versions.latest_in_lineage(g2) == 2
+    assert store.versions.latest_in_lineage(None) == 0
+    assert store.target_version("cam-a", g1) == 1 and store.target_version("cam-b", g2) == 2
+    assert store.target_version("cam-a") is None  # not in the group: no group rollout covers it
+    assert [r.scope for r in store.list_rollouts()] == [f"group {g1}", f"group {g2}"]
+    with pytest.raises(StoreError, match="not both"):
+        store.add_rollout(1, devices=["cam-a"], group_id=g1)
+    with pytest.raises(NotFound):
+        store.add_rollout(1, group_id=999)
+    store.fleet.set_device_group(a.id, g2)  # it moved: now its new group's rollouts cover it
+    assert store.target_version("cam-a", g2) == 2
+    store.fleet.update_group(g1, dissolve=True)
+    assert [g.id for g in store.fleet.list_groups()] == [g2]
+    assert store.fleet.get_group(g1).dissolved is not None
+    with pytest.raises(NotFound):
+        store.fleet.update_group(999, dissolve=True)
+
+
 # ------------------------------------------------------------------------------------------------ samples
 def test_samples_once_per_device_and_sample_id(store):
     a, b = store.add_device("a"), store.add_device("b")

@@ -50,10 +50,11 @@ def _stop(proc: subprocess.Popen | None) -> None:
 
 
 @contextmanager
-def loop_processes(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Path, work: Path,
-                   upload_all: bool = False, method: str | None = None, trainer_auto: bool = False,
-                   poll_s: float = 3600.0, log_dir: Path | None = None, train_every: int = 256):
-    """Start cloud + device; yields a dict with URLs, tokens and process handles; stops both on exit."""
+def cloud_process(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Path, work: Path,
+                  trainer_auto: bool = False, log_dir: Path | None = None, train_every: int = 256,
+                  env: dict[str, str] | None = None):
+    """Start a real ``cloud serve`` process in a fresh home under ``work`` (signing with ``signing_home``'s key);
+    yields a dict with its URL, admin token, home and process handle; stops it on exit."""
     from edgeadapt.cloud.admin import init_home, read_admin_token
     from edgeadapt.core import signing
 
@@ -62,11 +63,9 @@ def loop_processes(bundle: Path, teacher: str, teacher_weights: Path, signing_ho
     for name in (signing.PRIVATE_KEY_FILE, signing.PUBLIC_KEY_FILE):  # the key the bundle trusts
         shutil.copy2(signing_home / name, home / name)
     admin = read_admin_token(home)
-    cport, dport = _free_port(), _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log_dir = log_dir or work
-    clog = open(log_dir / "cloud.log", "wb")
-    dlog = open(log_dir / "device.log", "wb")
+    cport = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    clog = open((log_dir or work) / "cloud.log", "wb")
     cloud_cmd = [sys.executable, "-m", "edgeadapt", "cloud", "serve", "--home", str(home), "--bundle", str(bundle),
                  "--teacher", teacher, "--teacher-weights", str(teacher_weights), "--listen", f"127.0.0.1:{cport}",
                  "--seed", "0"]
@@ -75,30 +74,51 @@ def loop_processes(bundle: Path, teacher: str, teacher_weights: Path, signing_ho
     else:
         cloud_cmd += ["--train-every", str(train_every), "--train-interval", "30"]
     cloud = subprocess.Popen(cloud_cmd, stdout=clog, stderr=subprocess.STDOUT, env=env)
-    device = None
     try:
         curl = f"http://127.0.0.1:{cport}"
         wait_healthy(curl, cloud, "cloud", 120, lambda: _read_out(cloud))
-        r = httpx.post(f"{curl}/v1/admin/devices", json={"name": "bench-device"},
-                       headers={"Authorization": f"Bearer {admin}"}, timeout=30)
-        r.raise_for_status()
-        token = r.json()["token"]
-        denv = {**env, "EDGEADAPT_UPLOAD_ALL": "true" if upload_all else "false",
-                "EDGEADAPT_UPDATE_POLL_S": str(poll_s), "EDGEADAPT_UPLOAD_INTERVAL_S": str(min(poll_s, 0.5))}
-        dev_cmd = [sys.executable, "-m", "edgeadapt", "device", "run", "--bundle", str(bundle), "--state-dir",
-                   str(work / "device-state"), "--cloud", curl, "--token", token, "--listen", f"127.0.0.1:{dport}"]
-        if method:
-            dev_cmd += ["--method", method]
-        device = subprocess.Popen(dev_cmd, stdout=dlog, stderr=subprocess.STDOUT, env=denv)
-        durl = f"http://127.0.0.1:{dport}"
-        wait_healthy(durl, device, "device", 120, lambda: _read_out(device))
-        yield {"cloud": curl, "device": durl, "admin": admin, "token": token, "home": home,
-               "cloud_proc": cloud, "device_proc": device}
+        yield {"cloud": curl, "admin": admin, "home": home, "cloud_proc": cloud}
     finally:
-        _stop(device)
         _stop(cloud)
         clog.close()
-        dlog.close()
+
+
+def add_device(cloud: dict, name: str) -> str:
+    """Register a device with a running cloud (``cloud_process``'s dict); -> its token."""
+    r = httpx.post(f"{cloud['cloud']}/v1/admin/devices", json={"name": name},
+                   headers={"Authorization": f"Bearer {cloud['admin']}"}, timeout=30)
+    r.raise_for_status()
+    return r.json()["token"]
+
+
+@contextmanager
+def loop_processes(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Path, work: Path,
+                   upload_all: bool = False, method: str | None = None, trainer_auto: bool = False,
+                   poll_s: float = 3600.0, log_dir: Path | None = None, train_every: int = 256):
+    """Start cloud + device; yields a dict with URLs, tokens and process handles; stops both on exit."""
+    log_dir = log_dir or work
+    with cloud_process(bundle, teacher, teacher_weights, signing_home, work, trainer_auto=trainer_auto,
+                       log_dir=log_dir, train_every=train_every) as c:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        dlog = open(log_dir / "device.log", "wb")
+        device = None
+        try:
+            token = add_device(c, "bench-device")
+            denv = {**env, "EDGEADAPT_UPLOAD_ALL": "true" if upload_all else "false",
+                    "EDGEADAPT_UPDATE_POLL_S": str(poll_s), "EDGEADAPT_UPLOAD_INTERVAL_S": str(min(poll_s, 0.5))}
+            dport = _free_port()
+            dev_cmd = [sys.executable, "-m", "edgeadapt", "device", "run", "--bundle", str(bundle), "--state-dir",
+                       str(work / "device-state"), "--cloud", c["cloud"], "--token", token, "--listen",
+                       f"127.0.0.1:{dport}"]
+            if method:
+                dev_cmd += ["--method", method]
+            device = subprocess.Popen(dev_cmd, stdout=dlog, stderr=subprocess.STDOUT, env=denv)
+            durl = f"http://127.0.0.1:{dport}"
+            wait_healthy(durl, device, "device", 120, lambda: _read_out(device))
+            yield {**c, "device": durl, "token": token, "device_proc": device}
+        finally:
+            _stop(device)
+            dlog.close()
 
 
 def _npy(x: np.ndarray) -> bytes:

@@ -220,3 +220,44 @@ def load(
             console.print(f"{res['client']} client: {res['client_cpu_share']} of the CPU the load used; engine "
                           f"alone {res['engine_img_s']} img/s at batch {res['engine_batch']}: HTTP/engine "
                           f"{res['http_engine_ratio']}")
+
+
+@app.command()
+def fleet(
+    devices: int = typer.Option(12, min=1, help="devices (dealt round-robin into the groups)"),
+    groups: int = typer.Option(3, min=1, help="true drift groups (each runs its own block of corruptions)"),
+    corruptions: int = typer.Option(3, min=1, help="corruptions each group runs, one after another"),
+    limit: int = typer.Option(256, min=1, help="images per device and corruption"),
+    seed: int = typer.Option(0, help="seed of which images each device gets"),
+    sync_every: int = typer.Option(2, min=1, help="lockstep: upload, train, update every K batches of each device"),
+    rows: str = typer.Option("device_only,global,per_group", help="comma-separated rows"),
+    fps: float = typer.Option(1.0, min=1e-6, help="nominal images per second per device (for CPU-s per device-hour)"),
+    bundle: Path = typer.Option(None, help="bundle (default: the reference edge model)"),
+    data: Path = typer.Option(None, help="FMNIST-C stream .npz (default: built and cached)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Many devices in drift groups on one real cloud process (HTTP, lockstep): device alone vs one global lineage
+    vs a lineage per group of similar devices (issue 18)."""
+    from edgeadapt.assets import cloud_home, default_teacher
+    from edgeadapt.bench.fleet import run_fleet
+
+    b, s = _assets(bundle, data)
+    arch, weights = default_teacher(console)
+    home = cloud_home(console)
+    progress, factory = _progress_factory()
+    try:
+        res = run_fleet(b, s, arch, weights, home, devices=devices, groups=groups, corruptions=corruptions,
+                        limit=limit, seed=seed, sync_every=sync_every, fps=fps,
+                        rows=tuple(r.strip() for r in rows.split(",") if r.strip()), progress_factory=factory)
+    except ValueError as exc:
+        fail(str(exc))
+    finally:
+        progress.stop()
+    if json_out:
+        print_json(res)
+    else:
+        for name, r in res["rows"].items():
+            extra = f"  train {r['train_cpu_s_per_device_hour']} CPU-s/device-h" if "train_cpu_s" in r else ""
+            console.print(f"{name:12s} acc {r['acc']:.4f}  per group {r['acc_per_group']}{extra}")
+        if "targets" in res:
+            console.print(res["targets"])

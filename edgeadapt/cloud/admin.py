@@ -85,7 +85,7 @@ def devices_info(store: Store, stale_after_s: float = 600.0, now: float | None =
     rollouts = sorted(store.list_rollouts(), key=lambda r: r.id, reverse=True)
     out = []
     for d in store.list_devices():
-        rollout = next((r for r in rollouts if r.covers(d.name)), None)
+        rollout = next((r for r in rollouts if r.covers(d.name, d.group_id)), None)
         expired = d.expires is not None and d.expires <= now
         hb_age = None if d.heartbeat_at is None else max(0.0, now - d.heartbeat_at)
         stale = hb_age is not None and hb_age > stale_after_s
@@ -126,8 +126,8 @@ def rollouts_info(store: Store) -> list[dict]:
 
 
 def push(store: Store, version: int | None = None, devices: list[str] | None = None,
-         fraction: float | None = None, revert: bool = False) -> dict:
-    """Assign a version (default: latest) to some devices, a fraction of them, or all.
+         fraction: float | None = None, revert: bool = False, group: int | None = None) -> dict:
+    """Assign a version (default: latest) to some devices, a fraction of them, one group's members, or all.
 
     Devices never downgrade through a delta package, so to roll the fleet back to an older version use
     ``revert=True``: its parameters are republished as a new version number and that one is rolled out."""
@@ -147,8 +147,19 @@ def push(store: Store, version: int | None = None, devices: list[str] | None = N
     note = "push"
     if revert:
         params = store.get_params(version)
-        new = store.add_version(params, parent=version, note=f"revert to v{version}")
+        new = store.add_version(params, parent=version, note=f"revert to v{version}", group_id=group)
         note = f"revert to v{version}"
         version = new
-    rid = store.add_rollout(version, devices=list(devices) if devices else None, fraction=fraction, note=note)
-    return {"rollout": rid, "version": version, "devices": devices, "fraction": fraction, "note": note}
+    rid = store.add_rollout(version, devices=list(devices) if devices else None, fraction=fraction, note=note,
+                            group_id=group)
+    return {"rollout": rid, "version": version, "devices": devices, "fraction": fraction, "group": group,
+            "note": note}
+
+
+def groups_info(store: Store, config=None) -> list[dict]:
+    """Every active group of similar devices: members, the version its lineage is at, the version its rollouts
+    assign, and its accuracy proxy (cloud/grouping.py)."""
+    from edgeadapt.cloud.config import GroupsConfig
+    from edgeadapt.cloud.grouping import Grouper
+
+    return Grouper(store, config or GroupsConfig()).describe()

@@ -83,6 +83,29 @@ class TrainerConfig(BaseModel, extra="forbid"):
     torch_threads: int | None = Field(None, ge=1)
 
 
+class GroupsConfig(BaseModel, extra="forbid"):
+    """Groups of devices in similar domains, a lineage of versions per group (cloud/grouping.py). Distances are
+    between domain signatures (~ RMS per-channel normalization shift), chosen on the dev stream
+    (scripts/fleet_thresholds.py, 4 devices x 256 images per corruption): devices in one corruption lie 0.018
+    apart (median; p90 0.03-0.05), devices in different corruptions 0.058 (p1) to 0.15 (median)."""
+
+    enabled: bool = Field(False, description="group devices by their domain signatures and train one lineage per "
+                                             "group (off: one global lineage, as before)")
+    join_distance: float = Field(0.05, gt=0, description="a device joins the nearest group within this of its "
+                                                         "centroid, or founds a new group")
+    leave_distance: float = Field(0.1, gt=0, description="a member leaves its group when farther than this from its "
+                                                          "centroid (hysteresis: >= join_distance)")
+    split_distance: float = Field(0.15, gt=0, description="a group whose members lie farther apart than this is "
+                                                         "split in two")
+    merge_distance: float = Field(0.03, gt=0, description="two groups whose centroids come this close are merged")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GroupsConfig:
+        if not self.merge_distance <= self.join_distance <= self.leave_distance:
+            raise ValueError("groups: need merge_distance <= join_distance <= leave_distance")
+        return self
+
+
 class CloudConfig(BaseModel, extra="forbid"):
     listen: str = Field("127.0.0.1:8700", description="HOST:PORT")
     bundle: str | None = Field(None, description="the bundle the devices run")
@@ -121,6 +144,7 @@ class CloudConfig(BaseModel, extra="forbid"):
     min_free_disk_mb: float = Field(256.0, ge=0, description="less free space than this under the store makes the "
                                     "cloud report itself degraded")
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    groups: GroupsConfig = Field(default_factory=GroupsConfig)
 
     @field_validator("listen")
     @classmethod

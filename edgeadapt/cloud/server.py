@@ -138,6 +138,7 @@ class PushRequest(BaseModel):
     devices: list[str] | None = None
     fraction: float | None = Field(None, gt=0, le=1)
     revert: bool = False
+    group: int | None = Field(None, ge=1, le=MAX_VERSION, description="roll out to this group's members")
 
 
 def create_app(service: CloudService) -> FastAPI:
@@ -280,7 +281,7 @@ def create_app(service: CloudService) -> FastAPI:
         except ValidationError as exc:
             return _problem(422, _validation_message(exc))
         return await run_in_threadpool(service.heartbeat, device, hb.model, hb.param_version, hb.counters, hb.status,
-                                       hb.problems)
+                                       hb.problems, hb.signature)
 
     async def _find_update(device: Device, model: str, have: int, wait: float, mode: str | None,
                            have_hash: str | None, record: bool):
@@ -377,9 +378,14 @@ def create_app(service: CloudService) -> FastAPI:
 
     @app.post("/v1/admin/rollouts", tags=["admin"], dependencies=admin, status_code=201)
     def admin_push(req: PushRequest) -> dict:
-        out = A.push(service.store, req.version, req.devices, req.fraction, req.revert)
+        out = A.push(service.store, req.version, req.devices, req.fraction, req.revert, req.group)
         service._bump()
         return out
+
+    @app.get("/v1/admin/groups", tags=["admin"], dependencies=admin)
+    def admin_groups() -> list[dict]:
+        """Groups of similar devices (issue 18): members, lineage version, rollout target, accuracy proxy."""
+        return A.groups_info(service.store, cfg.groups)
 
     @app.post("/v1/admin/train", tags=["admin"], dependencies=admin)
     def admin_train() -> dict[str, Any]:

@@ -29,7 +29,14 @@ from edgeadapt.core.safetext import clean_text
 from edgeadapt.core.tensorfile import ParamSet
 from edgeadapt.core.update_package import MODES, build_package_full
 from edgeadapt.core.upload_encoding import decode_upload
-from edgeadapt.core.wire import MAX_SAMPLES_PER_BATCH, SampleBatch, SampleBatchResult, UpdateInfo, upload_body_bytes
+from edgeadapt.core.wire import (
+    MAX_SAMPLES_PER_BATCH,
+    DomainSignature,
+    SampleBatch,
+    SampleBatchResult,
+    UpdateInfo,
+    upload_body_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +140,12 @@ class CloudService:
         self._gen_lock = threading.Lock()
         self._build_lock = threading.Lock()
         self.trainer = None
+        #: groups of similar devices with a lineage each (issue 18); None: one global lineage, as before
+        self.grouper = None
+        if config.groups.enabled:
+            from edgeadapt.cloud.grouping import Grouper
+
+            self.grouper = Grouper(self.store, config.groups)
         if teacher is None and config.teacher:
             from edgeadapt.cloud.edge_model import load_teacher
 
@@ -142,7 +155,7 @@ class CloudService:
 
             self.trainer = Trainer(self.bundle_dir, self.store, teacher, config.trainer,
                                    auto_rollout=config.auto_rollout, metrics=self.metrics, on_publish=self._bump,
-                                   student_model=config.student_model)
+                                   student_model=config.student_model, grouper=self.grouper)
         latest = self.store.latest_version()
         self.metrics.latest_version.set(latest or 0)
 
@@ -220,9 +233,10 @@ class CloudService:
 
     # ------------------------------------------------------------------ heartbeat
     def heartbeat(self, device: Device, model: str, version: int, counters: dict, status: str,
-                  problems: dict | None = None) -> dict:
-        """Record what the device reports (its degraded reasons too: ``cloud devices`` lists them). A device of
-        another model is recorded with that as its problem, then refused."""
+                  problems: dict | None = None, signature: DomainSignature | None = None) -> dict:
+        """Record what the device reports (its degraded reasons too: ``cloud devices`` lists them; its domain
+        signature, by which a grouping cloud assigns it a group). A device of another model is recorded with that
+        as its problem, then refused."""
         problems = dict(problems or {})
         if model != self.model_name:
             problems["model"] = (f"runs model {clean_text(model, 64)!r}; this cloud serves "
@@ -233,8 +247,15 @@ class CloudService:
         self.store.touch_device(device.id, version=version, status=status, counters=clean, problems=problems,
                                 heartbeat=True)
         self.metrics.heartbeats.inc()
-        return {"ok": True, "target_version": self.store.target_version(device.name),
-                "latest_version": self.store.latest_version()}
+        group = None
+        if signature is not None:
+            if self.grouper is not None:
+                device.version = version
+                group = device.group_id = self.grouper.observe(device, signature.values, signature.entropy)
+            else:  # kept for `cloud devices` (and a later switch to grouping) even when not grouping
+                self.store.fleet.set_signature(device.id, signature.values, signature.entropy)
+        return {"ok": True, "target_version": self.target_for(device), "latest_version": self.store.latest_version(),
+                **({"group": group} if group is not None else {})}
 
     # ------------------------------------------------------------------ updates
     def _mode_opts(self, mode: str) -> dict:
@@ -261,7 +282,31 @@ class CloudService:
         return self.store.get_params(have), rec.params_hash
 
     def target_for(self, device: Device) -> int | None:
-        return self.store.target_version(device.name)
+        """The version the newest rollout covering this device assigns (group rollouts cover its group's members)."""
+        return self.store.target_version(device.name, device.group_id if self.grouper is not None else None)
+
+    def _handoff(self, device: Device, have: int, target: int) -> int | None:
+        """A device whose group is at an older version number than the one it runs (it moved group, or its group
+        was rolled back) is served that group's parameters under a new number, since devices refuse downgrades:
+        a new version in the group's lineage with the target's parameters, rolled out to the group. None when the
+        device already holds exactly those parameters."""
+        gid = device.group_id
+        if gid is None:
+            return None
+        try:
+            have_hash = self.store.get_version(have).params_hash
+        except NotFound:
+            have_hash = None
+        rec = self.store.get_version(target)
+        if have_hash == rec.params_hash:
+            return None
+        version = self.store.add_version(self.store.get_params(target), parent=target,
+                                         note=f"v{target} for group {gid} (handoff from v{have})",
+                                         metrics={"handoff_of": target}, group_id=gid)
+        self.store.add_rollout(version, note="handoff", group_id=gid)
+        self._bump()
+        log.info("device %s (v%d) moved to group %d at v%d: served as v%d", device.name, have, gid, target, version)
+        return version
 
     def update_for(self, device: Device, model: str, have: int, have_hash: str | None = None,
                    mode: str | None = None, record: bool = True, touch: bool | None = None) -> Package | None:
@@ -276,6 +321,11 @@ class CloudService:
         if record if touch is None else touch:
             self.store.touch_device(device.id, version=have)
         target = self.target_for(device)
+        if target is not None and target < have and self.grouper is not None:
+            with self._build_lock:  # one handoff version however many requests ask at once
+                target = self.target_for(device)
+                if target is not None and target < have:
+                    target = self._handoff(device, have, target)
         if target is None or target <= have:
             return None
         base_params, base_hash = self._device_base(device, have, have_hash)

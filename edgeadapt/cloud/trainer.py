@@ -239,6 +239,9 @@ class TrainResult:
     gate: dict = field(default_factory=dict)
     reason: str = ""
     params_hash: str | None = None
+    group: int | None = None  # the group whose lineage this round trained (None: the global lineage)
+    groups: list = field(default_factory=list)  # a grouping cloud's rounds, one per group with uploads
+    regrouped: list = field(default_factory=list)  # splits and merges made before the rounds
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,8 +257,14 @@ class Trainer:
 
     def __init__(self, bundle_dir: str | Path, store: Store, teacher: nn.Module, config: TrainerConfig | None = None,
                  *, auto_rollout: bool = True, metrics=None, on_publish: Callable[[int], None] | None = None,
-                 student_model: str | None = None):
+                 student_model: str | None = None, grouper=None):
         self.cfg = config or TrainerConfig()
+        #: groups of similar devices (cloud/grouping.py): one lineage (version, optimizer) per group, one shared
+        #: replay buffer and teacher; None: the one global lineage
+        self.grouper = grouper
+        self._lineages: dict[int | None, tuple[int, SGD | None]] = {}
+        self._group: int | None = None  # the lineage the student is in during a round
+        self._gate_devices: set[int] | None = None  # the devices whose held-back uploads judge this round
         self.bundle_dir = Path(bundle_dir)
         self.store = store
         self.metrics = metrics
@@ -440,6 +449,8 @@ class Trainer:
         # no device dominates the holdout: each contributes its most recent uploads up to a common cap
         # (device_share_max), so a device that floods the cloud cannot make the gate judge on its own uploads
         recent = self.store.recent_samples_per_device("holdout", self.cfg.gate_samples)
+        if self._gate_devices is not None:  # a group's round is judged on its own members' uploads
+            recent = [s for s in recent if s.device_id in self._gate_devices]
         held, _ = cap_device_share(recent, self.cfg.device_share_max, self.cfg.gate_samples)
         if not held:
             return GateResult(True, None, None, 0, "no held-back samples yet: gate skipped")
@@ -466,11 +477,70 @@ class Trainer:
 
         With ``limit``, a round that has fallen behind trains on the ``limit`` most recent uploads only: they are
         the devices' current traffic, which the next version must fit. The older ones go to replay untrained
-        and are marked consumed with the round, so a backlog never makes rounds longer and updates staler."""
+        and are marked consumed with the round, so a backlog never makes rounds longer and updates staler.
+
+        A grouping cloud (``grouper``) regroups first, then trains one round per group that has uploads, each in
+        its group's lineage (uploads of devices in no group: the global lineage); the result sums them up
+        (``groups``: each round's result)."""
+        if self.grouper is None:
+            with self._lock:
+                self._follow_store()
+                return self._round(self.store.pending_samples(), limit)
+        with self._lock:
+            regrouped = self.grouper.regroup()
+            members = self.grouper.members()
+            of = {d.id: gid for gid, devs in members.items() for d in devs}
+            pending: dict[int | None, list] = {}
+            for smp in self.store.pending_samples():
+                pending.setdefault(of.get(smp.device_id), []).append(smp)
+            results = []
+            for gid in sorted(pending, key=lambda g: (g is not None, g or 0)):
+                devices = {d.id for d in members.get(gid, [])} if gid is not None else \
+                    {smp.device_id for smp in pending[gid]}
+                with self._in_lineage(gid, devices):
+                    results.append(self._round(pending[gid], limit))
+        return self._summary(results, regrouped)
+
+    @staticmethod
+    def _summary(results: list[TrainResult], regrouped: list[str]) -> TrainResult:
+        """One result for a grouping cloud's rounds: published if any round published, else rejected if any was."""
+        if not results:
+            return TrainResult("idle", 0, reason="no pending uploads", regrouped=regrouped)
+        status = next((s for s in ("published", "rejected") if any(r.status == s for r in results)), "idle")
+        main = next(r for r in results if r.status == status)
+        return TrainResult(status, main.base_version, main.version, main.candidate_id,
+                           samples=sum(r.samples for r in results), skipped=sum(r.skipped for r in results),
+                           capped=sum(r.capped for r in results), steps=sum(r.steps for r in results),
+                           seconds=sum(r.seconds for r in results), reason=main.reason, group=main.group,
+                           groups=[r.to_dict() for r in results], regrouped=regrouped)
+
+    @contextmanager
+    def _in_lineage(self, group: int | None, devices: set[int]) -> Iterator[None]:
+        """The student, version and optimizer of one lineage for a round (a group's: at its newest version, or
+        the version it started from), judged on ``devices``' held-back uploads; the global lineage after."""
+        if group is None:
+            head = self.store.versions.latest_in_lineage(None)
+            head = 0 if head is None else int(head)
+        else:
+            head = self.grouper.head_version(self.store.fleet.get_group(group))
+        version, optimizer = self._lineages.get(group, (None, None))
+        if version != head:  # new lineage, or moved on by another process (a handoff, a revert): restart there
+            version, optimizer = head, self._new_optimizer()
+        saved = (self.version, self.optimizer)
+        self.version, self.optimizer, self._group, self._gate_devices = version, optimizer, group, devices
+        apply_params(self.student, self.store.get_params(version))
+        try:
+            yield
+        finally:
+            self._lineages[group] = (self.version, self.optimizer)
+            self.version, self.optimizer = saved
+            self._group, self._gate_devices = None, None
+            apply_params(self.student, self.store.get_params(self.version))
+
+    def _round(self, pending: list, limit: int | None) -> TrainResult:
+        """One training round on ``pending`` in the current lineage (see ``train_now``)."""
         with self._lock:
             t0 = time.perf_counter()
-            self._follow_store()
-            pending = self.store.pending_samples()
             base = self.version
             if not pending:
                 return TrainResult("idle", base, reason="no pending uploads")
@@ -517,6 +587,7 @@ class Trainer:
             result.samples, result.skipped, result.steps = len(pending), len(skipped), steps
             result.capped, result.by_device = len(capped), by_device
             result.loss_before, result.loss_after = loss_before, loss_after
+            result.group = self._group
             result.seconds = time.perf_counter() - t0
             if self.metrics is not None:
                 self.metrics.train_seconds.observe(result.seconds)
@@ -524,8 +595,9 @@ class Trainer:
             self.last_result = result
             self.last_error, self.last_success_at = None, time.time()
             log.info("training round: %s (base v%d, %d uploads, %d older to replay, %d steps, loss %.4f -> %.4f, "
-                     "%.1fs)%s", result.status, base, len(pending), len(skipped), steps, loss_before, loss_after,
-                     result.seconds, f" -> v{result.version}" if result.version is not None else f": {result.reason}")
+                     "%.1fs)%s%s", result.status, base, len(pending), len(skipped), steps, loss_before, loss_after,
+                     result.seconds, f" -> v{result.version}" if result.version is not None else f": {result.reason}",
+                     "" if self._group is None else f" [group {self._group}]")
             return result
 
     def submit_candidate(self, params: ParamSet, note: str = "submitted") -> TrainResult:
@@ -546,7 +618,7 @@ class Trainer:
             g = GateResult(False, None, None, 0, f"candidate out of bounds: {bad}")
         else:
             g = self.gate(candidate, self.store.get_params(base))
-        metrics = {**metrics, "gate": asdict(g)}
+        metrics = {**metrics, "gate": asdict(g), **({"group": self._group} if self._group is not None else {})}
         if not g.passed:
             cid, _ = self.store.finish_round(base, phash, metrics, consumed or [], reason=g.reason, capped=capped)
             log.warning("candidate %d rejected by the gate: %s", cid, g.reason)
@@ -557,7 +629,7 @@ class Trainer:
         # one transaction: a crash leaves either no trace of this round or all of it (version, rollout, record)
         cid, version = self.store.finish_round(base, phash, metrics, consumed or [], params=candidate,
                                                note=metrics.get("note", "trained"), rollout=self.auto_rollout,
-                                               capped=capped)
+                                               capped=capped, group_id=self._group)
         self.version = version
         apply_params(self.student, candidate)
         if self.metrics is not None:

@@ -21,6 +21,8 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 ALLOWED_INPUT_DTYPES = ("uint8", "float16")
 MAX_VERSION = 2**62  # versions are SQLite INTEGERs (64-bit): a larger number would be a 500, not a 422
 MAX_PROBLEMS = 16  # degraded reasons a heartbeat carries at most (each cleaned and capped like ``status``)
+MAX_SIGNATURE_DIM = 256  # numbers a domain signature carries at most
+MAX_SIGNATURE_ABS = 1e4  # |value| above this is no normalization shift a working device reports
 #: how an uploaded sample's bytes are packed (core/upload_encoding.py): raw array bytes or an image file
 WireEncoding = Literal["raw", "png", "jpeg", "webp"]
 
@@ -83,6 +85,29 @@ class SampleBatchResult(BaseModel):
     ids: list[str]
 
 
+class DomainSignature(BaseModel):
+    """A device's current domain in a few dozen numbers (core/domain_signature.py), with the mean prediction
+    entropy of its recent batches (an accuracy proxy: ``cloud groups`` shows it per group)."""
+
+    scheme: str = Field(max_length=32, pattern=r"^[A-Za-z0-9_.\-]+$")
+    values: list[float] = Field(min_length=1, max_length=MAX_SIGNATURE_DIM)
+    entropy: float | None = Field(None, ge=0, le=1e3, description="mean prediction entropy (nats), recent batches")
+
+    @field_validator("values")
+    @classmethod
+    def _finite(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) and abs(x) <= MAX_SIGNATURE_ABS for x in v):
+            raise ValueError(f"signature values must be finite and at most {MAX_SIGNATURE_ABS:g} in magnitude")
+        return v
+
+    @field_validator("entropy")
+    @classmethod
+    def _finite_entropy(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("entropy must be finite")
+        return v
+
+
 class Heartbeat(BaseModel):
     model: str = Field(max_length=256)
     param_version: int = Field(ge=0, le=MAX_VERSION)
@@ -90,6 +115,8 @@ class Heartbeat(BaseModel):
     status: str = "ok"
     problems: dict[str, str] = Field(default_factory=dict, description="the device's degraded reasons, by key "
                                      f"(at most {MAX_PROBLEMS}; short printable strings)")
+    signature: DomainSignature | None = Field(None, description="the device's current domain (the cloud groups "
+                                              "devices by it)")
 
     @field_validator("problems")
     @classmethod

@@ -341,6 +341,15 @@ class DeviceDaemon:
         x, clipped = self.codec.check(x)
         return self.batcher.submit(x, adapt=not clipped).result(timeout)
 
+    def predict_in_step(self, x: np.ndarray) -> Predictions:
+        """One batch on the caller's thread, the after-batch work (selection, queueing, the update watch) done
+        before it returns: lockstep benchmarks (bench/fleet.py) upload exactly what the batches they sent queued.
+        Not for serving: it bypasses the batcher, so only one caller at a time."""
+        x, clipped = self.codec.check(x)
+        served = self._process_batch(x, adapt=not clipped)
+        self._after_batch(x, served, not clipped)
+        return served
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         self._saver.start()

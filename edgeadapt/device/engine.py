@@ -150,6 +150,17 @@ class AdaptiveEngine:
             params[f"{layer}.running_var"] = np.asarray(var, np.float32)
         return params
 
+    def domain_signature(self) -> np.ndarray:
+        """The statistics this device normalizes with now, as a domain signature against the bundle's own
+        (core/domain_signature.py): what the cloud groups devices by."""
+        from edgeadapt.core.domain_signature import signature
+
+        with self._lock:
+            stats = dict(self.method.forward_stats())
+        layers = [n.name for n in self.manifest.norm_layers]
+        ref = {n: (self.bundle.params[f"{n}.running_mean"], self.bundle.params[f"{n}.running_var"]) for n in layers}
+        return signature(stats, ref, layers)
+
     @property
     def folded_stats_version(self) -> int:
         """Which adapted statistics the fast-path session holds (changes at every refold)."""

@@ -41,9 +41,10 @@ import httpx
 import numpy as np
 
 from edgeadapt.core import update_package as UP
+from edgeadapt.core.domain_signature import SCHEME as SIGNATURE_SCHEME
 from edgeadapt.core.jsonsafe import json_safe
 from edgeadapt.core.mathops import entropy_from_logits
-from edgeadapt.core.wire import Heartbeat, UpdateInfo
+from edgeadapt.core.wire import DomainSignature, Heartbeat, UpdateInfo
 from edgeadapt.device.version_manager import VersionManager
 
 log = logging.getLogger("edgeadapt.device.updater")
@@ -568,7 +569,7 @@ class Updater:
         status = "watching" if self._watch else "degraded" if problems else "pinned" if self.manager.pin else \
             "ok" if self.updates else "ok (updates off)"
         hb = Heartbeat(model=self.model, param_version=self.engine.param_version, counters=counters,
-                       status=status, problems=problems)
+                       status=status, problems=problems, signature=self._signature())
         # bounded like the download: a cloud that drips its answer must not hold the updater's loop
         t0, per_read = time.monotonic(), min(10.0, self.download_timeout_s)
         try:
@@ -590,6 +591,20 @@ class Updater:
         else:
             self.daemon.problem("heartbeat", f"heartbeat refused (HTTP {code}: "
                                 f"{_detail(body.decode('utf-8', 'replace'))})")
+
+    def _signature(self) -> DomainSignature | None:
+        """The device's current domain for the cloud's grouping; None (and a problem shown) when it cannot be
+        computed, so the heartbeat still goes."""
+        try:
+            values = self.engine.domain_signature()
+        except (ValueError, KeyError) as exc:
+            self.daemon.problem("signature", f"domain signature unavailable: {str(exc)[:200]}")
+            return None
+        self.daemon.resolved("signature")
+        recent = list(self._recent)
+        entropy = float(np.mean([e for e, _ in recent])) if recent else None
+        return DomainSignature(scheme=SIGNATURE_SCHEME, values=[float(v) for v in values],
+                               entropy=entropy if entropy is not None and math.isfinite(entropy) else None)
 
     def next_wait_s(self, outcome: str) -> float:
         """Seconds until the next poll: ``poll_s``, doubling after each hostile outcome in a row (a rejected,

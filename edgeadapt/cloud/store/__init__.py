@@ -26,6 +26,7 @@ from edgeadapt.cloud.store.input_cache import InputCache
 from edgeadapt.cloud.store.records import (
     CandidateRecord,
     Device,
+    DeviceGroup,
     NewSample,
     NotFound,
     Rollout,
@@ -43,7 +44,7 @@ from edgeadapt.cloud.store.versions import VersionRepository
 from edgeadapt.core.fileperm import private_dir
 from edgeadapt.core.tensorfile import ParamSet, params_hash
 
-__all__ = ["BATCH_RESPONSE_TTL_S", "BlobStore", "CandidateRecord", "Database", "Device", "FleetRepository",
+__all__ = ["BATCH_RESPONSE_TTL_S", "BlobStore", "CandidateRecord", "Database", "Device", "DeviceGroup", "FleetRepository",
            "LocalBlobStore", "NewSample", "NotFound", "PostgresDatabase", "PostgresStore", "Rollout", "S3BlobStore",
            "SQLiteDatabase", "SQLiteStore", "SampleRepository", "Store", "StoreError", "StoreUnavailable",
            "StoredSample", "Transaction", "VersionRecord", "VersionRepository", "hash_token", "in_fraction",
@@ -77,9 +78,10 @@ class Store:
     # -- the step that spans repositories
     def finish_round(self, base_version: int, params_hash_: str, metrics: dict, consumed: list[int],
                      params: ParamSet | None = None, reason: str = "", note: str = "",
-                     rollout: bool = False, capped: list[int] | None = None) -> tuple[int, int | None]:
+                     rollout: bool = False, capped: list[int] | None = None,
+                     group_id: int | None = None) -> tuple[int, int | None]:
         """Record a training round's outcome in one transaction: publish ``params`` as a new version (rolled out to
-        all devices when ``rollout``) or, with ``params=None``, a rejected candidate; and mark the uploads it
+        all devices when ``rollout``; with ``group_id``: into that group's lineage, rolled out to its members) or, with ``params=None``, a rejected candidate; and mark the uploads it
         trained on consumed. ``capped``: uploads the round left out because their device exceeded its share (moved
         to the split ``capped``: never trained on, never replayed). A crash never leaves uploads marked consumed by
         a round that left no record, or a version without its rollout. -> (candidate id, new version or None)."""
@@ -87,9 +89,10 @@ class Store:
         with self.db.transaction() as tx:
             version = None
             if blob is not None:
-                version = self.versions.insert_version(tx, blob[0], blob[1], base_version, note, metrics)
+                version = self.versions.insert_version(tx, blob[0], blob[1], base_version, note, metrics,
+                                                       group_id=group_id)
                 if rollout:
-                    self.fleet.insert_rollout(tx, version, note="auto")
+                    self.fleet.insert_rollout(tx, version, note="auto", group_id=group_id)
             cid = self.versions.insert_candidate(tx, base_version, "published" if blob is not None else "rejected",
                                                  version, params_hash_, reason, metrics)
             self.samples.mark_consumed_in(tx, consumed)
@@ -155,19 +158,19 @@ class Store:
         self.fleet.touch_device(device_id, version, status, counters, problems, heartbeat)
 
     def add_rollout(self, version: int, devices: list[str] | None = None, fraction: float | None = None,
-                    note: str = "") -> int:
-        return self.fleet.add_rollout(version, devices, fraction, note)
+                    note: str = "", group_id: int | None = None) -> int:
+        return self.fleet.add_rollout(version, devices, fraction, note, group_id)
 
     def list_rollouts(self) -> list[Rollout]:
         return self.fleet.list_rollouts()
 
-    def target_version(self, device_name: str) -> int | None:
-        return self.fleet.target_version(device_name)
+    def target_version(self, device_name: str, group_id: int | None = None) -> int | None:
+        return self.fleet.target_version(device_name, group_id)
 
     # -- versions
     def add_version(self, params: ParamSet, parent: int | None, note: str = "", metrics: dict | None = None,
-                    version: int | None = None) -> int:
-        return self.versions.add(params, parent, note, metrics, version)
+                    version: int | None = None, group_id: int | None = None) -> int:
+        return self.versions.add(params, parent, note, metrics, version, group_id)
 
     def get_version(self, version: int) -> VersionRecord:
         return self.versions.get(version)

@@ -25,12 +25,13 @@ from edgeadapt.cloud.store.records import StoreError, StoreUnavailable
 from edgeadapt.core.fileperm import private_sqlite
 
 # {serial}: an auto-numbered primary key; {real}: a double; {bytes}: a binary column.
+# Columns added after a table first shipped (``ADDED``) are also added in place to an existing database.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices(
   id {serial}, name TEXT UNIQUE NOT NULL, token_hash TEXT UNIQUE NOT NULL,
   created {real} NOT NULL, revoked {real}, last_seen {real}, version INTEGER, status TEXT, counters TEXT,
-  expires {real}, problems TEXT, heartbeat_at {real});
+  expires {real}, problems TEXT, heartbeat_at {real}, signature TEXT, signature_at {real}, group_id INTEGER);
 CREATE TABLE IF NOT EXISTS samples(
   seq {serial}, device_id INTEGER NOT NULL, sample_id TEXT NOT NULL,
   received {real} NOT NULL, split TEXT NOT NULL, consumed INTEGER NOT NULL DEFAULT 0, novel INTEGER NOT NULL,
@@ -40,7 +41,7 @@ CREATE INDEX IF NOT EXISTS samples_split ON samples(split, consumed, seq);
 CREATE TABLE IF NOT EXISTS batches(device_id INTEGER NOT NULL, body_sha TEXT NOT NULL, response TEXT NOT NULL,
   created {real} NOT NULL, PRIMARY KEY(device_id, body_sha));
 CREATE TABLE IF NOT EXISTS versions(version INTEGER PRIMARY KEY, params_hash TEXT NOT NULL, parent INTEGER,
-  created {real} NOT NULL, note TEXT, metrics TEXT, blob TEXT NOT NULL);
+  created {real} NOT NULL, note TEXT, metrics TEXT, blob TEXT NOT NULL, group_id INTEGER);
 CREATE TABLE IF NOT EXISTS candidates(id {serial}, created {real} NOT NULL,
   base_version INTEGER, status TEXT NOT NULL, version INTEGER, params_hash TEXT, reason TEXT, metrics TEXT);
 CREATE TABLE IF NOT EXISTS param_sets(params_hash TEXT PRIMARY KEY, version INTEGER NOT NULL, blob TEXT NOT NULL,
@@ -48,11 +49,16 @@ CREATE TABLE IF NOT EXISTS param_sets(params_hash TEXT PRIMARY KEY, version INTE
 CREATE TABLE IF NOT EXISTS served(device_id INTEGER NOT NULL, version INTEGER NOT NULL, params_hash TEXT NOT NULL,
   created {real} NOT NULL, PRIMARY KEY(device_id, version));
 CREATE TABLE IF NOT EXISTS rollouts(id {serial}, version INTEGER NOT NULL,
-  devices TEXT, fraction {real}, created {real} NOT NULL, note TEXT);
+  devices TEXT, fraction {real}, created {real} NOT NULL, note TEXT, group_id INTEGER);
+CREATE TABLE IF NOT EXISTS device_groups(id {serial}, created {real} NOT NULL, base_version INTEGER NOT NULL,
+  centroid TEXT, note TEXT, dissolved {real});
 CREATE TABLE IF NOT EXISTS packages(key TEXT PRIMARY KEY, blob TEXT NOT NULL, info TEXT NOT NULL,
   created {real} NOT NULL);
 """
 
+ADDED = {"devices": (("expires", "{real}"), ("problems", "TEXT"), ("heartbeat_at", "{real}"), ("signature", "TEXT"),
+                     ("signature_at", "{real}"), ("group_id", "INTEGER")),
+         "versions": (("group_id", "INTEGER"),), "rollouts": (("group_id", "INTEGER"),)}
 IDLE_PING_AFTER_S = 5.0  # a pooled PostgreSQL connection idle longer than this is checked before use
 Row = Any  # a mapping from column name to value (sqlite3.Row, or psycopg's dict row)
 
@@ -134,15 +140,17 @@ class SQLiteDatabase(Database):
 
     @staticmethod
     def _migrate(c: sqlite3.Connection) -> None:
-        """A store made before token expiry (and heartbeat problems) existed: its columns added in place."""
-        for col, kind in (("expires", "REAL"), ("problems", "TEXT"), ("heartbeat_at", "REAL")):
-            if col in {r[1] for r in c.execute("PRAGMA table_info(devices)")}:
-                continue
-            try:
-                c.execute(f"ALTER TABLE devices ADD COLUMN {col} {kind}")
-            except sqlite3.OperationalError:  # another process added it first
-                if col not in {r[1] for r in c.execute("PRAGMA table_info(devices)")}:
-                    raise
+        """A store made before a column in ``ADDED`` existed (token expiry, heartbeat problems, domain signatures
+        and groups): its columns added in place."""
+        for table, cols in ADDED.items():
+            for col, kind in cols:
+                if col in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:
+                    continue
+                try:
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind.format(real='REAL')}")
+                except sqlite3.OperationalError:  # another process added it first
+                    if col not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:
+                        raise
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (autocommit; transactions are explicit)."""
@@ -218,6 +226,10 @@ class PostgresDatabase(Database):
                                            real="DOUBLE PRECISION", bytes="BYTEA").split(";"):
                 if statement.strip():
                     tx.execute(statement)
+            for table, cols in ADDED.items():  # a database made by an older release
+                for col, kind in cols:
+                    tx.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {col} "
+                               f"{kind.format(real='DOUBLE PRECISION')}")
 
     def _connect(self):
         import psycopg

@@ -1,13 +1,23 @@
-"""The fleet: the model this store serves (meta), devices and their tokens, heartbeats, rollouts."""
+"""The fleet: the model this store serves (meta), devices and their tokens, heartbeats, domain signatures and
+groups of similar devices, rollouts."""
 
 from __future__ import annotations
 
 import hmac
 import json
+import math
 import time
 
 from edgeadapt.cloud.store.db import Database, Row, Transaction
-from edgeadapt.cloud.store.records import Device, NotFound, Rollout, StoreError, hash_token, new_token
+from edgeadapt.cloud.store.records import (
+    Device,
+    DeviceGroup,
+    NotFound,
+    Rollout,
+    StoreError,
+    hash_token,
+    new_token,
+)
 
 
 class FleetRepository:
@@ -28,11 +38,14 @@ class FleetRepository:
     # -- devices
     @staticmethod
     def _device(row: Row) -> Device:
+        sig = json.loads(row["signature"]) if row["signature"] else {}
         return Device(id=row["id"], name=row["name"], created=row["created"], revoked=row["revoked"],
                       last_seen=row["last_seen"], version=row["version"], status=row["status"],
                       counters=json.loads(row["counters"]) if row["counters"] else {}, expires=row["expires"],
                       problems=json.loads(row["problems"]) if row["problems"] else {},
-                      heartbeat_at=row["heartbeat_at"])
+                      heartbeat_at=row["heartbeat_at"], signature=sig.get("values"),
+                      signature_at=row["signature_at"], signature_entropy=sig.get("entropy"),
+                      group_id=row["group_id"])
 
     def add_device(self, name: str, expires_in_s: float | None = None) -> str:
         """Register a device; returns its token (shown once, stored hashed), valid for ``expires_in_s`` seconds
@@ -104,40 +117,99 @@ class FleetRepository:
         with self.db.transaction() as tx:
             tx.execute(f"UPDATE devices SET {', '.join(sets)} WHERE id=?", (*args, device_id))
 
+    # -- domain signatures and groups (cloud/grouping.py decides; this keeps)
+    def set_signature(self, device_id: int, values: list[float], entropy: float | None = None) -> None:
+        """Keep a device's latest domain signature (the previous one is replaced)."""
+        if not values or not all(math.isfinite(float(v)) for v in values):
+            raise StoreError("a domain signature is a non-empty list of finite numbers")
+        doc = json.dumps({"values": [float(v) for v in values], "entropy": entropy})
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE devices SET signature=?, signature_at=? WHERE id=?", (doc, time.time(), device_id))
+
+    def set_device_group(self, device_id: int, group_id: int | None) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE devices SET group_id=? WHERE id=?", (group_id, device_id))
+
+    @staticmethod
+    def _group(row: Row) -> DeviceGroup:
+        return DeviceGroup(id=row["id"], created=row["created"], base_version=row["base_version"],
+                           centroid=json.loads(row["centroid"]) if row["centroid"] else None, note=row["note"] or "",
+                           dissolved=row["dissolved"])
+
+    def add_group(self, base_version: int, centroid: list[float] | None, note: str = "") -> int:
+        with self.db.transaction() as tx:
+            return tx.insert("INSERT INTO device_groups(created, base_version, centroid, note) VALUES(?,?,?,?)",
+                             (time.time(), int(base_version), None if centroid is None else json.dumps(centroid),
+                              note))
+
+    def update_group(self, group_id: int, centroid: list[float] | None = None, dissolve: bool = False) -> None:
+        sets, args = [], []
+        if centroid is not None:
+            sets.append("centroid=?")
+            args.append(json.dumps([float(v) for v in centroid]))
+        if dissolve:
+            sets.append("dissolved=?")
+            args.append(time.time())
+        if not sets:
+            return
+        with self.db.transaction() as tx:
+            cur = tx.execute(f"UPDATE device_groups SET {', '.join(sets)} WHERE id=?", (*args, int(group_id)))
+            if cur.rowcount == 0:
+                raise NotFound(f"no group {group_id}")
+
+    def get_group(self, group_id: int) -> DeviceGroup:
+        with self.db.reader() as tx:
+            row = tx.one("SELECT * FROM device_groups WHERE id=?", (int(group_id),))
+        if row is None:
+            raise NotFound(f"no group {group_id}")
+        return self._group(row)
+
+    def list_groups(self, include_dissolved: bool = False) -> list[DeviceGroup]:
+        q = "SELECT * FROM device_groups" + ("" if include_dissolved else " WHERE dissolved IS NULL") + " ORDER BY id"
+        with self.db.reader() as tx:
+            return [self._group(r) for r in tx.all(q)]
+
     # -- rollouts
     @staticmethod
-    def check_scope(devices: list[str] | None, fraction: float | None) -> None:
+    def check_scope(devices: list[str] | None, fraction: float | None, group_id: int | None = None) -> None:
         if devices is not None and fraction is not None:
             raise StoreError("a rollout names devices or a fraction, not both")
+        if group_id is not None and (devices is not None or fraction is not None):
+            raise StoreError("a rollout names a group or devices/a fraction, not both")
         if fraction is not None and not 0 < fraction <= 1:
             raise StoreError(f"rollout fraction must be in (0, 1], not {fraction}")
 
     @classmethod
     def insert_rollout(cls, tx: Transaction, version: int, devices: list[str] | None = None,
-                       fraction: float | None = None, note: str = "") -> int:
-        cls.check_scope(devices, fraction)
-        return tx.insert("INSERT INTO rollouts(version, devices, fraction, created, note) VALUES(?,?,?,?,?)",
+                       fraction: float | None = None, note: str = "", group_id: int | None = None) -> int:
+        cls.check_scope(devices, fraction, group_id)
+        return tx.insert("INSERT INTO rollouts(version, devices, fraction, created, note, group_id) VALUES(?,?,?,?,?,?)",
                          (int(version), None if devices is None else json.dumps(sorted(set(devices))), fraction,
-                          time.time(), note))
+                          time.time(), note, group_id))
 
     def add_rollout(self, version: int, devices: list[str] | None = None, fraction: float | None = None,
-                    note: str = "") -> int:
-        self.check_scope(devices, fraction)
+                    note: str = "", group_id: int | None = None) -> int:
+        self.check_scope(devices, fraction, group_id)
         with self.db.transaction() as tx:
             if not tx.one("SELECT 1 AS found FROM versions WHERE version=?", (int(version),)):
                 raise NotFound(f"no version {version}")
-            return self.insert_rollout(tx, version, devices, fraction, note)
+            if group_id is not None and not tx.one("SELECT 1 AS found FROM device_groups WHERE id=?",
+                                                   (int(group_id),)):
+                raise NotFound(f"no group {group_id}")
+            return self.insert_rollout(tx, version, devices, fraction, note, group_id)
 
     def list_rollouts(self) -> list[Rollout]:
         with self.db.reader() as tx:
             rows = tx.all("SELECT * FROM rollouts ORDER BY id")
         return [Rollout(id=r["id"], version=r["version"],
                         devices=None if r["devices"] is None else json.loads(r["devices"]),
-                        fraction=r["fraction"], created=r["created"], note=r["note"] or "") for r in rows]
+                        fraction=r["fraction"], created=r["created"], note=r["note"] or "",
+                        group_id=r["group_id"]) for r in rows]
 
-    def target_version(self, device_name: str) -> int | None:
-        """The version the newest rollout covering this device assigns, or None (no rollout covers it)."""
+    def target_version(self, device_name: str, group_id: int | None = None) -> int | None:
+        """The version the newest rollout covering this device (a member of ``group_id``) assigns, or None (no
+        rollout covers it)."""
         for r in sorted(self.list_rollouts(), key=lambda r: r.id, reverse=True):
-            if r.covers(device_name):
+            if r.covers(device_name, group_id):
                 return r.version
         return None

@@ -53,6 +53,10 @@ class Device:
     counters: dict = field(default_factory=dict)
     problems: dict = field(default_factory=dict)  # the degraded reasons of its last heartbeat (cleaned strings)
     heartbeat_at: float | None = None  # when its last heartbeat arrived (last_seen: any request)
+    signature: list[float] | None = None  # its latest domain signature (core/domain_signature.py)
+    signature_at: float | None = None
+    signature_entropy: float | None = None  # mean prediction entropy it reported with the signature
+    group_id: int | None = None  # its group of similar devices (cloud/grouping.py), None: not grouped
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,6 +99,20 @@ class VersionRecord:
     created: float
     note: str
     metrics: dict
+    group_id: int | None = None  # the group whose lineage it belongs to (None: the global lineage)
+
+
+@dataclass
+class DeviceGroup:
+    """Devices of similar domains (cloud/grouping.py) with a lineage of versions of their own: it starts from
+    ``base_version`` (what its founding devices ran) and grows by the rounds trained on its uploads."""
+
+    id: int
+    created: float
+    base_version: int
+    centroid: list[float] | None
+    note: str
+    dissolved: float | None = None
 
 
 @dataclass
@@ -117,16 +135,21 @@ class Rollout:
     fraction: float | None
     created: float
     note: str
+    group_id: int | None = None  # a group's rollout: covers that group's members (whoever they are then)
 
     @property
     def scope(self) -> str:
+        if self.group_id is not None:
+            return f"group {self.group_id}"
         if self.devices is not None:
             return "devices: " + ",".join(self.devices)
         if self.fraction is not None and self.fraction < 1:
             return f"fraction {self.fraction:g}"
         return "all"
 
-    def covers(self, device_name: str) -> bool:
+    def covers(self, device_name: str, group_id: int | None = None) -> bool:
+        if self.group_id is not None:
+            return self.group_id == group_id
         if self.devices is not None:
             return device_name in self.devices
         if self.fraction is None or self.fraction >= 1:

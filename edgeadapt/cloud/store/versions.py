@@ -46,7 +46,7 @@ class VersionRepository:
     # -- versions
     @staticmethod
     def insert_version(tx: Transaction, phash: str, key: str, parent: int | None, note: str, metrics: dict | None,
-                       version: int | None = None) -> int:
+                       version: int | None = None, group_id: int | None = None) -> int:
         """Inside ``tx``: the number is taken there, under a lock (other processes, e.g. `cloud push --revert` or
         another replica, may add versions too)."""
         tx.lock("versions")
@@ -56,24 +56,24 @@ class VersionRepository:
         elif tx.one("SELECT 1 AS found FROM versions WHERE version=?", (int(version),)):
             raise StoreError(f"version {version} already exists")
         now = time.time()
-        tx.execute("INSERT INTO versions(version, params_hash, parent, created, note, metrics, blob) "
-                   "VALUES(?,?,?,?,?,?,?)",
-                   (int(version), phash, parent, now, note, json.dumps(metrics or {}, default=float), key))
+        tx.execute("INSERT INTO versions(version, params_hash, parent, created, note, metrics, blob, group_id) "
+                   "VALUES(?,?,?,?,?,?,?,?)",
+                   (int(version), phash, parent, now, note, json.dumps(metrics or {}, default=float), key, group_id))
         tx.execute("INSERT INTO param_sets(params_hash, version, blob, created) VALUES(?,?,?,?) "
                    "ON CONFLICT(params_hash) DO NOTHING", (phash, int(version), key, now))
         return int(version)
 
     def add(self, params: ParamSet, parent: int | None, note: str = "", metrics: dict | None = None,
-            version: int | None = None) -> int:
+            version: int | None = None, group_id: int | None = None) -> int:
         phash, key = self.put_params_blob(params)
         with self.db.transaction() as tx:
-            return self.insert_version(tx, phash, key, parent, note, metrics, version)
+            return self.insert_version(tx, phash, key, parent, note, metrics, version, group_id)
 
     @staticmethod
     def _version(row: Row) -> VersionRecord:
         return VersionRecord(version=row["version"], params_hash=row["params_hash"], parent=row["parent"],
                              created=row["created"], note=row["note"] or "",
-                             metrics=json.loads(row["metrics"]) if row["metrics"] else {})
+                             metrics=json.loads(row["metrics"]) if row["metrics"] else {}, group_id=row["group_id"])
 
     def get(self, version: int) -> VersionRecord:
         with self.db.reader() as tx:
@@ -92,6 +92,13 @@ class VersionRepository:
     def latest(self) -> int | None:
         with self.db.reader() as tx:
             return tx.one("SELECT MAX(version) AS latest FROM versions")["latest"]
+
+    def latest_in_lineage(self, group_id: int | None) -> int | None:
+        """The newest version of a group's lineage (None: of the global one), or None when it has none yet."""
+        q = "SELECT MAX(version) AS latest FROM versions WHERE " + ("group_id IS NULL" if group_id is None
+                                                                    else "group_id=?")
+        with self.db.reader() as tx:
+            return tx.one(q, () if group_id is None else (int(group_id),))["latest"]
 
     def list(self) -> list[VersionRecord]:
         with self.db.reader() as tx:
