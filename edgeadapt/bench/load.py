@@ -584,9 +584,11 @@ def engine_throughput(bundle: str | Path, batch: int, seconds: float = 5.0, meth
     """img/s of the device's engine (``AdaptiveEngine.process`` on validated uint8 batches of ``batch``): what
     the HTTP path is compared with. Same method and threads as the daemon."""
     from edgeadapt.core.bundle import Bundle
+    from edgeadapt.device.backend import single_threaded_blas
     from edgeadapt.device.config import STANDALONE_METHOD
     from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 
+    single_threaded_blas()  # as the daemon does (device run)
     b = Bundle(bundle)
     engine = AdaptiveEngine(b, EngineConfig(method=method or STANDALONE_METHOD, threads=threads))
     rng = np.random.default_rng(1)

@@ -58,6 +58,7 @@ def run(
     method: str = typer.Option(None, help="adaptation method spec, e.g. ema_stats+lame_guard, norm_stats, none"),
     ood_detector: str = typer.Option(None, help="OOD detector from the bundle (energy, msp, rmds, vim, ...)"),
     threads: int = typer.Option(None, help="inference threads"),
+    http: str = typer.Option(None, help="HTTP/1.1 implementation: auto (httptools when installed), httptools, h11"),
     no_updates: bool = typer.Option(False, "--no-updates", help="with --cloud: upload and heartbeat, take no "
                                     "updates (what a bundle without the cloud's public key needs)"),
     config: Path = typer.Option(None, help="TOML config ([device] table); flags > EDGEADAPT_* env > file"),
@@ -80,7 +81,7 @@ def run(
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per poll hides errors
     flags = dict(bundle=bundle, state_dir=state_dir, cloud_url=cloud, token=token, token_file=token_file,
                  ca_file=ca_file, listen=listen, source=source, method=method, ood_detector=ood_detector,
-                 threads=threads, updates=False if no_updates else None)
+                 threads=threads, http=http, updates=False if no_updates else None)
     try:
         cfg = load_config(flags, config)
     except ConfigError as exc:
@@ -99,6 +100,9 @@ def run(
         fail("will not start: " + "; ".join(f.message + (f" ({f.fix})" if f.fix else "") for f in refused))
     if cfg.source and not Path(cfg.source[4:]).is_file():
         fail(f"source file {cfg.source[4:]} does not exist")
+    from edgeadapt.device.backend import single_threaded_blas
+
+    single_threaded_blas()  # numpy's matrices here are small; the model has ONNX Runtime's pool (backend.py)
     try:
         daemon = DeviceDaemon(cfg)
     except (BundleError, ValueError) as exc:

@@ -8,6 +8,7 @@ adaptive graph (batch statistics, overridable tensors) runs only when a method n
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from edgeadapt.core import bundle as B
 from edgeadapt.core.tensorfile import ParamSet
 
 STAT_MIX = "stat_mix"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +46,24 @@ class Backend(ABC):
 
 
 _POOL = {"threads": None}  # the process-wide ONNX Runtime thread pool, once configured
+
+
+def single_threaded_blas() -> bool:
+    """Run numpy's BLAS/LAPACK (OpenBLAS here) on one thread for the rest of the process; -> whether it could.
+
+    Why: the model runs in ONNX Runtime's own pool; what numpy computes on the device (OOD detectors' D x D
+    covariances and their eigendecompositions, statistics) is small, where OpenBLAS's extra threads only
+    synchronize and spin. On the 2-core machine, beside other load, a 64 x 64 pseudo-inverse took 87 ms with
+    OpenBLAS's 2 threads and 0.9 ms with 1 (docs/BENCHMARKS.md "Serving"): at one image per request that was
+    nearly all of the daemon's time per request. The daemon and its benchmarks call this; library users keep
+    their own setting."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; without it numpy keeps its default
+        log.warning("threadpoolctl is not installed: numpy's BLAS keeps its default thread count")
+        return False
+    threadpool_limits(1, user_api="blas")
+    return True
 
 
 def _shared_pool(threads: int) -> bool:
@@ -94,14 +114,20 @@ def _providers(device: str) -> list[str]:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, bundle: B.Bundle, threads: int = 2, device: str = "cpu", shared_threads: bool = True):
+    def __init__(self, bundle: B.Bundle, threads: int = 2, device: str = "cpu", shared_threads: bool = True,
+                 spinning: bool = True):
+        """``spinning=False``: each session gets its own intra-op pool whose workers sleep between runs instead of
+        spinning (ORT's Python API can turn spinning off only per session, not for the shared pool); with
+        spinning off an idle session's pool costs nothing, so the reason for sharing one goes away."""
         import onnx
         import onnxruntime as ort
 
         self._ort = ort
         self.bundle = bundle
         self.threads = threads
-        if shared_threads:
+        self.spinning = spinning or threads <= 1  # one thread: no pool worker, nothing spins
+        self._own_pool = not self.spinning and _POOL["threads"] is None
+        if shared_threads and not self._own_pool:
             _shared_pool(threads)
         self.providers = _providers(device)
         self._static_model = onnx.load(str(bundle.static_graph))
@@ -119,6 +145,11 @@ class OrtBackend(Backend):
 
     def _options(self):
         so = session_options(self.threads)
+        if self._own_pool:
+            so.use_per_session_threads = True
+            so.intra_op_num_threads = self.threads
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         so.log_severity_level = 3
         so.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return so
@@ -159,9 +190,10 @@ class OrtBackend(Backend):
         return ForwardResult(outs[0], outs[1], stats)
 
 
-def make_backend(bundle: B.Bundle, kind: str = "onnxruntime", threads: int = 2, device: str = "cpu") -> Backend:
+def make_backend(bundle: B.Bundle, kind: str = "onnxruntime", threads: int = 2, device: str = "cpu",
+                 spinning: bool = True) -> Backend:
     if kind in ("onnxruntime", "ort"):
-        return OrtBackend(bundle, threads=threads, device=device)
+        return OrtBackend(bundle, threads=threads, device=device, spinning=spinning)
     if kind == "tensorrt":
         raise ValueError("the TensorRT backend is not available in this release: the bundle's engine.plan is "
                          "built with REFIT (export profile tensorrt-fp16), but the device runs ONNX Runtime")

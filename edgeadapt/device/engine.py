@@ -58,6 +58,9 @@ class EngineConfig:
     shift_full_batch: bool = True
     post_shift_stats: int = 0
     threads: int = 2
+    # ONNX Runtime's intra-op workers spin between runs (true: one process-wide pool) or sleep (false: a pool per
+    # session, spinning off); device/backend.py, docs/BENCHMARKS.md "Serving"
+    ort_spinning: bool = True
     backend: str = "onnxruntime"
     device: str = "cpu"
     seed: int = 0
@@ -93,7 +96,8 @@ class AdaptiveEngine:
         self.config = config or EngineConfig()
         self.manifest = bundle.manifest
         self.num_classes = self.manifest.num_classes
-        self.backend = backend or make_backend(bundle, self.config.backend, self.config.threads, self.config.device)
+        self.backend = backend or make_backend(bundle, self.config.backend, self.config.threads, self.config.device,
+                                                  spinning=self.config.ort_spinning)
         self._rng = np.random.default_rng(self.config.seed)
         self._lock = threading.RLock()
         self.codec = bundle.codec(self.config.input_range_policy)

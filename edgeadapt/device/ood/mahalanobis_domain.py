@@ -22,6 +22,13 @@ Score: min_k (z - mu_k)^T Sigma^-1 (z - mu_k) over the domain's means and covari
 source this is ``mahalanobis``'s score, so the exported threshold holds and a bundle exported before this
 detector serves it from ``mahalanobis``'s state.
 
+Cost: a new covariance needs a new precision, an O(D^3) eigendecomposition per batch: at one image per request
+that was most of the daemon's time per request (docs/BENCHMARKS.md "Serving"). A batch of at most
+``LOW_RANK_MAX`` kept samples changes the covariance by a scaled rank-n term, so its precision is updated by the
+Woodbury identity instead (O(n D^2)); a full one follows every ``REFERENCE_BATCH / 4`` samples (and at a shift,
+and for every larger batch, so at the benchmark's batch of 64 nothing changes), which bounds the float drift
+and the ridge's (between updates it decays with the old covariance instead of following the new one's scale).
+
 Limit: a batch made only of novel inputs at a domain shift is taken for a new domain (the engine also
 normalizes it with its own statistics, which makes its features look ordinary); novel inputs *mixed into* a
 domain are what this flags.
@@ -44,6 +51,17 @@ SHIFT_MOMENTUM = 0.5
 TRIM = 0.1
 #: the batch size the weights are meant for (the benchmark's and the dev stream's)
 REFERENCE_BATCH = 64
+#: batches of at most this many kept samples update the precision by Woodbury (module docstring, "Cost")
+LOW_RANK_MAX = 8
+
+
+def _woodbury(precision: np.ndarray, decay: float, u: np.ndarray) -> np.ndarray:
+    """The inverse of ``decay * A + u.T @ u`` from ``precision`` = A^-1 and ``u`` [n, D]: an n x n solve."""
+    b = precision / decay
+    bu = u @ b  # [n, D]
+    inner = np.eye(len(u)) + bu @ u.T
+    out = b - bu.T @ np.linalg.solve(inner, bu)
+    return 0.5 * (out + out.T)
 
 
 @register
@@ -54,10 +72,11 @@ class MahalanobisDomain(Mahalanobis):
 
     def __init__(self, means: np.ndarray, present: np.ndarray, precision: np.ndarray, momentum: float = MOMENTUM,
                  shift_momentum: float = SHIFT_MOMENTUM, trim: float = TRIM,
-                 reference_batch: int = REFERENCE_BATCH) -> None:
+                 reference_batch: int = REFERENCE_BATCH, low_rank_max: int = LOW_RANK_MAX) -> None:
         super().__init__(means, present, precision)
         self.momentum, self.shift_momentum, self.trim = float(momentum), float(shift_momentum), float(trim)
         self.reference_batch = int(reference_batch)
+        self.low_rank_max = int(low_rank_max)
         self._classes = np.flatnonzero(self.present)
         self._source_within = np.linalg.pinv(self.precision, hermitian=True)
         self.reset_domain()
@@ -67,6 +86,7 @@ class MahalanobisDomain(Mahalanobis):
         self.domain_within = self._source_within.copy()
         self.domain_precision = self.precision.copy()
         self.domain_batches = 0
+        self._low_rank_samples = 0  # samples folded in by Woodbury since the last full precision
 
     def _pseudo_labels(self, logits: np.ndarray | None, d: np.ndarray) -> np.ndarray:
         """Predicted class per sample among the fitted classes (nearest domain mean without usable logits)."""
@@ -95,17 +115,24 @@ class MahalanobisDomain(Mahalanobis):
                 mk = 1.0 - (1.0 - m0) ** (idx.sum() / per_class)
                 means[k] = (1 - mk) * means[k] + mk * z[idx].mean(axis=0)
         within, precision = self.domain_within, self.domain_precision
+        low_rank = self._low_rank_samples
         if keep.any():
-            m = 1.0 - (1.0 - m0) ** (keep.sum() / self.reference_batch)
+            n = int(keep.sum())
+            m = 1.0 - (1.0 - m0) ** (n / self.reference_batch)
             r = z[keep] - means[labels[keep]]
-            within = (1 - m) * within + m * (r.T @ r / keep.sum())
+            within = (1 - m) * within + m * (r.T @ r / n)
             try:
-                precision = _precision(within)
+                if n <= self.low_rank_max and self.domain_batches > 0 and not shift \
+                        and low_rank + n < self.reference_batch // 4:
+                    precision, low_rank = _woodbury(precision, 1 - m, r * np.sqrt(m / n)), low_rank + n
+                else:
+                    precision, low_rank = _precision(within), 0
             except np.linalg.LinAlgError:  # a degenerate batch never replaces a usable domain
                 return
         if not (np.isfinite(means).all() and np.isfinite(precision).all()):
             return
         self.domain_means, self.domain_within, self.domain_precision = means, within, precision
+        self._low_rank_samples = low_rank
         self.domain_batches += 1
 
     def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
