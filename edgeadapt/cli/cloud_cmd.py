@@ -222,24 +222,58 @@ def push(
     devices: str = typer.Option(None, "--devices", help="comma-separated device names"),
     fraction: float = typer.Option(None, "--fraction", help="a deterministic fraction of devices, e.g. 0.1"),
     revert: bool = typer.Option(False, "--revert", help="republish an older version as a new one (roll back)"),
+    group: int = typer.Option(None, "--group", help="a group of similar devices (`cloud groups`): its members, "
+                                                    "whoever they are then"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Roll a version out to some devices, a fraction of them, or (default) all."""
+    """Roll a version out to some devices, a fraction of them, one group (a group's rollback: --group G --version
+    V --revert), or (default) all."""
     from edgeadapt.cloud.admin import push as do_push
     from edgeadapt.cloud.store import StoreError
 
-    if devices and fraction is not None:
-        fail("use --devices or --fraction, not both")
+    if sum(x is not None for x in (devices or None, fraction, group)) > 1:
+        fail("use one of --devices, --fraction or --group")
     names = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
     try:
-        out = do_push(_store(home), version, names, fraction, revert)
+        out = do_push(_store(home), version, names, fraction, revert, group)
     except StoreError as exc:
         fail(str(exc))
     if as_json:
         print_json(out)
     else:
-        scope = ",".join(names) if names else f"{fraction:g} of devices" if fraction else "all devices"
+        scope = ",".join(names) if names else f"{fraction:g} of devices" if fraction else \
+            f"group {group}" if group is not None else "all devices"
         console.print(f"rollout {out['rollout']}: version {out['version']} -> {scope} ({out['note']})")
+
+
+@app.command("groups")
+def groups(home: Path = HomeOpt, as_json: bool = JsonOpt,
+           regroup: bool = typer.Option(False, "--regroup", help="split groups that drifted apart and merge groups "
+                                                                  "that converged now (the trainer does it before "
+                                                                  "each round)")) -> None:
+    """List groups of similar devices (issue 18; `groups.enabled`): members, the version the group's lineage is at,
+    the version its rollouts assign, and its accuracy proxy (mean prediction entropy its members report)."""
+    from edgeadapt.cloud.grouping import Grouper
+
+    grouper = Grouper(_store(home), _config(home).groups)
+    changes = grouper.regroup() if regroup else []
+    rows = grouper.describe()
+    if as_json:
+        print_json({"groups": rows, "regrouped": changes} if regroup else rows)
+        return
+    from rich.table import Table
+
+    for c in changes:
+        console.print(plain(c, 400))
+    table = Table(title="groups")
+    for col in ("group", "members", "version", "assigned", "mean entropy", "spread", "note"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["id"]), plain(", ".join(r["members"]), 2000), str(r["version"]),
+                      "-" if r["target_version"] is None else str(r["target_version"]),
+                      "-" if r["mean_entropy"] is None else f"{r['mean_entropy']:.3f}", f"{r['spread']:.3f}",
+                      plain(r["note"], 200))
+    console.print(table)
 
 
 @app.command("rollouts")
