@@ -107,6 +107,12 @@ def run_accuracy_bench(bundle_dir: str | Path, stream_path: str | Path, stream: 
     bundle = Bundle(bundle_dir)
     st = load_bench_stream(stream_path, stream, limit=limit, seed=seed, num_classes=bundle.manifest.num_classes)
     x, y = st.x, st.y
+    if list(x.shape[1:]) != list(bundle.manifest.input.shape):
+        raise ValueError(f"the stream's images are {list(x.shape[1:])}, the bundle's model takes "
+                         f"{list(bundle.manifest.input.shape)} (build a stream for it: edgeadapt data folder)")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= bundle.manifest.num_classes):
+        raise ValueError(f"the stream's labels span {int(y.min())}..{int(y.max())}, the bundle has "
+                         f"{bundle.manifest.num_classes} classes")
     domain_names = st.domain_names()
     rows = rows or ["source", "norm_stats", "device_best", "tent", "eata"]
     out: dict = {"stream": stream, "seed": seed, "n": int(len(x)), "batch": batch, "rows": {}}

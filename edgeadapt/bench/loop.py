@@ -196,4 +196,7 @@ def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Pa
             "versions_applied": upd.get("applied", 0), "rolled_back": upd.get("rolled_back", 0),
             "updates_rejected_on_device": upd.get("rejected", 0), "trainings": trains, "gate_rejections": rejected,
             "final_version": status.get("param_version"), "sync_every": sync_every,
-            "method": status.get("method"), "upload_all": upload_all}
+            "method": status.get("method"), "upload_all": upload_all,
+            # what an upload costs: the JSON bodies' bytes per sample sent, and the device's encoding of the pixels
+            "body_bytes_per_upload": round(up.get("bytes_up", 0) / max(q.get("sent", 0), 1), 1),
+            "upload_encoding": status.get("upload_encoding")}

@@ -34,7 +34,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_latency(bundle_dir: Path, x: np.ndarray, requests: int, method: str, threads: int) -> dict:
+def synthetic_inputs(bundle: Bundle, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` inputs made from the bundle's input spec alone (no stream needed): uniform random values across the
+    declared value range, in the form a client sends (uint8 where the range fits it, else float32). Throughput does
+    not depend on the pixels; accuracy numbers need a stream."""
+    codec = bundle.codec()
+    v = np.random.default_rng(seed).uniform(codec.low, codec.high, (n, *codec.shape)).astype(np.float32)
+    up = codec.to_upload(v)
+    return up if up.dtype == np.uint8 else v
+
+
+def http_latency(bundle_dir: Path, x: np.ndarray, requests: int, method: str, threads: int,
+                 http_batch: int = 64) -> dict:
     import httpx
     import uvicorn
 
@@ -59,7 +70,7 @@ def http_latency(bundle_dir: Path, x: np.ndarray, requests: int, method: str, th
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             for i in range(requests + 5):
                 buf = io.BytesIO()
-                np.save(buf, x[(i * 64) % max(len(x) - 64, 1):][:64])
+                np.save(buf, x[(i * http_batch) % max(len(x) - http_batch, 1):][:http_batch])
                 t = time.perf_counter()
                 r = c.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
                 r.raise_for_status()
@@ -69,13 +80,20 @@ def http_latency(bundle_dir: Path, x: np.ndarray, requests: int, method: str, th
         th.join(10)
         daemon.stop()
     return {"http_p50_ms": float(np.percentile(lat, 50) * 1e3), "http_p99_ms": float(np.percentile(lat, 99) * 1e3),
-            "http_requests": len(lat)}
+            "http_requests": len(lat), "http_batch": http_batch}
 
 
-def run_runtime_bench(bundle_dir: str | Path, x: np.ndarray, method: str, batch: int = 64, threads: int = 2,
-                      min_s: float = 3.0, http_requests: int = 200, with_torch: bool = True) -> dict:
+def run_runtime_bench(bundle_dir: str | Path, x: np.ndarray | None, method: str, batch: int = 64, threads: int = 2,
+                      min_s: float = 3.0, http_requests: int = 200, with_torch: bool = True, http_batch: int = 64,
+                      student_model: str | None = None) -> dict:
+    """``x``: the inputs (None: synthesized from the bundle's input spec, ``synthetic_inputs``); ``http_batch``:
+    images per HTTP request (a large model's batch of 64 can exceed the daemon's body limit); the torch rows
+    rebuild the bundle's model from the registry or ``student_model`` (``module:factory``)."""
     bundle_dir = Path(bundle_dir)
     bundle = Bundle(bundle_dir)
+    synthesized = x is None
+    if x is None:
+        x = synthetic_inputs(bundle, max(4 * batch, http_batch + 1))
     xb = x[:batch]
     xf = bundle.preprocess(xb)
     engine = AdaptiveEngine(bundle, EngineConfig(method=method, threads=threads))
@@ -87,7 +105,8 @@ def run_runtime_bench(bundle_dir: str | Path, x: np.ndarray, method: str, batch:
         pos["i"] += 1
 
     static = engine.backend.__class__(bundle, threads=threads)  # pristine fast path, version 0
-    res: dict = {"batch": batch, "threads": threads, "method": method}
+    res: dict = {"batch": batch, "threads": threads, "method": method, "inputs": "synthesized" if synthesized
+                 else "stream"}
     # interleave the two measurements twice to even out machine noise
     s1 = _timeit(lambda: static.run_static(xf), batch, min_s / 2)
     a1 = _timeit(adaptive_step, batch, min_s / 2)
@@ -96,7 +115,7 @@ def run_runtime_bench(bundle_dir: str | Path, x: np.ndarray, method: str, batch:
     res["static_img_s"] = (s1 + s2) / 2
     res["adaptive_img_s"] = (a1 + a2) / 2
     res["ratio_adaptive_vs_static"] = res["adaptive_img_s"] / res["static_img_s"]
-    res.update(http_latency(bundle_dir, x, http_requests, method, threads))
+    res.update(http_latency(bundle_dir, x, http_requests, method, threads, http_batch))
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # device side only: before torch
     if with_torch:
         import torch
@@ -104,10 +123,10 @@ def run_runtime_bench(bundle_dir: str | Path, x: np.ndarray, method: str, batch:
         from edgeadapt.bench.torch_refs import Tent, rebuild_torch_model
 
         torch.set_num_threads(threads)
-        tent = Tent(rebuild_torch_model(bundle_dir))
-        xt = torch.from_numpy(xb.astype(np.float32) / 255.0)
+        tent = Tent(rebuild_torch_model(bundle_dir, student_model=student_model))
+        xt = torch.from_numpy(xf)  # normalized by the bundle's input contract, as the graphs see it
         res["tent_torch_img_s"] = _timeit(lambda: tent.step(xt), batch, min_s / 2)
-        model = rebuild_torch_model(bundle_dir)
+        model = rebuild_torch_model(bundle_dir, student_model=student_model)
         with torch.no_grad():
             res["torch_eval_img_s"] = _timeit(lambda: model(xt), batch, min_s / 2)
         res["ratio_adaptive_vs_tent"] = res["adaptive_img_s"] / res["tent_torch_img_s"]

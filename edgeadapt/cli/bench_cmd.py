@@ -35,6 +35,47 @@ def _assets(bundle: Path | None, stream: Path | None):
         fail(str(exc))
 
 
+def _teacher(teacher: str | None, weights: Path | None) -> tuple[str, Path]:
+    """The operator's teacher (``module:factory`` or a reference arch, with its weights) or the reference one."""
+    if teacher is None:
+        if weights is not None:
+            fail("--teacher-weights needs --teacher (the architecture the weights are for)")
+        from edgeadapt.assets import default_teacher
+
+        return default_teacher(console)
+    if weights is None:
+        fail("--teacher needs --teacher-weights (a teacher with random weights teaches nothing)")
+    if not weights.is_file():
+        fail(f"--teacher-weights {weights}: no such file")
+    return teacher, weights
+
+
+def _loop_setup(teacher: str | None, weights: Path | None, student_model: str | None, home: Path | None,
+                upload_encoding: str | None) -> tuple[tuple[str, Path], Path]:
+    """What the loop rows' processes need. They are started from here, so the operator's choices reach them through
+    their environment: the device's upload encoding, the cloud's student model, and the current directory on
+    PYTHONPATH so that a ``module:factory`` written beside the data imports in the cloud process too."""
+    import os
+
+    from edgeadapt.assets import cloud_home
+
+    pair = _teacher(teacher, weights)
+    if upload_encoding is not None:
+        from edgeadapt.core.upload_encoding import UploadEncoding
+
+        try:
+            os.environ["EDGEADAPT_UPLOAD_ENCODING"] = str(UploadEncoding.parse(upload_encoding))
+        except ValueError as exc:
+            fail(str(exc))
+    if student_model:
+        os.environ["EDGEADAPT_CLOUD_STUDENT_MODEL"] = student_model
+    if ":" in pair[0] or student_model:
+        os.environ["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if home is not None and not (home / "signing_key.pem").is_file():
+        fail(f"--cloud-home {home}: no signing key there (edgeadapt cloud init --home {home})")
+    return pair, home or cloud_home(console)
+
+
 @app.command()
 def accuracy(
     stream: str = typer.Option("continual", help="the setting (same images): continual, class-sorted, correlated:DELTA "
@@ -51,23 +92,32 @@ def accuracy(
                                           "device in the loop runs, ema_stats:transductive=true)"),
     limit: int = typer.Option(None, help="use only the first N images of each corruption (quick runs)"),
     batch: int = typer.Option(64, min=1, help="images per request (down to 1)"),
+    teacher: str = typer.Option(None, help="loop rows: the cloud's teacher, a reference arch or module:factory (your "
+                                           "own code, importable from the current directory or PYTHONPATH; default: "
+                                           "the reference teacher)"),
+    teacher_weights: Path = typer.Option(None, help="loop rows: the teacher's weights (safetensors or .pt)"),
+    student_model: str = typer.Option(None, help="loop rows: the bundle's architecture as module:factory when it is "
+                                                 "not a registered one (the cloud's --student-model)"),
+    cloud_home: Path = typer.Option(None, help="loop rows: the cloud home whose signing key the bundle was exported "
+                                               "for (default: the benchmarks' cloud home)"),
+    upload_encoding: str = typer.Option(None, help="loop rows: the device's upload_encoding (raw, png, jpeg:Q, webp:Q; "
+                                                   "default: the device's default)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Online accuracy of source, norm statistics, the device's best forward-only method, Tent and EATA."""
+    """Online accuracy of source, norm statistics, the device's best forward-only method, Tent and EATA; with the
+    loop rows, of a device with the cloud in the loop (any bundle, any stream, your teacher: docs/BYO.md)."""
     from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD, run_accuracy_bench
 
     b, s = _assets(bundle, data)
     row_list = [r.strip() for r in rows.split(",") if r.strip()]
-    teacher = home = None
+    pair = home = None
     if any(r.startswith("loop") for r in row_list):
-        from edgeadapt.assets import cloud_home, default_teacher
-
-        teacher, home = default_teacher(console), cloud_home(console)
+        pair, home = _loop_setup(teacher, teacher_weights, student_model, cloud_home, upload_encoding)
     progress, factory = _progress_factory()
     try:
         res = run_accuracy_bench(b, s, stream=stream, batch=batch, rows=row_list,
                                  device_method=method or DEFAULT_DEVICE_METHOD, limit=limit,
-                                 progress_factory=factory, sync_every=sync_every, teacher=teacher,
+                                 progress_factory=factory, sync_every=sync_every, teacher=pair,
                                  signing_home=home, seed=seed)
     except ValueError as exc:
         fail(str(exc))
@@ -85,23 +135,41 @@ def accuracy(
 @app.command()
 def runtime(
     bundle: Path = typer.Option(None, help="bundle (default: the reference edge model)"),
-    data: Path = typer.Option(None, help="stream .npz for realistic inputs (default: FMNIST-C)"),
-    method: str = typer.Option(None, help="adaptation method (default: the standalone device's fast path, ema_stats)"),
+    data: Path = typer.Option(None, help="stream .npz for realistic inputs (default: FMNIST-C for the reference "
+                                         "bundle; inputs synthesized from the input spec for a bundle you give)"),
+    method: str = typer.Option(None, help="adaptation method (default: the standalone device's)"),
     threads: int = typer.Option(2),
+    batch: int = typer.Option(64, min=1, help="images per engine batch for the throughput figures"),
+    http_batch: int = typer.Option(64, min=1, help="images per HTTP request for the latency figures (a large "
+                                                   "model's 64 images can exceed the daemon's body limit)"),
     seconds: float = typer.Option(4.0, help="measuring time per throughput figure"),
     requests: int = typer.Option(200, help="HTTP requests for the latency figures"),
+    torch_rows: bool = typer.Option(True, "--torch/--no-torch", help="also a torch Tent step and torch eval (needs "
+                                    "the architecture: registered, or --student-model)"),
+    student_model: str = typer.Option(None, help="the bundle's architecture as module:factory for the torch rows"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Static vs adapting throughput, torch Tent step, HTTP p50/p99 latency, RSS — in one run."""
     from edgeadapt.bench.runtime import run_runtime_bench
+    from edgeadapt.core.bundle import read_manifest
     from edgeadapt.datasets.fmnist import load_stream
     from edgeadapt.device.config import STANDALONE_METHOD
+    from edgeadapt.models.reference import ARCHS
 
-    b, s = _assets(bundle, data)
-    x = load_stream(s)["x"][:4096]
+    if bundle is None or data is not None:
+        bundle, data = _assets(bundle, data)
+    x = load_stream(data)["x"][:4096] if data is not None else None
+    with_torch = torch_rows and (student_model is not None or read_manifest(bundle).arch in ARCHS)
+    if torch_rows and not with_torch:
+        console.print("torch rows skipped: the bundle's architecture is not registered here (give --student-model "
+                      "module:factory, or --no-torch)")
     with console.status("measuring"):
-        res = run_runtime_bench(b, x, method or STANDALONE_METHOD, threads=threads, min_s=seconds,
-                                http_requests=requests)
+        try:
+            res = run_runtime_bench(bundle, x, method or STANDALONE_METHOD, batch=batch, threads=threads,
+                                    min_s=seconds, http_requests=requests, with_torch=with_torch,
+                                    http_batch=http_batch, student_model=student_model)
+        except ValueError as exc:
+            fail(str(exc))
     print_json(res) if json_out else console.print(res)
 
 
@@ -143,21 +211,68 @@ def update(
     scoring: str = typer.Option("domain", help="domain: each held-out batch of one corruption normalized with its "
                                                "own statistics, as a device uses an update; eval: the update's "
                                                "published running statistics"),
+    teacher: str = typer.Option(None, help="the teacher: a reference arch or module:factory (default: the "
+                                           "reference teacher)"),
+    teacher_weights: Path = typer.Option(None, help="the teacher's weights (safetensors or .pt)"),
+    student_model: str = typer.Option(None, help="the bundle's architecture as module:factory when it is not a "
+                                                 "registered one"),
 ) -> None:
     """Update-package size and accuracy per compression mode (fp32, fp16, int8, int4, ecq, ternary, bitmask)."""
-    from edgeadapt.assets import default_bundle, default_teacher
+    from edgeadapt.assets import default_bundle
     from edgeadapt.cloud.bench_update import run_update_bench
 
     if bundle is None:
         bundle = default_bundle(console, adapters=adapters)
     b, s = _assets(bundle, data)
-    arch, weights = default_teacher(console)
+    arch, weights = _teacher(teacher, teacher_weights)
     with console.status("training an update and compressing it"):
         try:
-            res = run_update_bench(b, arch, weights, s, scoring=scoring)
+            res = run_update_bench(b, arch, weights, s, scoring=scoring, student_model=student_model)
         except ValueError as exc:
             fail(str(exc))
     print_json(res) if json_out else console.print(res)
+
+
+@app.command()
+def encodings(
+    data: Path = typer.Option(None, help="stream .npz of uint8 images (default: FMNIST-C)"),
+    limit: int = typer.Option(100, min=1, help="first N images of each domain (corruption)"),
+    rgb_size: int = typer.Option(None, help="also a synthetic RGB stream at this size: the images upscaled and "
+                                            "colourized (bench/encodings.py)"),
+    encodings_: str = typer.Option(",".join(("raw", "png", "jpeg:90", "jpeg:75", "webp:80")), "--encodings",
+                                   help="comma-separated upload encodings"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Bytes per uploaded sample per upload encoding (payload and JSON body), encode/decode ms, lossy error."""
+    from edgeadapt.bench.encodings import colourized, run_encodings_bench, stream_sample
+    from edgeadapt.core.upload_encoding import UploadEncoding
+    from edgeadapt.datasets.fmnist import load_stream
+
+    names = [e.strip() for e in encodings_.split(",") if e.strip()]
+    try:
+        names = [str(UploadEncoding.parse(e)) for e in names]
+    except ValueError as exc:
+        fail(str(exc))
+    if data is None:
+        _, data = _assets(None, None)
+    x = stream_sample(load_stream(data), limit)
+    res: dict = {"stream": str(data), "limit_per_domain": limit}
+    with console.status("encoding"):
+        try:
+            res["native"] = run_encodings_bench(x, tuple(names))
+            if rgb_size:
+                if x.shape[1] != 1:
+                    fail("--rgb-size colourizes grey images; this stream is not grey")
+                res[f"rgb{rgb_size}"] = run_encodings_bench(colourized(x, rgb_size), tuple(names))
+        except ValueError as exc:
+            fail(str(exc))
+    if json_out:
+        print_json(res)
+    else:
+        for part in [k for k in res if k in ("native",) or k.startswith("rgb")]:
+            for enc, r in res[part]["encodings"].items():
+                console.print(f"{part:8s} {enc:8s} {r['payload_bytes_mean']:10.1f} B/sample  x{r['ratio_to_raw']:.3f}"
+                              f"  encode {r['encode_ms']:.2f} ms  decode {r['decode_ms']:.2f} ms")
 
 
 @app.command()

@@ -43,7 +43,7 @@ def _split(corruption: np.ndarray, train_fraction: float, max_train: int,
 
 
 def _accuracy(bundle_dir: Path, params, x: np.ndarray, y: np.ndarray, manifest, domains: np.ndarray | None = None,
-              batch: int = 64) -> float:
+              batch: int = 64, student_model: str | None = None) -> float:
     """Accuracy of the edge model with ``params``: with ``domains``, every batch of up to ``batch`` samples of
     one domain is normalized with its own statistics (as a device in that domain does); else eval mode."""
     import torch
@@ -51,7 +51,7 @@ def _accuracy(bundle_dir: Path, params, x: np.ndarray, y: np.ndarray, manifest, 
     from edgeadapt.cloud.edge_model import rebuild_edge_model
     from edgeadapt.cloud.trainer import batch_statistics, to_float_batch
 
-    model = rebuild_edge_model(bundle_dir, params).eval()
+    model = rebuild_edge_model(bundle_dir, params, student_model).eval()
     chunks = []
     if domains is None:
         chunks = [np.arange(i, min(i + 512, len(x))) for i in range(0, len(x), 512)]
@@ -82,13 +82,15 @@ def run_update_bench(
     trainer: dict | None = None,
     scoring: str = "domain",
     progress: Callable[[str], None] | None = None,
+    student_model: str | None = None,
 ) -> dict:
     """Train one update on part of the stream and score every compression mode. -> the JSON-able report::
 
         {"raw_fp32_bytes": int, "modes": {MODE: {"bytes", "ratio", "acc", "acc_delta", "max_abs_err"}}, ...}
 
     ``mode_opts``: per-mode options for ``build_package`` (e.g. ``{"ternary": {"density": 0.2}}``);
-    ``trainer``: TrainerConfig overrides; ``scoring``: "domain" or "eval" (module docstring).
+    ``trainer``: TrainerConfig overrides; ``scoring``: "domain" or "eval" (module docstring); ``student_model``: the
+    bundle's architecture as ``module:factory`` when it is not a registered one (the cloud's ``--student-model``).
     """
     import torch
 
@@ -119,7 +121,7 @@ def run_update_bench(
         store = SQLiteStore(tmp)
         teacher = load_teacher(teacher_arch, teacher_weights)
         cfg = TrainerConfig(**{"holdout_fraction": 0.0, "seed": seed, "enabled": False, **(trainer or {})})
-        tr = Trainer(bundle_dir, store, teacher, cfg, auto_rollout=False)
+        tr = Trainer(bundle_dir, store, teacher, cfg, auto_rollout=False, student_model=student_model)
         store.add_device("bench")
         dev = store.get_device("bench")
         say(f"uploading {len(train_idx)} stream samples")
@@ -139,8 +141,8 @@ def run_update_bench(
     x_eval, y_eval = x[eval_idx], y[eval_idx]
     d_eval = corruption[eval_idx] if scoring == "domain" else None
     say(f"scoring on {len(eval_idx)} held-out samples")
-    acc_source = _accuracy(bundle_dir, base, x_eval, y_eval, manifest, d_eval)
-    acc_target = _accuracy(bundle_dir, target, x_eval, y_eval, manifest, d_eval)
+    acc_source = _accuracy(bundle_dir, base, x_eval, y_eval, manifest, d_eval, student_model=student_model)
+    acc_target = _accuracy(bundle_dir, target, x_eval, y_eval, manifest, d_eval, student_model=student_model)
     with torch.no_grad():
         from edgeadapt.cloud.trainer import to_float_batch
 
@@ -160,7 +162,7 @@ def run_update_bench(
         data = build_package(manifest.model_name, 0, base, result.version, target, mode, key, **opts)
         build_s = time.perf_counter() - t1
         _, recon, header = verify_and_apply(data, pub, manifest.model_name, 0, base)
-        acc = _accuracy(bundle_dir, recon, x_eval, y_eval, manifest, d_eval)
+        acc = _accuracy(bundle_dir, recon, x_eval, y_eval, manifest, d_eval, student_model=student_model)
         err = max(float(np.abs(recon[n] - target[n]).max()) for n in target) if target else 0.0
         report_modes[mode] = {"bytes": len(data), "ratio": raw / len(data), "acc": acc,
                               "acc_delta": round((acc - acc_target) * 100.0, 6), "max_abs_err": err,
