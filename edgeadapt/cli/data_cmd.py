@@ -9,7 +9,8 @@ import typer
 
 from edgeadapt.cli.common import fail, print_json
 
-app = typer.Typer(help="Build benchmark data (FMNIST-C stream).", no_args_is_help=True)
+app = typer.Typer(help="Build benchmark data (the FMNIST-C stream, or a stream from your own image folders).",
+                  no_args_is_help=True)
 
 
 @app.command("fmnist-c")
@@ -69,3 +70,38 @@ def fmnist_c(
     else:
         how = "cached, reused" if cached else f"built in {seconds:.1f} s"
         typer.echo(f"FMNIST-C stream: {n} images ({len(names)} corruptions x {per_corruption}), {how}: {path}")
+
+
+@app.command("folder")
+def folder(
+    root: Path = typer.Argument(..., help="image-folder tree: one subfolder of images per class (names sorted = labels)"),
+    out: Path = typer.Option(..., "--out", help="the stream .npz to write (labels one per line beside it: "
+                                                "F.labels.txt)"),
+    size: str | None = typer.Option(None, "--size", help="H,W every image is resized to (default: the first image's)"),
+    gray: bool | None = typer.Option(None, "--gray/--rgb", help="colour mode (default: grey when every image is "
+                                                                "grey, else RGB)"),
+    corrupt: str | None = typer.Option(None, "--corrupt", help="domains: comma-separated corruption:severity of the "
+                                                               "benchmark's (e.g. gaussian_noise:3,fog:5); default: "
+                                                               "one clean domain"),
+    seed: int = typer.Option(0, "--seed", help="seed of the shuffle and the corruptions"),
+    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+) -> None:
+    """Build a benchmark stream from your own images (for `bench accuracy|runtime|update --data`; docs/BYO.md)."""
+    from edgeadapt.datasets.folder import build_folder_stream, parse_corruptions
+
+    try:
+        hw = None
+        if size is not None:
+            parts = [p.strip() for p in size.split(",")]
+            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"--size {size!r}: give H,W, e.g. 224,224")
+            hw = (int(parts[0]), int(parts[1]))
+        res = build_folder_stream(root, out, size=hw, mode=None if gray is None else ("L" if gray else "RGB"),
+                                  corruptions=parse_corruptions(corrupt), seed=seed)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    if json_out:
+        print_json(res)
+    else:
+        typer.echo(f"stream of {res['n']} images ({res['images']} x {len(res['domains'])} domains, "
+                   f"{res['shape']}, {len(res['classes'])} classes): {res['path']}; labels: {res['labels_file']}")

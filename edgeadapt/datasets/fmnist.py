@@ -217,7 +217,8 @@ _FROST_CV2: _FrostCV2 | None = None
 
 
 def _corrupt_chunk(task: tuple[str, int, int, int, np.ndarray]) -> np.ndarray:
-    """Corrupt a chunk of gray images ``[n, 1, 32, 32]``; seeds the global RNGs first (see module doc)."""
+    """Corrupt a chunk of uint8 images ``[n, C, H, W]`` (C = 1: grey, as FMNIST-C; C = 3: RGB); seeds the global
+    RNGs first (see module doc)."""
     name, severity, seed, chunk_index, images = task
     from imagecorruptions import corrupt  # lazy: pulls in cv2, skimage, scipy, numba
 
@@ -236,10 +237,15 @@ def _corrupt_chunk(task: tuple[str, int, int, int, np.ndarray]) -> np.ndarray:
         ic.cv2 = _FROST_CV2
     try:
         for i, img in enumerate(images):
-            rgb = np.repeat(img[0][:, :, None], 3, axis=2)
+            grey = img.shape[0] == 1
+            rgb = np.repeat(img[0][:, :, None], 3, axis=2) if grey else np.ascontiguousarray(img.transpose(1, 2, 0))
             kwargs = {"seed": int(np.random.randint(2**31 - 1))} if needs_seed else {}
             res = np.asarray(corrupt(rgb, corruption_name=name, severity=severity, **kwargs))
-            out[i, 0] = np.clip(res[..., 0] if res.ndim == 3 else res, 0, 255).astype(np.uint8)
+            if grey:
+                out[i, 0] = np.clip(res[..., 0] if res.ndim == 3 else res, 0, 255).astype(np.uint8)
+            else:
+                res = res if res.ndim == 3 else np.repeat(res[:, :, None], 3, axis=2)
+                out[i] = np.clip(res, 0, 255).astype(np.uint8).transpose(2, 0, 1)
     finally:
         ic.cv2 = real_cv2
     return out
