@@ -153,3 +153,13 @@ def test_live_cloud_decodes_each_sample_by_its_encoding(live_cloud, kit):
         assert r.status_code == 422 and "undecodable" in r.text, r.text
     metrics = cloud.client().get("/metrics").text
     assert 'edgeadapt_cloud_upload_refusals_total{reason="undecodable"} 1.0' in metrics
+
+
+def test_device_config_validates_and_normalizes_the_encoding(tmp_path):
+    from edgeadapt.device.config import ConfigError, load_config
+
+    flags = {"bundle": tmp_path, "state_dir": tmp_path}
+    assert load_config(flags, env={}).upload_encoding == "png"  # the default
+    assert load_config(flags, env={"EDGEADAPT_UPLOAD_ENCODING": "JPEG:90"}).upload_encoding == "jpeg:90"
+    with pytest.raises(ConfigError, match="lossy encoding needs its quality"):
+        load_config(flags, env={"EDGEADAPT_UPLOAD_ENCODING": "webp"})
