@@ -62,6 +62,7 @@ from torch import nn
 from edgeadapt.cloud.config import TrainerConfig
 from edgeadapt.cloud.edge_model import apply_params, extract_params, rebuild_edge_model
 from edgeadapt.cloud.store import Store, StoredSample, register_bundle
+from edgeadapt.cloud.teacher_cache import TeacherLogitCache
 from edgeadapt.core import bundle as B
 from edgeadapt.core import param_bounds
 from edgeadapt.core.input_codec import InputCodec
@@ -297,6 +298,11 @@ class Trainer:
                 p.requires_grad_(True)
             if params:
                 self.teacher_opt = SGD(params, lr=self.cfg.teacher_lr, momentum=self.cfg.momentum)
+        # a frozen teacher's logits per upload, computed once (teacher_cache.py): every upload the trainer can
+        # still draw (replay, a round's new ones and its loss probe, the gate's holdout) fits
+        self.teacher_cache = TeacherLogitCache(0 if self.teacher_opt is not None else
+                                               self.cfg.replay_size + self.cfg.gate_samples
+                                               + self.cfg.max_samples_per_round + LOSS_EVAL_MAX)
 
         self.version = int(store.latest_version())
         # the bundle's arch from the registry, or the operator's --student-model: never imported from the manifest
@@ -360,7 +366,19 @@ class Trainer:
                 or self.replay_samples < max(1, self.cfg.replay_min):
             return []
         k = min(len(self.replay), max(1, round(self.cfg.replay_per_step / self.cfg.chunk)))
+        pool = self._own_replay()
+        if pool is not None:
+            return [self.replay[pool[j]] for j in self.rng.choice(len(pool), size=min(k, len(pool)), replace=False)]
         return [self.replay[j] for j in self.rng.choice(len(self.replay), size=k, replace=False)]
+
+    def _own_replay(self) -> list[int] | None:
+        """In a group's round with ``groups.replay = "own"``: the replay entries of the group's own devices, once
+        they hold ``replay_min`` samples (a lineage specializes on its domain); None: draw from the shared buffer
+        (every group's uploads: a small or new group still learns)."""
+        if self._group is None or self._gate_devices is None or getattr(self.grouper.cfg, "replay", "") != "own":
+            return None
+        own = [j for j, g in enumerate(self.replay) if g and g[0].device_id in self._gate_devices]
+        return own if own and sum(len(self.replay[j]) for j in own) >= max(1, self.cfg.replay_min) else None
 
     # ------------------------------------------------------------------ pieces
     def _teacher_logits(self, x: torch.Tensor, adapt: bool = False) -> torch.Tensor:
@@ -385,11 +403,24 @@ class Trainer:
             items = self.store.load_inputs(items)
         return to_float_batch(items, self.manifest)
 
+    def _teacher_group(self, group: list) -> torch.Tensor:
+        """The teacher's logits for one group, normalized as the trainer normalizes, kept per upload."""
+        return self.teacher_cache.logits(group, lambda g: self._logits(self.teacher, [list(g)]))
+
+    def _teacher_out(self, inputs: list | list[list]) -> torch.Tensor:
+        """The teacher's logits for plain inputs or groups (as ``_logits``); groups of stored uploads through the
+        cache (in eval mode, ``normalization = "running"``, per-group logits concatenated are the flat ones)."""
+        if inputs and isinstance(inputs[0], list) and self.teacher_opt is None:
+            return torch.cat([self._teacher_group(g) for g in inputs])
+        return self._logits(self.teacher, inputs)
+
     def _step(self, groups: list[list[StoredSample]]) -> float:
-        if not self._per_group:  # one mixed batch
+        z_t = torch.cat([self._teacher_group(g) for g in groups]) if self.teacher_opt is None else None
+        if not self._per_group:  # one mixed batch (in the same order as the groups' teacher logits)
             groups = [[x for g in groups for x in g]]
         xs = [self._batch(g) for g in groups]
-        z_t = torch.cat([self._teacher_logits(x, adapt=True) for x in xs])
+        if z_t is None:  # an adapting teacher: its own entropy step on these very batches
+            z_t = torch.cat([self._teacher_logits(x, adapt=True) for x in xs])
         self._train_mode()
         z_s = torch.cat([self.student(x) for x in xs])
         loss = cema_loss(z_s, z_t, self.cfg.alpha, self.cfg.beta, self.cfg.gamma, self.cfg.tau)
@@ -426,7 +457,7 @@ class Trainer:
             return float("nan")
         apply_params(self.evaluator, params)
         z_s = self._logits(self.evaluator, inputs)
-        z_t = self._logits(self.teacher, inputs)
+        z_t = self._teacher_out(inputs)
         return float(cema_loss(z_s, z_t, self.cfg.alpha, self.cfg.beta, self.cfg.gamma, self.cfg.tau))
 
     def _agrees(self, params: ParamSet, inputs, teacher_pred: torch.Tensor) -> np.ndarray:
@@ -437,7 +468,7 @@ class Trainer:
         """Fraction of ``inputs`` (plain or groups) on which the student with ``params`` predicts the teacher's
         class."""
         if teacher_pred is None:
-            teacher_pred = self._logits(self.teacher, inputs).argmax(1)
+            teacher_pred = self._teacher_out(inputs).argmax(1)
         return float(self._agrees(params, inputs, teacher_pred).mean()) if inputs else float("nan")
 
     def gate(self, candidate: ParamSet, current: ParamSet | None = None) -> GateResult:
@@ -457,7 +488,7 @@ class Trainer:
         inputs = sample_groups(held, held, self.cfg.chunk)
         if current is None:
             current = self.store.get_params(self.version)
-        t_pred = self._logits(self.teacher, inputs).argmax(1)
+        t_pred = self._teacher_out(inputs).argmax(1)
         a_cur = self._agrees(current, inputs, t_pred)
         a_cand = self._agrees(candidate, inputs, t_pred)
         n = len(held)
