@@ -10,6 +10,8 @@ teacher's labels are worth (docs/NOTES.md).
     python scripts/dev_holdout.py device           # device alone on the dev stream (--method SPEC)
     python scripts/dev_holdout.py wild --methods 'a=SPEC;b=SPEC;eata' --settings continual,mixed --batch 1
                                                    # every method on every wild-traffic setting, one run
+    python scripts/dev_holdout.py fleet NAME       # bench fleet on the dev stream (issue 18); cloud knobs via env,
+                                                   # e.g. EDGEADAPT_CLOUD_GROUPS__REPLAY=own
     python scripts/dev_holdout.py loop NAME        # the full loop (real processes, lockstep 8); knobs via env:
                                                    # EDGEADAPT_CLOUD_TRAINER__STEPS_PER_CHUNK=1 ..., --method,
                                                    # --upload-all (every sample uploaded),
@@ -138,11 +140,30 @@ def loop(out: Path, name: str, method: str, upload_all: bool = False, sync_every
                                             "acc_by_rounds_since_shift", "acc_per_domain")}))
 
 
+def fleet(out: Path, name: str, default_models: bool = False, rows: str = "global,per_group") -> None:
+    """`bench fleet` (its defaults: 12 devices, 3 groups x 3 corruptions, 256 images each) on the dev stream.
+    ``default_models``: the reference bundle and teacher instead of the dev ones (they trained on the dev stream's
+    clean images, so the teacher's labels are better than on unseen images: for comparing variants only)."""
+    from edgeadapt.assets import cloud_home, default_bundle, default_teacher
+    from edgeadapt.bench.fleet import run_fleet
+
+    if default_models:
+        arch, weights = default_teacher()
+        bundle = default_bundle()
+    else:
+        arch, weights, bundle = "resnet_teacher", out / "models" / "resnet_teacher.safetensors", out / "bundle"
+    r = run_fleet(bundle, out / "dev_stream.npz", arch, weights, cloud_home(), rows=tuple(rows.split(",")))
+    r["models"] = "default (trained on the dev images)" if default_models else "dev"
+    (out / f"fleet-{name}.json").write_text(json.dumps(r, indent=1))
+    print(json.dumps({"name": name, "models": r["models"], **{k: v["acc"] for k, v in r["rows"].items()},
+                      **r.get("targets", {})}))
+
+
 def main() -> None:
     from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["setup", "gradual", "device", "wild", "loop"])
+    ap.add_argument("what", choices=["setup", "gradual", "device", "wild", "loop", "fleet"])
     ap.add_argument("name", nargs="?", default="run", help="loop: the run's name")
     ap.add_argument("--method", default=DEFAULT_DEVICE_METHOD)
     ap.add_argument("--upload-all", action="store_true", help="loop: every sample uploaded (loop_upload_all)")
@@ -155,6 +176,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="wild: first N images per corruption")
     ap.add_argument("--bundle", type=Path, default=None, help="wild: bundle (default: OUT/bundle)")
     ap.add_argument("--json", type=Path, default=None, help="wild: write the results here")
+    ap.add_argument("--default-models", action="store_true", help="fleet: the reference bundle and teacher")
+    ap.add_argument("--rows", default="global,per_group", help="fleet: rows")
     ap.add_argument("--out", type=Path, default=Path("~/.cache/edgeadapt/dev-holdout").expanduser())
     a = ap.parse_args()
     if a.what == "setup":
@@ -167,6 +190,8 @@ def main() -> None:
              [s for s in a.settings.split(",") if s], a.batch, a.limit, a.bundle or a.out / "bundle", a.json)
     elif a.what == "device":
         device(a.out, a.method)
+    elif a.what == "fleet":
+        fleet(a.out, a.name, a.default_models, a.rows)
     else:
         loop(a.out, a.name, a.method, a.upload_all, a.sync_every)
 

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
@@ -98,6 +98,9 @@ class GroupsConfig(BaseModel, extra="forbid"):
     split_distance: float = Field(0.15, gt=0, description="a group whose members lie farther apart than this is "
                                                          "split in two")
     merge_distance: float = Field(0.03, gt=0, description="two groups whose centroids come this close are merged")
+    replay: Literal["own", "shared"] = Field("shared", description="what a group's round replays: shared (every "
+                                             "group's past uploads) or own (its members' past uploads once they "
+                                             "hold replay_min, else shared)")
 
     @model_validator(mode="after")
     def _ordered(self) -> GroupsConfig:
