@@ -114,8 +114,9 @@ def test_a_head_over_the_limit_gets_431_and_the_server_serves_on(http):
     with Server(http) as srv:
         s = srv.connect()
         s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        for _ in range(100):  # 100 x 100 bytes, dripped in pieces: the count runs across reads
-            s.sendall(b"X-Pad: " + b"a" * 91 + b"\r\n")
+        for _ in range(5):  # 5 x 1000 bytes, in pieces the server reads one by one: the count runs across reads
+            s.sendall(b"X-Pad: " + b"a" * 991 + b"\r\n")  # (the 5th crosses 4096: nothing is sent after it)
+            time.sleep(0.05)
         got = read_until_closed(s)
         s.close()
         assert got.startswith(b"HTTP/1.1 431"), got[:200]
@@ -175,3 +176,28 @@ def test_a_partial_head_behind_a_busy_request_gets_its_own_deadline(http):
         assert b"HTTP/1.1 408" in got, got[-300:]
         # /slow took 2x the head deadline; the half head's deadline then ran from /slow's answer
         assert time.monotonic() - t0 < LIMITS.header_timeout_s * 2 + LIMITS.header_timeout_s + 2
+
+
+def _read_head(s: socket.socket) -> bytes:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(1)  # byte by byte: nothing past the head is consumed
+        assert chunk, f"closed: {buf!r}"
+        buf += chunk
+    return buf
+
+
+@pytest.mark.parametrize("http", HTTP)
+def test_head_answers_and_100_continue_are_not_held_back(http):
+    """The response head is held for its body (one write per answer, core/netguard.py OneWrite): a HEAD answer,
+    which has no body, still arrives, and so does ``100 Continue``, written before the response starts."""
+    with Server(http) as srv:
+        s = srv.connect()
+        s.sendall(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = _read_head(s)
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 4" in head.lower(), head
+        s.sendall(b"POST /c HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+        assert _read_head(s).startswith(b"HTTP/1.1 100"), "no 100 Continue before the body was sent"
+        s.sendall(b"abc")
+        assert read_answers(s, 1) == [b"/c 3"]
+        s.close()

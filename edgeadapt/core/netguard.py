@@ -101,6 +101,46 @@ def _raw_response(status: int, reason: str, message: str) -> bytes:
             f"content-length: {len(body)}\r\n\r\n").encode() + body
 
 
+class OneWrite:
+    """The transport as a response cycle sees it: the response head is held until the body's first chunk and both
+    go out in one ``writelines`` (one send per answer, not two: uvicorn writes head and body separately). Held at
+    most until the loop's next turn (an app that sends its head long before its body, a HEAD answer) or until the
+    cycle closes the connection; what is written before the response starts (``100 Continue``) passes at once."""
+
+    __slots__ = ("_t", "_cycle", "_loop", "_held", "_headed")
+
+    def __init__(self, transport: Any, cycle: Any, loop: Any) -> None:
+        self._t, self._cycle, self._loop = transport, cycle, loop
+        self._held: bytes | None = None
+        self._headed = False
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._t.writelines((held, data))
+        elif not self._headed and self._cycle.response_started:
+            self._headed, self._held = True, data
+            self._loop.call_soon(self.flush)
+        else:
+            self._t.write(data)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            if not self._t.is_closing():
+                self._t.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._t.close()
+
+    def is_closing(self) -> bool:
+        return self._t.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+
 class _Guard:
     """The phases, deadlines, head-size limit and cap shared by both guarded protocols (module docstring). A
     protocol class mixes it in before uvicorn's own and says, in ``_parser_phase``, what its parser is doing;
@@ -140,6 +180,7 @@ class _Guard:
         if self._head_open():
             self._head_bytes += len(data)
         super().data_received(data)  # type: ignore[misc]
+        self._one_write()
         self._sync()
         if self._head_bytes > self.limits.max_head_bytes and self._head_open() and not self.transport.is_closing():
             self._count("head_too_large")
@@ -148,7 +189,18 @@ class _Guard:
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
+        self._one_write()
         self._sync(after_response=True)
+
+    def _cycles(self) -> list[Any]:
+        """The request cycles this connection has created (the app may not have started on them yet)."""
+        return [self.cycle]
+
+    def _one_write(self) -> None:
+        """Give each new cycle the one-write transport before its task first runs (the loop has not turned)."""
+        for cycle in self._cycles():
+            if cycle is not None and type(cycle.transport) is not OneWrite:
+                cycle.transport = OneWrite(cycle.transport, cycle, self.loop)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel()
@@ -261,6 +313,9 @@ def _httptools_protocol() -> type | None:
 
         def _head_open(self) -> bool:
             return self._parsing != "body"  # also behind a busy request: httptools reads on
+
+        def _cycles(self) -> list[Any]:
+            return [self.cycle, *(c for c, _ in self.pipeline)]
 
         def _parser_phase(self) -> str:
             if self._parsing == "body" and not self.pipeline:
