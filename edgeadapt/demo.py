@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -44,7 +47,16 @@ def _table(names, stats, version, status) -> Table:
     return t
 
 
-DEFAULT_FPS = 150.0  # chosen so the cloud keeps up on 2 cores (docs/BENCHMARKS.md, "Demo")
+# The pacing (docs/BENCHMARKS.md, "The demo"; chosen by time, not by the stream's labels): the warm demo must fit
+# 3 minutes, so the stream lasts 150 s: 1,000 images of each of the 15 corruptions at 100 fps, 10 s per domain.
+# The cloud's round budget is the trainer's default (at least 30 steps), started every 128 new uploads (~4.5 s of
+# camera at the measured ~28% upload rate) on at most the 256 newest, so a round never grows when the cloud falls
+# behind: on 2 shared cores a round then takes ~12 s and a domain sees about one new version.
+DEFAULT_FPS = 100.0
+DEFAULT_PER_CORRUPTION = 1000
+DEFAULT_TRAIN_EVERY = 128
+DEFAULT_ROUND_STEPS = 30  # the trainer's min_steps_per_round
+DEFAULT_ROUND_UPLOADS = 256  # the trainer's max_samples_per_round (its default 1024 lets a late round grow)
 PLAIN_EVERY_S = 5.0
 
 
@@ -56,6 +68,21 @@ def _plain_line(done: int, total: int, stats: dict, version: int, status: dict, 
     return (f"[demo] {done:,}/{total:,} images ({done / max(total, 1):.0%}) · {acc} · uploads "
             f"{status.get('queue', {}).get('sent', 0):,} · updates applied {upd.get('applied', 0)} (running v{version})"
             + (f" · {behind:.1f} s behind the camera" if behind > 1 else ""))
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in the environment the cloud and device processes inherit, restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _note_round(rounds: dict[int, dict], c: httpx.Client, p: dict, t: float, images: int) -> None:
@@ -105,10 +132,12 @@ def _verdict(summary: dict, names: list[str]) -> list[str]:
     return lines
 
 
-def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every: int = 256,
-             fps: float = DEFAULT_FPS, console: Console | None = None) -> dict:
+def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int = 64,
+             train_every: int = DEFAULT_TRAIN_EVERY, fps: float = DEFAULT_FPS, round_steps: int = DEFAULT_ROUND_STEPS,
+             round_uploads: int = DEFAULT_ROUND_UPLOADS, console: Console | None = None) -> dict:
     """``fps``: the camera the stream stands for (frames per second, sent to the device in batches of ``batch``);
-    0 streams as fast as the device answers."""
+    0 streams as fast as the device answers. ``round_steps`` / ``round_uploads``: the cloud's budget per round
+    (at least this many SGD steps; at most this many newest uploads, older ones go to replay)."""
     from edgeadapt.assets import cloud_home, default_bundle, default_stream, default_teacher
     from edgeadapt.bench.loop import loop_processes
     from edgeadapt.core.bundle import Bundle
@@ -132,7 +161,8 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
     source = AdaptiveEngine(bundle, EngineConfig(method="none"))
     device_only = AdaptiveEngine(bundle, EngineConfig(method=LOOP_METHOD))  # what the daemon runs with a cloud
     pacing = (f"a camera at {fps:g} fps, its frames sent in batches of {batch} (one every {batch / fps:.2f} s); "
-              f"the cloud trains a round after every {train_every} new uploads" if fps > 0 else
+              f"the cloud trains a round (>= {round_steps} steps, <= {round_uploads} newest uploads) after every "
+              f"{train_every} new uploads" if fps > 0 else
               f"as fast as the device answers, in batches of {batch}; the cloud trains after every {train_every} "
               "new uploads")
     console.print(f"[cyan]•[/] starting cloud and device; streaming {len(x):,} images: {pacing}")
@@ -148,8 +178,11 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
     rounds: dict[int, dict] = {}  # the cloud's training rounds, by candidate id, as its admin status reports them
     interactive = console.is_terminal
     behind = 0.0
-    with loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True, poll_s=1.0,
-                        log_dir=out, train_every=train_every) as p, httpx.Client(timeout=120) as c:
+    budget = {"EDGEADAPT_CLOUD_TRAINER__MIN_STEPS_PER_ROUND": str(round_steps),
+              "EDGEADAPT_CLOUD_TRAINER__MAX_SAMPLES_PER_ROUND": str(round_uploads)}
+    with _environment(budget), loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True,
+                                              poll_s=1.0, log_dir=out, train_every=train_every) as p, \
+            httpx.Client(timeout=120) as c:
         live = Live(_table(names, stats, version, status), console=console, refresh_per_second=4) \
             if interactive else None
         t0, last_line = time.monotonic(), 0.0
@@ -201,7 +234,8 @@ def run_demo(out: Path, per_corruption: int = 2000, batch: int = 64, train_every
     tot = sum(stats.values())
     summary = {
         "images": int(tot[0]), "seconds": round(time.time() - t_start, 1), "stream_seconds": round(stream_s, 1),
-        "fps": fps, "batch": batch, "train_every": train_every, "pacing": pacing,
+        "fps": fps, "batch": batch, "train_every": train_every, "round_steps": round_steps,
+        "round_uploads": round_uploads, "per_corruption_images": per_corruption, "pacing": pacing,
         "acc": {"source": tot[1] / tot[0], "device_only": tot[2] / tot[0], "full_loop": tot[3] / tot[0]},
         "per_corruption": {names[k]: {"source": v[1] / v[0], "device_only": v[2] / v[0], "full_loop": v[3] / v[0]}
                            for k, v in sorted(stats.items())},
