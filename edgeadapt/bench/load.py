@@ -590,7 +590,9 @@ def engine_throughput(bundle: str | Path, batch: int, seconds: float = 5.0, meth
 
     single_threaded_blas()  # as the daemon does (device run)
     b = Bundle(bundle)
-    engine = AdaptiveEngine(b, EngineConfig(method=method or STANDALONE_METHOD, threads=threads))
+    from edgeadapt.device.daemon import DAEMON_ENGINE
+
+    engine = AdaptiveEngine(b, EngineConfig(method=method or STANDALONE_METHOD, threads=threads, **DAEMON_ENGINE))
     rng = np.random.default_rng(1)
     xs = [engine.codec.check(rng.integers(0, 256, (batch, *b.manifest.input.shape), dtype=np.uint8))[0]
           for _ in range(8)]

@@ -41,6 +41,12 @@ def _describe(exc: BaseException) -> str:
     return f"{exc} [{name}]" if name else f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
 
 
+#: the daemon's engine defaults where they differ from the library's (``DeviceConfig.engine`` overrides them):
+#: ONNX Runtime's workers sleep between runs instead of spinning; spinning cost the event loop a core's share at
+#: one connection and at 50 (docs/BENCHMARKS.md "Serving", issue 16)
+DAEMON_ENGINE: dict[str, float | int | bool] = {"ort_spinning": False}
+
+
 class DeviceDaemon:
     def __init__(self, config: DeviceConfig):
         self.config = config
@@ -57,7 +63,7 @@ class DeviceDaemon:
         self.manifest = self.bundle.manifest
         self.engine = AdaptiveEngine(self.bundle, EngineConfig(
             method=config.method, ood_detector=config.ood_detector, threads=config.threads, backend=config.backend,
-            input_range_policy=config.input_range_policy, **config.engine))
+            input_range_policy=config.input_range_policy, **{**DAEMON_ENGINE, **config.engine}))
         self.codec = self.engine.codec
         self.upload_encoder = UploadEncoder(self.codec, config.upload_encoding)
         if self.upload_encoder.why_raw:
