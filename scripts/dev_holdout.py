@@ -140,7 +140,8 @@ def loop(out: Path, name: str, method: str, upload_all: bool = False, sync_every
                                             "acc_by_rounds_since_shift", "acc_per_domain")}))
 
 
-def fleet(out: Path, name: str, default_models: bool = False, rows: str = "global,per_group") -> None:
+def fleet(out: Path, name: str, default_models: bool = False, rows: str = "global,per_group",
+          adapters: int = 0) -> None:
     """`bench fleet` (its defaults: 12 devices, 3 groups x 3 corruptions, 256 images each) on the dev stream.
     ``default_models``: the reference bundle and teacher instead of the dev ones (they trained on the dev stream's
     clean images, so the teacher's labels are better than on unseen images: for comparing variants only)."""
@@ -149,7 +150,7 @@ def fleet(out: Path, name: str, default_models: bool = False, rows: str = "globa
 
     if default_models:
         arch, weights = default_teacher()
-        bundle = default_bundle()
+        bundle = default_bundle(adapters=adapters)
     else:
         arch, weights, bundle = "resnet_teacher", out / "models" / "resnet_teacher.safetensors", out / "bundle"
     r = run_fleet(bundle, out / "dev_stream.npz", arch, weights, cloud_home(), rows=tuple(rows.split(",")))
@@ -178,6 +179,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="wild: write the results here")
     ap.add_argument("--default-models", action="store_true", help="fleet: the reference bundle and teacher")
     ap.add_argument("--rows", default="global,per_group", help="fleet: rows")
+    ap.add_argument("--adapters", type=int, default=0, help="fleet, --default-models: the reference bundle with "
+                                                             "rank-N conv adapters")
     ap.add_argument("--out", type=Path, default=Path("~/.cache/edgeadapt/dev-holdout").expanduser())
     a = ap.parse_args()
     if a.what == "setup":
@@ -191,7 +194,7 @@ def main() -> None:
     elif a.what == "device":
         device(a.out, a.method)
     elif a.what == "fleet":
-        fleet(a.out, a.name, a.default_models, a.rows)
+        fleet(a.out, a.name, a.default_models, a.rows, a.adapters)
     else:
         loop(a.out, a.name, a.method, a.upload_all, a.sync_every)
 

@@ -207,7 +207,7 @@ def run_fleet(bundle: Path, stream_path: Path, teacher: str, teacher_weights: Pa
     device_hours = images / fps / 3600.0
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="edgeadapt-fleet-")) if own else work
-    result: dict = {"devices": devices, "groups": groups, "corruptions_per_group": corruptions, "limit": limit,
+    result: dict = {"bundle": Path(bundle).name, "devices": devices, "groups": groups, "corruptions_per_group": corruptions, "limit": limit,
                     "seed": seed, "batch": batch, "sync_every": sync_every, "method": method, "images": images,
                     "fps": fps, "device_hours": round(device_hours, 4),
                     "true_groups": {str(g): [names[c] for c in range(g * corruptions, (g + 1) * corruptions)]

@@ -348,15 +348,16 @@ def fleet(
     rows: str = typer.Option("device_only,global,per_group", help="comma-separated rows"),
     fps: float = typer.Option(1.0, min=1e-6, help="nominal images per second per device (for CPU-s per device-hour)"),
     bundle: Path = typer.Option(None, help="bundle (default: the reference edge model)"),
+    adapters: int = typer.Option(0, min=0, help="default bundle with rank-N conv adapters (0: BatchNorm only)"),
     data: Path = typer.Option(None, help="FMNIST-C stream .npz (default: built and cached)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Many devices in drift groups on one real cloud process (HTTP, lockstep): device alone vs one global lineage
     vs a lineage per group of similar devices (issue 18)."""
-    from edgeadapt.assets import cloud_home, default_teacher
+    from edgeadapt.assets import cloud_home, default_bundle, default_teacher
     from edgeadapt.bench.fleet import run_fleet
 
-    b, s = _assets(bundle, data)
+    b, s = _assets(bundle or (default_bundle(console, adapters=adapters) if adapters else None), data)
     arch, weights = default_teacher(console)
     home = cloud_home(console)
     progress, factory = _progress_factory()
