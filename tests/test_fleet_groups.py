@@ -144,3 +144,47 @@ def test_small_fleet_run(tmp_path):
     assert all(0 < r["acc"] < 1 and len(r["acc_per_group"]) == 3 for r in rows.values())
     assert rows["per_group"]["published"] >= 3 and rows["global"]["published"] >= 1
     assert rows["per_group"]["grouping"]["agreement_final"] >= 0.8
+
+
+def test_regroup_splits_drifted_and_merges_converged_groups(tmp_path):
+    """The clustering on the real SQLite store: a group whose members drift apart (each still within the leave
+    distance, so assignment keeps them) is split by regroup; two groups that converge are merged; a whole group
+    that moves domain together re-forms around its first member; a device far from every group founds one."""
+    from edgeadapt.cloud.config import GroupsConfig
+    from edgeadapt.cloud.grouping import Grouper
+    from edgeadapt.cloud.store import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "s")
+    grouper = Grouper(store, GroupsConfig())
+    rng = np.random.default_rng(1)
+    direction = rng.normal(0, 1, DIM)
+    direction /= np.linalg.norm(direction)
+    for n in ("c0", "c1", "c2", "c3"):
+        store.add_device(n)
+
+    def see(name: str, point: np.ndarray) -> int:
+        return grouper.observe(store.get_device(name), point.tolist())
+
+    # a chain 0.04 apart: each joins the previous one's group, end to end 0.12 apart
+    gids = {see(f"c{i}", direction * 0.04 * i) for i in range(4)}
+    assert len(gids) == 1
+    assert grouper.regroup() == []  # 0.12 <= split_distance 0.15
+    see("c0", -direction * 0.035)  # still within leave of the centroid, but the chain now spans 0.155
+    changes = grouper.regroup()
+    assert len(changes) == 1 and "split" in changes[0]
+    by_group: dict[int, list[str]] = {}
+    for d in store.list_devices():
+        by_group.setdefault(d.group_id, []).append(d.name)
+    assert sorted(sorted(v) for v in by_group.values()) == [["c0", "c1"], ["c2", "c3"]]
+    # the two halves converge: merged into one group, the other dissolved
+    for n in ("c0", "c1", "c2", "c3"):
+        see(n, direction * 0.08 + rng.normal(0, 0.001, DIM))
+    grouper.regroup()
+    assert len({d.group_id for d in store.list_devices()}) == 1 and len(store.fleet.list_groups()) == 1
+    # the whole group moves domain at once: the first mover founds a group, the others follow it
+    first = see("c0", direction * 0.5)
+    assert all(see(n, direction * 0.5 + rng.normal(0, 0.002, DIM)) == first for n in ("c1", "c2", "c3"))
+    assert [g.id for g in store.fleet.list_groups()] == [first]
+    store.add_device("far")
+    assert see("far", -direction * 0.5) != first and len(store.fleet.list_groups()) == 2
+    store.close()
