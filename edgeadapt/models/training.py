@@ -174,6 +174,26 @@ def evaluate(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray | tor
     return float((pred == np.asarray(y)).mean()) if len(pred) else float("nan")
 
 
+def _evaluate_with_progress(model: nn.Module, x: np.ndarray, y: np.ndarray, arch: str, show: bool,
+                            chunk: int = 256) -> float:
+    """``evaluate`` in chunks with a progress display (a teacher's clean evaluation can take tens of seconds on a
+    busy machine, and a cold start must never go quiet for long)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from edgeadapt.progress import progress as make_progress
+
+    bar = make_progress(f"evaluate {arch}", TextColumn(f"[bold]evaluate {arch}[/]"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), fmt="clean test images", disable=not show)
+    preds = []
+    with bar:
+        tid = bar.add_task("evaluate", total=len(x))
+        for i in range(0, len(x), chunk):
+            preds.append(predict(model, x[i : i + chunk], batch_size=chunk))
+            bar.update(tid, advance=len(preds[-1]))
+    pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+    return float((pred == np.asarray(y)).mean()) if len(pred) else float("nan")
+
+
 def _make_optimizer(model: nn.Module, cfg: dict[str, Any], total_steps: int):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -284,7 +304,7 @@ def train_model(
                 bar.update(tid, advance=1, epoch=step / steps_per_epoch, loss=loss_ema, acc=acc_ema)
     train_seconds = time.perf_counter() - t_train
     model = model.to(memory_format=torch.contiguous_format)
-    clean_acc = evaluate(model, x_te, y_te)
+    clean_acc = _evaluate_with_progress(model, x_te, y_te, arch, progress)
 
     summary: dict[str, Any] = {
         **cfg,
