@@ -42,8 +42,15 @@ def test_demo_lines_and_verdict_say_what_happened():
                "per_corruption": {"fog": {"source": 0.3, "device_only": 0.5, "full_loop": 0.6},
                                   "snow": {"source": 0.2, "device_only": 0.4, "full_loop": 0.38}},
                "uploads_sent": 42, "bytes_up": 2_000_000, "bytes_down": 30_000,
-               "updates": {"applied": 3, "rolled_back": 1}, "pacing": "a camera at 150 fps"}
+               "updates": {"applied": 3, "rolled_back": 1}, "pacing": "a camera at 150 fps", "stream_seconds": 60.0,
+               "cloud_rounds": [{"candidate": 1, "status": "published", "seconds": 10.0},
+                                {"candidate": 2, "status": "rejected", "seconds": 14.0},
+                                {"candidate": 3, "status": "published", "seconds": 12.0}]}
     text = "\n".join(_verdict(summary, ["fog", "snow"]))
+    flat = " ".join(text.split())
+    assert "the cloud ran 3 training rounds (2 published), 12 s each on average" in flat
+    assert "a new version every 30 s of stream" in flat
+    assert "finished no training round" in " ".join(_verdict({**summary, "cloud_rounds": []}, ["fog", "snow"]))
     assert "+4.0 points" in text and "fog (+10.0)" in text and "Worse than the device alone on: snow" in text
     assert "42 of 200 images (21%" in text and "applied 3 signed updates" in text and "1 rolled back" in text
     assert "a camera at 150 fps" in text
