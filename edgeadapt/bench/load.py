@@ -583,12 +583,17 @@ def engine_throughput(bundle: str | Path, batch: int, seconds: float = 5.0, meth
                       threads: int = 2) -> dict:
     """img/s of the device's engine (``AdaptiveEngine.process`` on validated uint8 batches of ``batch``): what
     the HTTP path is compared with. Same method and threads as the daemon."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):  # as the daemon does (device run), for this measurement only:
+        return _engine_throughput(bundle, batch, seconds, method, threads)  # the caller's process keeps its own
+
+
+def _engine_throughput(bundle: str | Path, batch: int, seconds: float, method: str | None, threads: int) -> dict:
     from edgeadapt.core.bundle import Bundle
-    from edgeadapt.device.backend import single_threaded_blas
     from edgeadapt.device.config import STANDALONE_METHOD
     from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 
-    single_threaded_blas()  # as the daemon does (device run)
     b = Bundle(bundle)
     from edgeadapt.device.daemon import DAEMON_ENGINE
 
