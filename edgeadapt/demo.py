@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,6 +69,25 @@ def _plain_line(done: int, total: int, stats: dict, version: int, status: dict, 
     return (f"[demo] {done:,}/{total:,} images ({done / max(total, 1):.0%}) · {acc} · uploads "
             f"{status.get('queue', {}).get('sent', 0):,} · updates applied {upd.get('applied', 0)} (running v{version})"
             + (f" · {behind:.1f} s behind the camera" if behind > 1 else ""))
+
+
+@contextmanager
+def _heartbeat(what: str, every_s: float | None) -> Iterator[threading.Event]:
+    """A plain line every ``every_s`` (None: nothing) until the event it yields is set, or the block ends: the
+    cloud and the device take ~15 s to start, and a log must not go quiet for that long."""
+    done, t0 = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            print(f"[demo] {what}... {time.monotonic() - t0:.0f}s", flush=True)
+
+    thread = threading.Thread(target=beat, daemon=True) if every_s else None
+    if thread is not None:
+        thread.start()
+    try:
+        yield done
+    finally:
+        done.set()
 
 
 @contextmanager
@@ -180,9 +200,11 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     behind = 0.0
     budget = {"EDGEADAPT_CLOUD_TRAINER__MIN_STEPS_PER_ROUND": str(round_steps),
               "EDGEADAPT_CLOUD_TRAINER__MAX_SAMPLES_PER_ROUND": str(round_uploads)}
-    with _environment(budget), loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True,
-                                              poll_s=1.0, log_dir=out, train_every=train_every) as p, \
-            httpx.Client(timeout=120) as c:
+    starting = _heartbeat("starting the cloud and the device", None if interactive else PLAIN_EVERY_S)
+    with _environment(budget), starting as started, \
+            loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True, poll_s=1.0, log_dir=out,
+                           train_every=train_every) as p, httpx.Client(timeout=120) as c:
+        started.set()
         live = Live(_table(names, stats, version, status), console=console, refresh_per_second=4) \
             if interactive else None
         t0, last_line = time.monotonic(), 0.0

@@ -54,3 +54,19 @@ def test_demo_lines_and_verdict_say_what_happened():
     assert "+4.0 points" in text and "fog (+10.0)" in text and "Worse than the device alone on: snow" in text
     assert "42 of 200 images (21%" in text and "applied 3 signed updates" in text and "1 rolled back" in text
     assert "a camera at 150 fps" in text
+
+
+def test_heartbeat_prints_until_started_then_stops(capsys):
+    import time
+
+    from edgeadapt.demo import _heartbeat
+
+    with _heartbeat("starting", 0.05) as started:
+        time.sleep(0.3)
+        started.set()
+        seen = capsys.readouterr().out.count("[demo] starting...")
+        time.sleep(0.3)
+    assert seen >= 2 and capsys.readouterr().out.count("[demo] starting...") == 0
+    with _heartbeat("quiet", None) as started:  # a terminal: the live table shows progress, no lines
+        time.sleep(0.1)
+    assert "quiet" not in capsys.readouterr().out
