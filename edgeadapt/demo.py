@@ -203,7 +203,7 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     starting = _heartbeat("starting the cloud and the device", None if interactive else PLAIN_EVERY_S)
     with _environment(budget), starting as started, \
             loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True, poll_s=1.0, log_dir=out,
-                           train_every=train_every) as p, httpx.Client(timeout=120) as c:
+                           train_every=train_every, long_poll_s=20.0) as p, httpx.Client(timeout=120) as c:
         started.set()
         live = Live(_table(names, stats, version, status), console=console, refresh_per_second=4) \
             if interactive else None

@@ -175,7 +175,13 @@ def test_updates_rollouts_and_packages(live_cloud, cloud_env):
         # the lossy reconstruction is the device's base for the next update
         p2 = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in p1.items()}
         assert cloud.service.trainer.submit_candidate(p2).version == 2
-        r2 = c.get("/v1/updates", params={"model": "fmnist-edge", "have": 1})
+        # without have_hash the base is v1's exact parameters, which this device does not hold: it refuses that
+        r_exact = c.get("/v1/updates", params={"model": "fmnist-edge", "have": 1})
+        assert r_exact.status_code == 200
+        with pytest.raises(U.UpdateRejected, match="base params hash"):
+            U.verify_and_apply(r_exact.content, manifest.cloud_public_key, "fmnist-edge", 1, got)
+        # naming what it holds, it gets the delta against exactly that
+        r2 = c.get("/v1/updates", params={"model": "fmnist-edge", "have": 1, "have_hash": params_hash(got)})
         assert r2.status_code == 200
         v2, got2, _ = U.verify_and_apply(r2.content, manifest.cloud_public_key, "fmnist-edge", 1, got)
         assert v2 == 2
@@ -187,7 +193,8 @@ def test_updates_rollouts_and_packages(live_cloud, cloud_env):
         assert r.status_code == 201, r.text
         devs = {d["name"]: d for d in c.get("/v1/admin/devices").json()}
         assert devs["d2"]["target_version"] == 1 and devs["d3"]["target_version"] == 2
-        assert devs["d1"]["version"] == 7 and devs["d1"]["counters"] == {"frames": 12.0}
+        # the version a device runs is what its heartbeat says (an update check changes nothing in the store)
+        assert devs["d1"]["version"] == 0 and devs["d1"]["counters"] == {"frames": 12.0}
     with cloud.client(tok["d2"]) as c:
         r = c.get("/v1/updates", params={**q, "mode": "fp32"})
         assert r.status_code == 200 and r.headers["x-edgeadapt-version"] == "1"
@@ -204,26 +211,53 @@ def test_updates_rollouts_and_packages(live_cloud, cloud_env):
 
 
 def test_long_poll_wakes_on_publish(live_cloud):
-    cloud = live_cloud(update_mode="fp16")
+    # the re-check for other replicas' publishes is far away: only the publish itself can wake the check
+    cloud = live_cloud(update_mode="fp16", long_poll_recheck_s=60)
     tok = cloud.add_device("d1")
     p0 = cloud.service.store.get_params(0)
+    published_at = []
 
     def publish():
         time.sleep(0.6)
         cloud.service.trainer.submit_candidate({k: v * 1.01 for k, v in p0.items()})
+        published_at.append(time.monotonic())
 
     t = threading.Thread(target=publish)
     t0 = time.monotonic()
     t.start()
     with cloud.client(tok) as c:
-        r = c.get("/v1/updates", params={"model": "fmnist-edge", "have": 0, "wait": 10})
+        r = c.get("/v1/updates", params={"model": "fmnist-edge", "have": 0, "wait": 20})
+    answered = time.monotonic()
     t.join()
     assert r.status_code == 200 and r.headers["x-edgeadapt-version"] == "1"
-    assert 0.5 < time.monotonic() - t0 < 8
+    assert 0.5 < answered - t0 and answered - published_at[0] < 3  # at the publish, not at a re-check
     with cloud.client(tok) as c:
         t0 = time.monotonic()
         assert c.get("/v1/updates", params={"model": "fmnist-edge", "have": 1, "wait": 0.5}).status_code == 204
         assert time.monotonic() - t0 >= 0.45
+
+
+def test_long_poll_sees_another_replicas_publish(live_cloud):
+    """A version written to the shared store by someone else (another replica, `cloud push` on the store) wakes no
+    signal here: the waiting check finds it at its next re-check."""
+    cloud = live_cloud(update_mode="fp16", long_poll_recheck_s=0.5)
+    tok = cloud.add_device("d1")
+    store = cloud.service.store
+    p0 = store.get_params(0)
+
+    def publish_elsewhere():
+        time.sleep(0.6)
+        version = store.add_version({k: v * 1.01 for k, v in p0.items()}, parent=0, note="from another replica")
+        store.add_rollout(version, note="elsewhere")
+
+    t = threading.Thread(target=publish_elsewhere)
+    t0 = time.monotonic()
+    t.start()
+    with cloud.client(tok) as c:
+        r = c.get("/v1/updates", params={"model": "fmnist-edge", "have": 0, "wait": 20})
+    t.join()
+    assert r.status_code == 200 and r.headers["x-edgeadapt-version"] == "1"
+    assert time.monotonic() - t0 < 4
 
 
 def test_fraction_rollout_and_openapi(live_cloud):

@@ -409,8 +409,9 @@ def test_the_issue_drip_with_the_default_deadline(cloud_env, tmp_path):
 
 
 def test_a_drip_does_not_hang_the_heartbeats_and_a_real_package_streams_through(cloud_env, tmp_path):
-    """With the updater's own thread polling a dripping server, heartbeats keep coming (each poll ends at the
-    deadline); the same streaming path applies a real signed package (well under the cap) from a real server."""
+    """With the updater's own thread polling a dripping server, heartbeats keep coming (they have their own thread,
+    and each poll ends at the deadline); the same streaming path applies a real signed package (well under the cap)
+    from a real server."""
     d = _daemon(cloud_env, tmp_path / "s")
     try:
         with HostileCloud("drip", drip_s=0.5) as hostile:
@@ -419,6 +420,8 @@ def test_a_drip_does_not_hang_the_heartbeats_and_a_real_package_streams_through(
             t0 = time.monotonic()
             wait_for(lambda: hostile.heartbeats >= 2, 20, "two heartbeats while the update drips")
             hb_s = time.monotonic() - t0
+            wait_for(lambda: up.counters["downloads_refused"] >= 2, 20, "two dripped downloads cut at the deadline")
+            assert hostile.heartbeats >= 3  # still heartbeating while the downloads were cut
             up.stop()
         assert up.counters["downloads_refused"] >= 2
         key = signing.load_private_key(cloud_env.home)

@@ -245,9 +245,6 @@ def test_versions_candidates_param_sets_packages(store):
     version, got = store.get_param_set(phash)
     assert version == 1 and np.allclose(got["bn.weight"], recon["bn.weight"])
     assert store.get_param_set("0" * 64) is None
-    store.record_served(5, 1, phash)
-    store.record_served(5, 1, rec.params_hash)
-    assert store.served_hash(5, 1) == rec.params_hash and store.served_hash(5, 0) is None
     # packages
     assert store.get_package("m/0/1/int8") is None
     store.put_package("m/0/1/int8", b"pkg-1", {"mode": "int8"})

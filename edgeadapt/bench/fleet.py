@@ -120,7 +120,8 @@ def _cloud_row(bundle: Path, teacher: str, teacher_weights: Path, signing_home: 
                 token = add_device(c, dev.name)
                 daemons.append(DeviceDaemon(DeviceConfig(
                     bundle=bundle, state_dir=work / "devices" / dev.name, cloud_url=c["cloud"], token=token,
-                    method=method, update_poll_s=3600.0, upload_interval_s=3600.0, threads=1, watch_batches=sync_every)))
+                    method=method, update_poll_s=3600.0, update_long_poll_s=0.0, upload_interval_s=3600.0, threads=1,
+                    watch_batches=sync_every)))
             n_batches = max(-(-len(d.y) // batch) for d in devs)
             with httpx.Client(timeout=600) as http:
                 for b in range(n_batches):

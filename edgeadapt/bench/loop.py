@@ -94,8 +94,10 @@ def add_device(cloud: dict, name: str) -> str:
 @contextmanager
 def loop_processes(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Path, work: Path,
                    upload_all: bool = False, method: str | None = None, trainer_auto: bool = False,
-                   poll_s: float = 3600.0, log_dir: Path | None = None, train_every: int = 256):
-    """Start cloud + device; yields a dict with URLs, tokens and process handles; stops both on exit."""
+                   poll_s: float = 3600.0, log_dir: Path | None = None, train_every: int = 256,
+                   long_poll_s: float = 0.0):
+    """Start cloud + device; yields a dict with URLs, tokens and process handles; stops both on exit.
+    ``long_poll_s`` 0 (lockstep): the device takes versions only when the benchmark syncs it."""
     log_dir = log_dir or work
     with cloud_process(bundle, teacher, teacher_weights, signing_home, work, trainer_auto=trainer_auto,
                        log_dir=log_dir, train_every=train_every) as c:
@@ -105,7 +107,8 @@ def loop_processes(bundle: Path, teacher: str, teacher_weights: Path, signing_ho
         try:
             token = add_device(c, "bench-device")
             denv = {**env, "EDGEADAPT_UPLOAD_ALL": "true" if upload_all else "false",
-                    "EDGEADAPT_UPDATE_POLL_S": str(poll_s), "EDGEADAPT_UPLOAD_INTERVAL_S": str(min(poll_s, 0.5))}
+                    "EDGEADAPT_UPDATE_POLL_S": str(poll_s), "EDGEADAPT_UPLOAD_INTERVAL_S": str(min(poll_s, 0.5)),
+                    "EDGEADAPT_UPDATE_LONG_POLL_S": str(long_poll_s)}
             dport = _free_port()
             dev_cmd = [sys.executable, "-m", "edgeadapt", "device", "run", "--bundle", str(bundle), "--state-dir",
                        str(work / "device-state"), "--cloud", c["cloud"], "--token", token, "--listen",
@@ -153,7 +156,7 @@ def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Pa
     try:
         with loop_processes(bundle, teacher, teacher_weights, signing_home, work, upload_all=upload_all,
                             method=method, trainer_auto=(sync_every == 0),
-                            poll_s=3600.0 if sync_every else 1.0) as p:
+                            poll_s=3600.0 if sync_every else 1.0, long_poll_s=0.0 if sync_every else 20.0) as p:
             admin = {"Authorization": f"Bearer {p['admin']}"}
             with httpx.Client(timeout=600) as c:
                 for bi, i in enumerate(range(0, len(x), batch)):

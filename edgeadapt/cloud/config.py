@@ -131,7 +131,11 @@ class CloudConfig(BaseModel, extra="forbid"):
     update_mode: str = Field("int8", description=f"compression of served updates: one of {MODES}")
     update_opts: dict[str, Any] = Field(default_factory=dict, description="mode options, e.g. {density = 0.1}")
     auto_rollout: bool = Field(True, description="new gated versions go to all devices")
-    long_poll_max_s: float = Field(30.0, ge=0, le=600)
+    long_poll_max_s: float = Field(30.0, ge=0, le=600, description="longest a device's update check may wait "
+                                                                   "for a version (its `wait`)")
+    long_poll_recheck_s: float = Field(2.0, gt=0, le=600, description="a waiting check is woken at once by a "
+                                       "publish in this process; this often it also looks for one made by another "
+                                       "replica")
     metrics_public: bool = Field(True, description="serve /metrics without a token")
     tls_cert: str | None = Field(None, description="PEM certificate (chain): serve HTTPS; without it the cloud "
                                                    "speaks plain HTTP and belongs behind a TLS proxy")
@@ -301,6 +305,7 @@ update_mode = "int8"                    # fp32 | fp16 | int8 | int4 | ecq | tern
 auto_rollout = true                     # new gated versions go to all devices
 max_body_bytes = 16777216
 long_poll_max_s = 30
+# long_poll_recheck_s = 2               # waiting checks also look for other replicas' publishes this often
 # tls_cert = "/etc/edgeadapt/cloud.crt" # serve HTTPS (devices: --ca-file); without it put a TLS proxy in front
 # tls_key = "/etc/edgeadapt/cloud.key"
 # max_connections = 1024                # half-sent/idle connections past this are closed, oldest first

@@ -54,7 +54,38 @@ from edgeadapt.core.wire import MAX_VERSION, Heartbeat, SampleBatch, SampleBatch
 log = logging.getLogger(__name__)
 
 SMALL_BODY_BYTES = 64 * 1024
-POLL_INTERVAL_S = 0.25
+class PublishSignal:
+    """Wakes every waiting long-poll of this process at once when the service publishes (or rolls out) a version:
+    an ``asyncio.Event`` replaced on each firing, so a waiter that captured it before its query never misses a
+    publish that lands between the query and the wait."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.closing = False  # the server is shutting down: held checks answer 204 now instead of at their wait
+
+    def fire(self) -> None:
+        old, self.event = self.event, asyncio.Event()
+        old.set()
+
+    def release(self) -> None:
+        self.closing = True
+        self.fire()
+
+
+def _cloud_server(config):
+    """A uvicorn server that, when it starts shutting down, first answers every held update check (204: the
+    device asks again, e.g. at another replica); uvicorn would otherwise wait for them up to its graceful
+    timeout and then cancel them."""
+    import uvicorn
+
+    class CloudServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            signal = getattr(getattr(self.config.app, "state", None), "publish_signal", None)
+            if signal is not None:
+                signal.release()
+            await super().shutdown(sockets)
+
+    return CloudServer(config)
 
 
 class TooLarge(Exception):
@@ -146,12 +177,22 @@ def create_app(service: CloudService) -> FastAPI:
 
     cfg = service.config
 
+    signal = PublishSignal()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(signal.fire)
+
+        service.publish_listeners.append(wake)
         service.start()
         try:
             yield
         finally:
+            service.publish_listeners.remove(wake)
             await run_in_threadpool(service.stop)
 
     app = FastAPI(title="edgeadapt cloud", version="1", lifespan=lifespan,
@@ -167,6 +208,7 @@ def create_app(service: CloudService) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, limit=cfg.max_body_bytes, per_path={"/v1/heartbeat": SMALL_BODY_BYTES},
                        on_refused=_body_refused)
     app.state.service = service
+    app.state.publish_signal = signal
 
     unauthorized = HTTPException(401, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"})
 
@@ -284,17 +326,21 @@ def create_app(service: CloudService) -> FastAPI:
                                        hb.problems, hb.signature)
 
     async def _find_update(device: Device, model: str, have: int, wait: float, mode: str | None,
-                           have_hash: str | None, record: bool):
+                           have_hash: str | None):
+        """The device's package, waiting up to ``wait`` s for one: woken at once by a publish in this process,
+        and re-checked every ``long_poll_recheck_s`` for what other replicas (or `cloud push` on the store)
+        publish."""
         deadline = time.monotonic() + min(max(wait, 0.0), cfg.long_poll_max_s)
-        first = True
         while True:
-            pkg = await run_in_threadpool(service.update_for, device, model, have, have_hash, mode, record,
-                                          record and first)
-            first = False
+            published = signal.event  # before the query: a publish during it still wakes the wait below
+            pkg = await run_in_threadpool(service.update_for, device, model, have, have_hash, mode)
             remaining = deadline - time.monotonic()
-            if pkg is not None or remaining <= 0:
+            if pkg is not None or remaining <= 0 or signal.closing:
                 return pkg
-            await asyncio.sleep(min(POLL_INTERVAL_S, remaining))
+            try:
+                await asyncio.wait_for(published.wait(), min(cfg.long_poll_recheck_s, remaining))
+            except asyncio.TimeoutError:
+                pass
 
     @app.get("/v1/updates", tags=["device"], responses={
         200: {"content": {"application/octet-stream": {}}, "description": "the update package"},
@@ -303,9 +349,10 @@ def create_app(service: CloudService) -> FastAPI:
                           wait: float = Query(0.0, ge=0, description="long-poll seconds"),
                           mode: str | None = Query(None), have_hash: str | None = Query(None, max_length=64),
                           device: Device = Depends(device_auth)):
-        pkg = await _find_update(device, model, have, wait, mode, have_hash, True)
+        pkg = await _find_update(device, model, have, wait, mode, have_hash)
         if pkg is None:
             return Response(status_code=204)
+        service.count_served(pkg)
         return Response(pkg.data, media_type="application/octet-stream", headers={
             "X-Edgeadapt-Version": str(pkg.info.version), "X-Edgeadapt-Base-Version": str(pkg.info.base_version),
             "X-Edgeadapt-Mode": pkg.info.mode, "X-Edgeadapt-Target-Hash": pkg.target_hash,
@@ -316,7 +363,7 @@ def create_app(service: CloudService) -> FastAPI:
                               mode: str | None = Query(None),
                               have_hash: str | None = Query(None, max_length=64),
                               device: Device = Depends(device_auth)):
-        pkg = await _find_update(device, model, have, 0.0, mode, have_hash, False)
+        pkg = await _find_update(device, model, have, 0.0, mode, have_hash)
         if pkg is None:
             return Response(status_code=204)
         return pkg.info
@@ -451,7 +498,7 @@ class ServerThread:
         self.scheme = cfg.scheme
         config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
                                 access_log=False, **_server_options(cfg, limits, raise_limit=False, http=http))
-        self.server = uvicorn.Server(config)
+        self.server = _cloud_server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="edgeadapt-cloud-http", daemon=True)
 
@@ -487,5 +534,6 @@ def serve(service: CloudService, log_level: str = "info") -> None:
     """Run the service in the foreground until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(service), host=service.config.host, port=service.config.port, log_level=log_level,
-                timeout_graceful_shutdown=10, **_server_options(service.config))
+    config = uvicorn.Config(create_app(service), host=service.config.host, port=service.config.port,
+                            log_level=log_level, timeout_graceful_shutdown=10, **_server_options(service.config))
+    _cloud_server(config).run()

@@ -1,10 +1,11 @@
 """The cloud service's logic, independent of HTTP: ingest, update packages per device, heartbeats.
 
 Which parameters a device holds: a device that got version V through a lossy package holds the reconstruction
-the cloud computed when it built that package, not V's exact parameters. The cloud remembers, per device and
-version, the hash of what it served (``served``), keeps every reconstruction it served (``param_sets``) and
-builds the next delta against exactly that, so errors never accumulate and the base hash always verifies. A
-device may also name its parameters' hash (``have_hash``) explicitly.
+the cloud computed when it built that package, not V's exact parameters. The device names what it holds by its
+hash (``have_hash``); the cloud keeps every reconstruction it served (``param_sets``) and builds the next delta
+against exactly that, so errors never accumulate and the base hash always verifies. Without ``have_hash`` the
+base is version V's exact parameters. Answering an update check changes nothing in the store: heartbeats say
+which version a device runs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +140,8 @@ class CloudService:
         self.started = False
         self.generation = 0
         self._gen_lock = threading.Lock()
+        #: called (from whichever thread) after every publish or rollout: wakes the HTTP layer's long-polls
+        self.publish_listeners: list[Callable[[], None]] = []
         self._build_lock = threading.Lock()
         self.trainer = None
         #: groups of similar devices with a lineage each (issue 18); None: one global lineage, as before
@@ -177,8 +181,14 @@ class CloudService:
             self.trainer.stop()
 
     def _bump(self, *_: object) -> None:
+        """Something a device may be waiting for changed (a version published, a rollout or handoff made)."""
         with self._gen_lock:
             self.generation += 1
+        for listener in list(self.publish_listeners):
+            try:
+                listener()
+            except Exception:  # a closed event loop must not fail a publish
+                log.exception("publish listener failed")
 
     # ------------------------------------------------------------------ auth
     def is_admin(self, token: str) -> bool:
@@ -269,17 +279,17 @@ class CloudService:
                 raise Conflict(f"unknown parameters {have_hash[:16]}… for version {have}: this cloud never served "
                                "them")
             return found[1], have_hash
-        served = self.store.served_hash(device.id, have)
-        if served is not None:
-            found = self.store.get_param_set(served)
-            if found is not None:
-                return found[1], served
         try:
             rec = self.store.get_version(have)
         except NotFound:
             raise Conflict(f"version {have} is unknown to this cloud (latest is {self.store.latest_version()})") \
                 from None
         return self.store.get_params(have), rec.params_hash
+
+    def count_served(self, pkg: Package) -> None:
+        """A package went out (``/v1/updates``; ``/v1/updates/info`` only describes one)."""
+        self.metrics.updates_served.labels(mode=pkg.info.mode).inc()
+        self.metrics.update_bytes_out.inc(len(pkg.data))
 
     def target_for(self, device: Device) -> int | None:
         """The version the newest rollout covering this device assigns (group rollouts cover its group's members)."""
@@ -309,17 +319,14 @@ class CloudService:
         return version
 
     def update_for(self, device: Device, model: str, have: int, have_hash: str | None = None,
-                   mode: str | None = None, record: bool = True, touch: bool | None = None) -> Package | None:
-        """The package that takes this device from ``have`` to its assigned version, or None (up to date, or
-        no newer version assigned: devices never downgrade through a delta). ``record``: count it as served;
-        ``touch`` (default: ``record``): note the device's version and last-seen time."""
+                   mode: str | None = None) -> Package | None:
+        """The package that takes this device from ``have`` (holding ``have_hash``) to its assigned version, or
+        None (up to date, or no newer version assigned: devices never downgrade through a delta)."""
         if model != self.model_name:
             raise Missing(f"model {model!r} is not served here (this cloud serves {self.model_name!r})")
         mode = mode or self.config.update_mode
         if mode not in MODES:
             raise Invalid(f"unknown update mode {mode!r}; use one of {MODES}")
-        if record if touch is None else touch:
-            self.store.touch_device(device.id, version=have)
         target = self.target_for(device)
         if target is not None and target < have and self.grouper is not None:
             with self._build_lock:  # one handoff version however many requests ask at once
@@ -345,9 +352,5 @@ class CloudService:
             else:
                 data, info = cached
                 target_hash = info["target_hash"]
-        if record:
-            self.store.record_served(device.id, target, target_hash)
-            self.metrics.updates_served.labels(mode=mode).inc()
-            self.metrics.update_bytes_out.inc(len(data))
         upd = UpdateInfo(model=self.model_name, version=target, base_version=have, mode=mode, size=len(data))
         return Package(data, upd, target_hash, info["base_hash"])

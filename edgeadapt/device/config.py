@@ -68,7 +68,11 @@ class DeviceConfig(BaseModel, extra="forbid"):
     upload_encoding: str = Field(DEFAULT_UPLOAD_ENCODING, description="how uploaded samples are packed: raw, png "
                                  "(lossless), jpeg:QUALITY or webp:QUALITY (1..100); inputs that are not 1- or "
                                  "3-channel uint8 images travel raw (status says so)")
-    update_poll_s: float = Field(2.0, gt=0)
+    update_poll_s: float = Field(2.0, gt=0, description="update checks and heartbeats this often")
+    update_long_poll_s: float = Field(20.0, ge=0, le=600, description="an update check asks the cloud to hold it "
+                                      "open this long until a version is published, so an update arrives at once "
+                                      "(0: plain polling every update_poll_s; the cloud caps it at its "
+                                      "long_poll_max_s)")
     update_download_timeout_s: float = Field(30.0, gt=0, description="total deadline for one update download "
                                              "(each network read also at most min(10 s, this))")
     keep_versions: int = Field(5, ge=1)

@@ -103,7 +103,7 @@ class DeviceDaemon:
                 Updater = None
             if Updater is not None:
                 self.updater = Updater(self, config.cloud_url, config.token, poll_s=config.update_poll_s,
-                                       watch_batches=config.watch_batches)
+                                       watch_batches=config.watch_batches, long_poll_s=config.update_long_poll_s)
         self.batcher = MicroBatcher(self._process_batch, config.max_batch, config.max_wait_ms,
                                     to_float=self.codec.to_values, after=self._after_batch)
         self._stop = threading.Event()

@@ -1,6 +1,9 @@
 """Pull, verify, apply, watch, roll back: how a device takes a cloud update without downtime.
 
-1. Poll ``GET /v1/updates?model=…&have=V`` (204 = current). 2. Verify the package (signature with the bundle's
+1. Long-poll ``GET /v1/updates?model=…&have=V&have_hash=H&wait=S`` (204 = current after waiting up to S s; the
+cloud answers as soon as it publishes). ``H`` names the exact parameters the device holds (a lossy package's
+reconstruction), so the cloud builds the next delta against them without remembering what it served. Heartbeats
+go on their own thread, every ``poll_s``, whatever a check waits. 2. Verify the package (signature with the bundle's
 cloud key, model id, base version and hash, no downgrade) — a package that fails is never applied.
 3. Save the new version to disk, build its ONNX Runtime session off the hot path, swap it in between
 batches. 4. Watch ``watch_batches`` batches: the previous version's parameters are kept and run on the same
@@ -44,6 +47,7 @@ from edgeadapt.core import update_package as UP
 from edgeadapt.core.domain_signature import SCHEME as SIGNATURE_SCHEME
 from edgeadapt.core.jsonsafe import json_safe
 from edgeadapt.core.mathops import entropy_from_logits
+from edgeadapt.core.tensorfile import params_hash
 from edgeadapt.core.wire import DomainSignature, Heartbeat, UpdateInfo
 from edgeadapt.device.version_manager import VersionManager
 
@@ -84,6 +88,7 @@ DOWNLOAD_HEADER_ALLOWANCE = 64 << 10
 DOWNLOAD_BYTES_PER_TENSOR = 256  # the header's tensor entry, uncompressed
 #: polling outcomes after which the next poll comes sooner than a backoff
 _HEALTHY = ("current", "applied", "busy", "error", "off")
+LONG_POLL_MIN_GAP_S = 1.0  # long-polling: held checks start at most this often
 INFO_BYTES = 64 << 10  # an /v1/updates/info or heartbeat answer is read up to this much
 
 #: bounded labels for why an update was refused, the words a degraded reason uses, and what each label matches
@@ -124,7 +129,7 @@ class Updater:
     def __init__(self, daemon, cloud_url: str, token: str, poll_s: float = 2.0, watch_batches: int = 8,
                  policy: WatchPolicy | None = None, client: httpx.Client | None = None,
                  download_timeout_s: float | None = None, max_download_bytes: int | None = None,
-                 max_backoff_s: float | None = None):
+                 max_backoff_s: float | None = None, long_poll_s: float = 0.0):
         self.daemon = daemon
         self.engine = daemon.engine
         self.versions = daemon.versions
@@ -135,6 +140,8 @@ class Updater:
         self.public_key = daemon.manifest.cloud_public_key
         self.url = cloud_url.rstrip("/")
         self.poll_s = poll_s
+        #: how long the background check asks the cloud to hold it open until a version is published (0: none)
+        self.long_poll_s = float(long_poll_s)
         self.watch_batches = watch_batches
         self.policy = policy or WatchPolicy()
         self.client = client or httpx.Client(timeout=30, headers={"Authorization": f"Bearer {token}"},
@@ -162,6 +169,9 @@ class Updater:
         self._watch: _Watch | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hb_thread: threading.Thread | None = None
+        self._long_polling = False  # the updater thread is waiting on a held check (nothing to interrupt)
+        self._held: tuple[int, int, str] | None = None  # (version, id of its params, their hash)
         # the version store's lock: updates, automatic and manual rollbacks (and a daemon without an updater)
         # all change the version in use under the same one
         self._lock = self.manager.lock
@@ -203,9 +213,24 @@ class Updater:
             self.daemon.problem("updater", why)
 
     # -- polling -----------------------------------------------------------------------------------
-    def check_once(self) -> str:
-        """One poll; returns "current", "applied", "rejected", "blocked", "pinned", "refused", "busy", "off"
-        (updates not wanted) or "error"."""
+    def held_hash(self) -> str:
+        """The hash of the parameters in use (cached per version)."""
+        params, version = self.engine.base_params, self.engine.param_version
+        held = self._held
+        if held is None or held[0] != version or held[1] != id(params):
+            held = (version, id(params), params_hash(params))
+            self._held = held
+        return held[2]
+
+    def _query(self, have: int, wait: float = 0.0) -> dict:
+        q: dict = {"model": self.model, "have": have, "have_hash": self.held_hash()}
+        if wait > 0:
+            q["wait"] = round(wait, 3)
+        return q
+
+    def check_once(self, wait: float = 0.0) -> str:
+        """One poll, held open by the cloud up to ``wait`` s until a version is published; returns "current",
+        "applied", "rejected", "blocked", "pinned", "refused", "busy", "off" (updates not wanted) or "error"."""
         if not self.updates:
             return "off"
         w = self._watch
@@ -225,14 +250,21 @@ class Updater:
             return "error"
         if known is not None:
             return known
+        self._long_polling = wait > 0
         try:
-            outcome, got = self._download(have)
+            outcome, got = self._download(have, wait)
         except httpx.TimeoutException as exc:
             outcome, got = "refused", f"update download timed out: {type(exc).__name__}: {exc}"
         except httpx.HTTPError as exc:
+            if self._stop.is_set():
+                return "off"
             self.counters["errors"] += 1
             self._unreachable(exc)
             return "error"
+        finally:
+            self._long_polling = False
+        if self._stop.is_set():  # stopped while the cloud held the check: take nothing now
+            return "off"
         self._reached()
         if outcome == "refused":
             self.counters["downloads_refused"] += 1
@@ -299,7 +331,7 @@ class Updater:
         """``GET /v1/updates/info`` -> ("current", None), ("offer", UpdateInfo) or ("error", why); bounded like a
         download."""
         t0 = time.monotonic()
-        with self.client.stream("GET", f"{self.url}/v1/updates/info", params={"model": self.model, "have": have},
+        with self.client.stream("GET", f"{self.url}/v1/updates/info", params=self._query(have),
                                 headers={"Accept-Encoding": "identity"},
                                 timeout=httpx.Timeout(min(10.0, self.download_timeout_s))) as r:
             self._code = r.status_code
@@ -313,7 +345,7 @@ class Updater:
         except ValueError:
             return "error", f"update info unreadable ({why or 'not an UpdateInfo'}): {body[:80]!r}"
 
-    def _download(self, have: int) -> tuple[str, bytes | str | None]:
+    def _download(self, have: int, wait: float = 0.0) -> tuple[str, bytes | str | None]:
         """GET the update, streamed: -> ("current", None), ("ok", bytes), ("error", why) or ("refused", why).
 
         At most ``max_download_bytes`` are read (a Content-Length above it is refused before the body), and the
@@ -321,12 +353,14 @@ class Updater:
         and a body dripped one byte per 5 s hung the updater and its heartbeats. The deadline is checked after
         every network read, each of which is itself limited to min(10 s, deadline), so a refusal comes within
         deadline + one read timeout. Bodies are asked for and accepted only uncompressed (a gzip body could
-        inflate past the cap in one read)."""
+        inflate past the cap in one read). A long-poll (``wait``) extends the deadlines by the time the cloud may
+        hold the request before it answers."""
         t0 = time.monotonic()
-        limit, cap = self.download_timeout_s, self.max_download_bytes
-        per_read = min(10.0, limit)
-        with self.client.stream("GET", f"{self.url}/v1/updates", params={"model": self.model, "have": have},
-                                headers={"Accept-Encoding": "identity"}, timeout=httpx.Timeout(per_read)) as r:
+        limit, cap = self.download_timeout_s + wait, self.max_download_bytes
+        per_read = min(10.0, self.download_timeout_s)
+        with self.client.stream("GET", f"{self.url}/v1/updates", params=self._query(have, wait),
+                                headers={"Accept-Encoding": "identity"},
+                                timeout=httpx.Timeout(per_read, read=per_read + wait)) as r:
             self._code = r.status_code
             offered = r.headers.get("x-edgeadapt-version", "")
             self._offered = int(offered) if offered.isdigit() else None
@@ -378,6 +412,14 @@ class Updater:
             return None
         return v if type(v) is int else None
 
+    @staticmethod
+    def _peek_base(data: bytes) -> int | None:
+        try:
+            v = UP.read_header(data)["base"]["version"]
+        except Exception:
+            return None
+        return v if type(v) is int else None
+
     def _skip(self, target: int | None) -> str | None:
         """"pinned" or "blocked" when a package for ``target`` must not be taken (the version manager's pin and
         block list), else None."""
@@ -396,6 +438,9 @@ class Updater:
         digest = hashlib.sha256(bytes(data)).hexdigest()
         with self._lock:
             base_version = self.engine.param_version
+            if peeked is not None and peeked <= base_version and self._peek_base(data) != base_version:
+                # another check (a long-poll and a sync answered by the same publish) applied it first
+                return "current"
             seen = self._rejected.get((digest, base_version))
             if seen is not None:  # the same bytes against the same version: the same answer, without the work
                 self.counters["rejected_again"] += 1
@@ -616,22 +661,39 @@ class Updater:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            outcome = "error"
+            outcome, t0 = "error", time.monotonic()
             try:
-                outcome = self.check_once()
-                self.heartbeat()
+                outcome = self.check_once(wait=self.long_poll_s)
             except Exception as exc:  # never let the updater thread die
                 log.exception("updater error: %s", exc)
-            self._stop.wait(self.next_wait_s(outcome))
+            pause = self.next_wait_s(outcome)
+            if self.long_poll_s > 0 and outcome in _HEALTHY and outcome != "error":
+                # the held check is the wait: the next one goes out at once, but at most one a second starts (a
+                # cloud that ignores `wait` and answers at once is not polled in a hot loop)
+                pause = max(0.0, min(pause, LONG_POLL_MIN_GAP_S) - (time.monotonic() - t0))
+            self._stop.wait(pause)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.heartbeat()
+            except Exception as exc:  # never let the heartbeat thread die
+                log.exception("heartbeat error: %s", exc)
+            self._stop.wait(self.poll_s)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self._thread.start()
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._hb_thread.start()
 
     def stop(self) -> None:
+        """Stop both threads. A thread blocked in a held check is not waited for (a socket read cannot be
+        interrupted from here): it is a daemon thread, and it takes nothing once it sees the stop."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        for t in (self._thread, self._hb_thread):
+            if t is not None:
+                t.join(0.5 if t is self._thread and self._long_polling else 10)
         self.client.close()
 
     def status(self) -> dict:

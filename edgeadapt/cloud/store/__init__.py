@@ -197,12 +197,6 @@ class Store:
     def get_param_set(self, phash: str) -> tuple[int, ParamSet] | None:
         return self.versions.get_param_set(phash)
 
-    def record_served(self, device_id: int, version: int, phash: str) -> None:
-        self.versions.record_served(device_id, version, phash)
-
-    def served_hash(self, device_id: int, version: int) -> str | None:
-        return self.versions.served_hash(device_id, version)
-
     def get_package(self, key: str) -> tuple[bytes, dict] | None:
         return self.versions.get_package(key)
 

@@ -46,8 +46,6 @@ CREATE TABLE IF NOT EXISTS candidates(id {serial}, created {real} NOT NULL,
   base_version INTEGER, status TEXT NOT NULL, version INTEGER, params_hash TEXT, reason TEXT, metrics TEXT);
 CREATE TABLE IF NOT EXISTS param_sets(params_hash TEXT PRIMARY KEY, version INTEGER NOT NULL, blob TEXT NOT NULL,
   created {real} NOT NULL);
-CREATE TABLE IF NOT EXISTS served(device_id INTEGER NOT NULL, version INTEGER NOT NULL, params_hash TEXT NOT NULL,
-  created {real} NOT NULL, PRIMARY KEY(device_id, version));
 CREATE TABLE IF NOT EXISTS rollouts(id {serial}, version INTEGER NOT NULL,
   devices TEXT, fraction {real}, created {real} NOT NULL, note TEXT, group_id INTEGER);
 CREATE TABLE IF NOT EXISTS device_groups(id {serial}, created {real} NOT NULL, base_version INTEGER NOT NULL,

@@ -1,5 +1,5 @@
 """Parameter versions and what is derived from them: training-round candidates, parameter sets a device may hold
-(exact versions and lossy reconstructions), which set each device was served, and built update packages.
+(exact versions and lossy reconstructions: a device names the set it holds by its hash) and built update packages.
 
 Parameters live in blobs (safetensors, content-addressed by their hash), rows name them; a blob is written
 before the row that names it."""
@@ -144,17 +144,6 @@ class VersionRepository:
         if row is None:
             return None
         return int(row["version"]), self.load_params_blob(row["blob"])
-
-    def record_served(self, device_id: int, version: int, phash: str) -> None:
-        with self.db.transaction() as tx:
-            tx.execute("INSERT INTO served(device_id, version, params_hash, created) VALUES(?,?,?,?) "
-                       "ON CONFLICT(device_id, version) DO UPDATE SET params_hash=excluded.params_hash, "
-                       "created=excluded.created", (device_id, int(version), phash, time.time()))
-
-    def served_hash(self, device_id: int, version: int) -> str | None:
-        with self.db.reader() as tx:
-            row = tx.one("SELECT params_hash FROM served WHERE device_id=? AND version=?", (device_id, int(version)))
-        return None if row is None else row["params_hash"]
 
     # -- packages
     def get_package(self, key: str) -> tuple[bytes, dict] | None:
