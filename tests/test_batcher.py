@@ -178,3 +178,70 @@ def test_async_callers_get_their_own_rows_and_one_that_gave_up_is_skipped():
         assert [n for n, _, _ in rec.batches] == [1, 6, 1]  # the cancelled request still shared its batch
     finally:
         b.close()
+
+
+def test_a_lone_request_runs_on_the_callers_thread_and_its_bookkeeping_after_it_on_the_worker():
+    events: list[tuple[str, str, int]] = []
+    release_after = threading.Event()
+
+    def process(x, adapt):
+        events.append(("process", threading.current_thread().name, int(x[0, 0, 0, 0])))
+        return x.copy()
+
+    def after(x, results, adapt):
+        release_after.wait(5)
+        events.append(("after", threading.current_thread().name, int(x[0, 0, 0, 0])))
+
+    b = MicroBatcher(process, max_batch=8, after=after)
+    try:
+        out = b.run_alone(_images(1))
+        assert out is not None and (out == 1).all()
+        assert events == [("process", threading.current_thread().name, 1)]  # answered before the after-work
+        # its after-work is pending on the worker: the engine is not free, a second lone request must queue
+        assert b.run_alone(_images(2)) is None
+        queued = b.submit(_images(3))
+        release_after.set()
+        assert (queued.result(5) == 3).all()
+        deadline = time.monotonic() + 5
+        while len(events) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # the order of batches and bookkeeping is the worker path's: after(1) before the next batch runs
+        assert [(e[0], e[2]) for e in events] == [("process", 1), ("after", 1), ("process", 3), ("after", 3)]
+        assert events[1][1] == events[2][1] == "micro-batcher"
+        assert b.alone_batches == 1 and b.batches == 2
+        # idle again: the next lone request runs here
+        assert (b.run_alone(_images(4)) == 4).all() and b.alone_batches == 2
+    finally:
+        b.close()
+
+
+def test_run_alone_declines_while_the_worker_is_busy_and_raises_what_the_batch_raises():
+    rec = Recorder()
+    b = MicroBatcher(rec, max_batch=8)
+    try:
+        rec.gate.clear()
+        busy = b.submit(_images(0))
+        assert rec.entered.wait(5)
+        assert b.run_alone(_images(1)) is None  # the worker has the engine
+        rec.gate.set()
+        busy.result(5)
+        deadline = time.monotonic() + 5
+        out = None
+        while out is None and time.monotonic() < deadline:  # the worker finishes its turn
+            out = b.run_alone(_images(2))
+        assert out is not None and (out == 2).all()
+    finally:
+        b.close()
+
+    def failing(x, adapt):
+        raise ValueError("bad batch")
+
+    b = MicroBatcher(failing, max_batch=8)
+    try:
+        with pytest.raises(ValueError, match="bad batch"):
+            b.run_alone(_images(1))
+        with pytest.raises(ValueError, match="bad batch"):  # the engine was released: the worker path works
+            b.submit(_images(1)).result(5)
+    finally:
+        b.close()
+    assert b.run_alone(_images(1)) is None  # closed: nothing runs (submit says "shutting down")

@@ -5,6 +5,12 @@ The policy is Triton's default dynamic batcher: the worker takes whatever is que
 themselves; with one client each request runs alone, immediately. ``max_wait_ms`` (Triton's
 ``max_queue_delay_microseconds``, default 0) lets a batch wait for more requests, counted from when its first
 request was queued, never from when the worker picked it up.
+
+A lone request need not go through the worker at all: ``run_alone`` runs it on the caller's thread when the
+worker is idle and nothing is queued, which saves the two thread hand-offs (queue -> worker -> the caller's event
+loop) that were a third of a one-connection request's latency (docs/NOTES.md "Serving"). Its after-batch work
+still runs on the worker, after the answer, and before any later batch: the order of batches and their
+bookkeeping is the same either way.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ log = logging.getLogger("edgeadapt.device")
 ProcessFn = Callable[[np.ndarray, bool], Sequence[Any]]
 #: after(batch, results, adapt): work that need not delay the answer (runs once every request has its result)
 AfterFn = Callable[[np.ndarray, Any, bool], None]
+#: what ``run_alone`` puts in the queue to wake the worker for its after-batch work
+_WAKE = None
 
 
 class MicroBatcher:
@@ -46,7 +54,14 @@ class MicroBatcher:
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.batches = 0
+        self.alone_batches = 0  # of ``batches``, run on the caller's thread by ``run_alone``
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        # the engine's turn: ``_busy`` while a batch (the worker's, or one run alone until its after-work has run)
+        # uses it; ``_queued`` counts submitted requests the worker has not finished
+        self._cv = threading.Condition()
+        self._busy = False
+        self._queued = 0
+        self._after_job: tuple | None = None  # a batch run alone: its after-work, for the worker
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._thread.start()
@@ -62,7 +77,7 @@ class MicroBatcher:
         if self._stop.is_set():
             fut.set_exception(RuntimeError("shutting down"))
             return fut
-        self._q.put((x, fut, adapt, time.monotonic(), None))
+        self._put((x, fut, adapt, time.monotonic(), None))
         return fut
 
     def submit_async(self, x: np.ndarray, adapt: bool = True) -> asyncio.Future:
@@ -73,8 +88,69 @@ class MicroBatcher:
         if self._stop.is_set():
             fut.set_exception(RuntimeError("shutting down"))
             return fut
-        self._q.put((x, fut, adapt, time.monotonic(), loop))
+        self._put((x, fut, adapt, time.monotonic(), loop))
         return fut
+
+    def _put(self, item: tuple) -> None:
+        with self._cv:
+            self._queued += 1
+        self._q.put(item)
+
+    def run_alone(self, x: np.ndarray, adapt: bool = True) -> Any | None:
+        """Run one request's batch on the caller's thread if the engine is free now (the worker idle, nothing
+        queued) -> its results; else None (nothing done: ``submit`` it). The after-batch work goes to the worker,
+        so the caller answers first; until it has run, other requests queue as usual. An error in ``process``
+        is raised here."""
+        with self._cv:
+            if self._busy or self._queued or self._stop.is_set():
+                return None
+            self._busy = True
+        try:
+            results = self.process(x, adapt)
+        except BaseException:
+            self._release()
+            raise
+        self.batches += 1
+        self.alone_batches += 1
+        if self.after is None:
+            self._release()
+        else:
+            with self._cv:
+                self._after_job = (x, results, adapt)
+                self._cv.notify_all()
+            self._q.put(_WAKE)
+        return results
+
+    def _release(self) -> None:
+        with self._cv:
+            self._busy = False
+            self._cv.notify_all()
+
+    def _take_turn(self) -> None:
+        """The worker's turn at the engine: wait while a batch runs alone, and do its after-work here."""
+        with self._cv:
+            while self._busy and self._after_job is None:
+                self._cv.wait(0.05)
+            job, self._after_job = self._after_job, None
+            self._busy = True
+        if job is not None:
+            self._run_after(*job)
+
+    def _pending_after(self) -> None:
+        """Woken by ``run_alone``: its after-work, unless ``_take_turn`` has done it already."""
+        with self._cv:
+            job, self._after_job = self._after_job, None
+        if job is not None:
+            self._run_after(*job)
+            self._release()
+
+    def _run_after(self, batch: np.ndarray, results: Any, adapt: bool) -> None:
+        if self.after is None:
+            return
+        try:
+            self.after(batch, results, adapt)
+        except Exception as exc:  # bookkeeping after the answer must never stop the worker
+            log.exception("after-batch work failed: %s", exc)
 
     def _collect(self, first: tuple) -> tuple[list[tuple], tuple | None]:
         """``first`` and what is queued behind it, up to ``max_batch`` samples -> (items, the one that did not
@@ -92,6 +168,8 @@ class MicroBatcher:
                     item = self._q.get(timeout=left)
                 except queue.Empty:
                     break
+            if item is _WAKE:  # stale: the worker holds the turn, so that after-work was done in _take_turn
+                continue
             if total + len(item[0]) > self.max_batch:
                 return items, item
             items.append(item)
@@ -106,12 +184,24 @@ class MicroBatcher:
                     pending = self._q.get(timeout=0.05)
                 except queue.Empty:
                     continue
-            items, pending = self._collect(pending)
-            adapting = [it for it in items if it[2]]
-            if adapting:
-                self._run_group(adapting, True)
-            if len(adapting) < len(items):
-                self._run_group([it for it in items if not it[2]], False)
+                if pending is _WAKE:
+                    pending = None
+                    self._pending_after()
+                    continue
+            self._take_turn()
+            items: list[tuple] = []
+            try:
+                items, pending = self._collect(pending)
+                adapting = [it for it in items if it[2]]
+                if adapting:
+                    self._run_group(adapting, True)
+                if len(adapting) < len(items):
+                    self._run_group([it for it in items if not it[2]], False)
+            finally:
+                with self._cv:
+                    self._queued -= len(items)
+                    self._busy = False
+                    self._cv.notify_all()
 
     def _run_group(self, items: list, adapt: bool) -> None:
         if len(items) == 1:
@@ -134,11 +224,7 @@ class MicroBatcher:
             parts.append(results[i : i + len(it[0])])
             i += len(it[0])
         self._deliver(items, live, parts)
-        if self.after is not None:
-            try:
-                self.after(batch, results, adapt)
-            except Exception as exc:  # bookkeeping after the answer must never stop the worker
-                log.exception("after-batch work failed: %s", exc)
+        self._run_after(batch, results, adapt)
 
     @staticmethod
     def _deliver(items: list, live: list[bool], answers: list) -> None:

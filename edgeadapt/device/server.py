@@ -257,6 +257,12 @@ def parse_multipart(body: bytes, content_type: str, max_files: int) -> tuple[lis
     return files, fields
 
 
+def _time_out(fut: asyncio.Future) -> None:
+    """A batch that has not answered in ``BATCH_TIMEOUT_S``: its request fails (a 500 that says so)."""
+    if not fut.done():
+        fut.set_exception(TimeoutError(f"no answer from the engine within {BATCH_TIMEOUT_S:g} s"))
+
+
 def _refusal_kind(message: str) -> str:
     """A bounded label for the inputs-refused metric."""
     for kind in ("range", "NaN", "shape", "dtype", "limit", "base64", "npy", "image", "multipart"):
@@ -372,17 +378,33 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
                 return 413, f"body of {length} bytes exceeds the {cfg.max_body_bytes}-byte limit"
         return None
 
+    batcher = daemon.batcher
+    inflight = [0]  # predict/infer requests in this server now (front counts them)
+
     async def serve(x: np.ndarray) -> Predictions:
         """The input boundary and the batcher: shape, dtype, finiteness and the declared value range, per request
         (a bad request is refused alone, before it shares a batch, or the adaptation statistics, with anyone
-        else's); a clipped request is served but adapts nothing."""
+        else's); a clipped request is served but adapts nothing. A request with no other in flight runs on
+        this thread when the engine is free (``run_alone``: no hand-off to the worker and back); otherwise it
+        joins the batcher's queue."""
         x = codec.as_batch(x)
         if len(x) > cfg.max_request_samples:
             raise InputError(f"{len(x)} samples in one request; the limit is {cfg.max_request_samples}")
         x, clipped = codec.check(x)
         if clipped:
             m.inputs_clipped.inc()
-        return await asyncio.wait_for(daemon.batcher.submit_async(x, adapt=not clipped), BATCH_TIMEOUT_S)
+        if inflight[0] == 1:
+            await asyncio.sleep(0)  # requests parsed in the same loop turn start first, and are counted
+            if inflight[0] == 1:
+                res = batcher.run_alone(x, not clipped)
+                if res is not None:
+                    return res
+        fut = batcher.submit_async(x, adapt=not clipped)
+        timer = asyncio.get_running_loop().call_later(BATCH_TIMEOUT_S, _time_out, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
 
     def v1_input(ctype: str, headers: dict[str, str], body: bytes, query: dict[str, str]
                  ) -> tuple[np.ndarray, int, bool]:
@@ -537,7 +559,11 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
             if scope["method"] != "POST":
                 await respond(send, 405, b'{"detail":"Method Not Allowed"}', extra=((b"allow", b"POST"),))
             else:
-                await predict_v1(scope, headers, receive, send)
+                inflight[0] += 1
+                try:
+                    await predict_v1(scope, headers, receive, send)
+                finally:
+                    inflight[0] -= 1
             return True
         if path.startswith("/v2/models/") and path.endswith("/infer"):
             parts = path[len("/v2/models/") : -len("/infer")].split("/")
@@ -545,7 +571,12 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
                 if scope["method"] != "POST":
                     await respond(send, 405, oip.error_body("Method Not Allowed"), extra=((b"allow", b"POST"),))
                 else:
-                    await infer_v2(scope, headers, receive, send, parts[0], parts[2] if len(parts) == 3 else None)
+                    inflight[0] += 1
+                    try:
+                        await infer_v2(scope, headers, receive, send, parts[0],
+                                       parts[2] if len(parts) == 3 else None)
+                    finally:
+                        inflight[0] -= 1
                 return True
         return False
 
