@@ -202,4 +202,5 @@ def run_loop(bundle: Path, teacher: str, teacher_weights: Path, signing_home: Pa
             "method": status.get("method"), "upload_all": upload_all,
             # what an upload costs: the JSON bodies' bytes per sample sent, and the device's encoding of the pixels
             "body_bytes_per_upload": round(up.get("bytes_up", 0) / max(q.get("sent", 0), 1), 1),
+            "uploads_sent": q.get("sent", 0), "uploads_rejected": up.get("rejected", 0),
             "upload_encoding": status.get("upload_encoding")}

@@ -83,12 +83,31 @@ def http_latency(bundle_dir: Path, x: np.ndarray, requests: int, method: str, th
             "http_requests": len(lat), "http_batch": http_batch}
 
 
+def swap_ms(engine: AdaptiveEngine, repeats: int = 5) -> float:
+    """Median wall time of installing a new parameter version (``apply_params``: the static session rebuilt with
+    it, then swapped in between batches): what a cloud update costs the device, off the request path."""
+    base = {k: v for k, v in engine.base_params.items() if k.endswith(".weight")}
+    times = []
+    for i in range(repeats):
+        params = {k: v * np.float32(1 + 1e-3 * (i + 1)) for k, v in base.items()}
+        t = time.perf_counter()
+        engine.apply_params(params, engine.param_version + 1)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def bundle_mb(bundle_dir: Path) -> float:
+    return sum(f.stat().st_size for f in Path(bundle_dir).iterdir() if f.is_file()) / 1e6
+
+
 def run_runtime_bench(bundle_dir: str | Path, x: np.ndarray | None, method: str, batch: int = 64, threads: int = 2,
                       min_s: float = 3.0, http_requests: int = 200, with_torch: bool = True, http_batch: int = 64,
-                      student_model: str | None = None) -> dict:
+                      student_model: str | None = None, extra_methods: dict[str, str] | None = None) -> dict:
     """``x``: the inputs (None: synthesized from the bundle's input spec, ``synthetic_inputs``); ``http_batch``:
     images per HTTP request (a large model's batch of 64 can exceed the daemon's body limit); the torch rows
-    rebuild the bundle's model from the registry or ``student_model`` (``module:factory``)."""
+    rebuild the bundle's model from the registry or ``student_model`` (``module:factory``). ``extra_methods``:
+    name -> method spec, each measured like ``method`` in the same interleaving (``<name>_img_s``, the ratio to
+    static as ``ratio_<name>_vs_static``): the standalone and the loop device's methods side by side."""
     bundle_dir = Path(bundle_dir)
     bundle = Bundle(bundle_dir)
     synthesized = x is None
@@ -96,25 +115,39 @@ def run_runtime_bench(bundle_dir: str | Path, x: np.ndarray | None, method: str,
         x = synthetic_inputs(bundle, max(4 * batch, http_batch + 1))
     xb = x[:batch]
     xf = bundle.preprocess(xb)
-    engine = AdaptiveEngine(bundle, EngineConfig(method=method, threads=threads))
     stream = [x[i : i + batch] for i in range(0, len(x) - batch + 1, batch)] or [xb]
-    pos = {"i": 0}
+    engines = {"adaptive": AdaptiveEngine(bundle, EngineConfig(method=method, threads=threads))}
+    for name, spec in (extra_methods or {}).items():
+        engines[name] = AdaptiveEngine(bundle, EngineConfig(method=spec, threads=threads))
 
-    def adaptive_step():
-        engine.process(stream[pos["i"] % len(stream)])
-        pos["i"] += 1
+    def stepper(engine: AdaptiveEngine):
+        pos = {"i": 0}
 
-    static = engine.backend.__class__(bundle, threads=threads)  # pristine fast path, version 0
+        def step():
+            engine.process(stream[pos["i"] % len(stream)])
+            pos["i"] += 1
+        return step
+
+    steps = {name: stepper(e) for name, e in engines.items()}
+    static = engines["adaptive"].backend.__class__(bundle, threads=threads)  # pristine fast path, version 0
     res: dict = {"batch": batch, "threads": threads, "method": method, "inputs": "synthesized" if synthesized
-                 else "stream"}
-    # interleave the two measurements twice to even out machine noise
-    s1 = _timeit(lambda: static.run_static(xf), batch, min_s / 2)
-    a1 = _timeit(adaptive_step, batch, min_s / 2)
-    s2 = _timeit(lambda: static.run_static(xf), batch, min_s / 2)
-    a2 = _timeit(adaptive_step, batch, min_s / 2)
-    res["static_img_s"] = (s1 + s2) / 2
-    res["adaptive_img_s"] = (a1 + a2) / 2
-    res["ratio_adaptive_vs_static"] = res["adaptive_img_s"] / res["static_img_s"]
+                 else "stream", "methods": {"adaptive": method, **(extra_methods or {})},
+                 "bundle_mb": round(bundle_mb(bundle_dir), 1)}
+    # interleave the measurements twice to even out machine noise
+    rates: dict[str, list[float]] = {"static": [], **{name: [] for name in steps}}
+    for _ in range(2):
+        rates["static"].append(_timeit(lambda: static.run_static(xf), batch, min_s / 2))
+        for name, step in steps.items():
+            rates[name].append(_timeit(step, batch, min_s / 2))
+    res["static_img_s"] = float(np.mean(rates["static"]))
+    for name in steps:
+        res[f"{name}_img_s"] = float(np.mean(rates[name]))
+        res[f"ratio_{name}_vs_static"] = res[f"{name}_img_s"] / res["static_img_s"]
+        if name != "adaptive":
+            e = engines[name]
+            res[f"{name}_transductive_batches"] = getattr(e, "transductive_batches", None)
+            res[f"{name}_refolds"] = e.refreshes
+    res["swap_ms"] = swap_ms(engines["adaptive"])
     res.update(http_latency(bundle_dir, x, http_requests, method, threads, http_batch))
     res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # device side only: before torch
     if with_torch:

@@ -147,13 +147,16 @@ def runtime(
     torch_rows: bool = typer.Option(True, "--torch/--no-torch", help="also a torch Tent step and torch eval (needs "
                                     "the architecture: registered, or --student-model)"),
     student_model: str = typer.Option(None, help="the bundle's architecture as module:factory for the torch rows"),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="also the standalone and the loop device's "
+                                 "methods (standalone_img_s, loop_img_s) when --method is neither"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Static vs adapting throughput, torch Tent step, HTTP p50/p99 latency, RSS — in one run."""
+    """Static vs adapting throughput (the standalone and the loop device's methods), parameter swap ms, torch Tent
+    step, HTTP p50/p99 latency, RSS, bundle MB — in one run."""
     from edgeadapt.bench.runtime import run_runtime_bench
     from edgeadapt.core.bundle import read_manifest
     from edgeadapt.datasets.fmnist import load_stream
-    from edgeadapt.device.config import STANDALONE_METHOD
+    from edgeadapt.device.config import LOOP_METHOD, STANDALONE_METHOD
     from edgeadapt.models.reference import ARCHS
 
     if bundle is None or data is not None:
@@ -163,11 +166,13 @@ def runtime(
     if torch_rows and not with_torch:
         console.print("torch rows skipped: the bundle's architecture is not registered here (give --student-model "
                       "module:factory, or --no-torch)")
+    method = method or STANDALONE_METHOD
+    extra = {k: v for k, v in (("standalone", STANDALONE_METHOD), ("loop", LOOP_METHOD)) if compare and v != method}
     with console.status("measuring"):
         try:
-            res = run_runtime_bench(bundle, x, method or STANDALONE_METHOD, batch=batch, threads=threads,
+            res = run_runtime_bench(bundle, x, method, batch=batch, threads=threads,
                                     min_s=seconds, http_requests=requests, with_torch=with_torch,
-                                    http_batch=http_batch, student_model=student_model)
+                                    http_batch=http_batch, student_model=student_model, extra_methods=extra)
         except ValueError as exc:
             fail(str(exc))
     print_json(res) if json_out else console.print(res)
@@ -296,10 +301,17 @@ def load(
     device_args: str = typer.Option("", help="device: extra `edgeadapt device run` flags, e.g. '--threads 1'"),
     swaps: int = typer.Option(0, help="device: run the load again while switching this many parameter versions "
                                       "(prepared in the daemon's state dir) and compare p99 with the steady run"),
+    store: str = typer.Option("sqlite", help="cloud: sqlite (embedded), postgres (a throwaway PostgreSQL + "
+                                             "S3-compatible server on loopback), or both comma-separated, run one "
+                                             "after the other in this run"),
+    replicas: int = typer.Option(1, min=1, help="cloud: `cloud serve` processes sharing the store (postgres)"),
+    devices: int = typer.Option(None, min=1, help="cloud: registered devices heartbeating and uploading in turn "
+                                                  "through the connections (default: one per client)"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """N concurrent clients for S seconds on loopback: requests, errors, p50/p99 latency, requests/s; for the
-    device also the client's CPU share and the engine's own img/s in the same run (HTTP/engine ratio)."""
+    device also the client's CPU share and the engine's own img/s in the same run (HTTP/engine ratio); for the
+    cloud, optionally a fleet of devices on replicas sharing PostgreSQL + an object store."""
     import shlex
 
     from edgeadapt.bench.load import run_load_bench, run_serving_bench
@@ -322,12 +334,22 @@ def load(
                                         engine_seconds=engine_seconds, device_args=tuple(shlex.split(device_args)),
                                         swaps=swaps)
             else:
-                res = run_load_bench(target, bundle, clients=clients, seconds=seconds, max_requests=max_requests,
-                                     url=url, home=home, admin_token=admin_token, batch=batch)
+                runs = []
+                for one in [s.strip() for s in store.split(",") if s.strip()]:
+                    runs.append(run_load_bench(target, bundle, clients=clients, seconds=seconds,
+                                               max_requests=max_requests, url=url, home=home,
+                                               admin_token=admin_token, batch=batch, store=one,
+                                               replicas=replicas if one == "postgres" else 1, devices=devices))
+                res = runs[0] if len(runs) == 1 else {"runs": runs}
         except (ValueError, RuntimeError) as exc:
             fail(str(exc))
     if json_out:
         print_json(res)
+    elif "runs" in res:
+        for r in res["runs"]:
+            console.print(f"{r['store']} x{r['replicas']}, {r['devices']} devices: {r['requests']} requests, "
+                          f"{r['errors']} errors, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, {r['req_s']} req/s, "
+                          f"{r['samples_s']} samples/s")
     else:
         console.print(f"{res['requests']} requests, {res['errors']} errors, p50 {res['p50_ms']} ms, "
                       f"p99 {res['p99_ms']} ms, {res['req_s']} req/s")

@@ -124,6 +124,10 @@ class AdaptiveEngine:
         self._hybrid_left = 0
         self._stale = False
         self._folded_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        # a ``folds_mix`` method: the statistics its last in-batch mix normalized with, folded into the fast session
+        # for the batches in between (None: none yet, the next adapting batch mixes)
+        self._mix_fold: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+        self.transductive_batches = 0
         self.shifts = 0
         self.refreshes = 0
         self._post_shift_left = 0
@@ -148,11 +152,39 @@ class AdaptiveEngine:
 
     def current_params(self) -> ParamSet:
         """Base parameters (source or the applied update) with the method's adapted statistics folded in."""
-        params = dict(self.base_params)
-        for layer, (mean, var) in self.method.forward_stats().items():
-            params[f"{layer}.running_mean"] = np.asarray(mean, np.float32)
-            params[f"{layer}.running_var"] = np.asarray(var, np.float32)
-        return params
+        return self._params_with(self.base_params, self.method)
+
+    def _fold_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The statistics the fast session normalizes with: the method's, or for a ``folds_mix`` method the last
+        in-batch mix's (the batches between two mixing batches are normalized as the last one was)."""
+        if self.method.folds_mix and self._mix_fold is not None:
+            return self._mix_fold
+        return dict(self.method.forward_stats())
+
+    def _fold_params(self) -> ParamSet:
+        return self._params_with(self.base_params, self.method, self._fold_stats())
+
+    def _drop_fold(self) -> None:
+        """The folded in-batch mix no longer matches the state (reset, new parameters): the next batch mixes."""
+        self._mix_fold = None
+
+    def _keep_mix(self, prior: ParamSet, batch_stats, mix: np.ndarray) -> None:
+        """Remember the statistics a mixing batch normalized with (prior + w (batch - prior), per layer, as the
+        adaptive graph mixes them) for the fast session of the batches that follow."""
+        if self.state_guard.check_stats(batch_stats, "batch statistics") is not None:
+            # the guard refuses these statistics for the state, and the fold does not take them either: the fast
+            # session keeps the method's own until the next mixing batch (not a mix on every batch)
+            self._mix_fold = dict(self.method.forward_stats())
+            self._stale = True
+            return
+        fold = {}
+        for i, n in enumerate(self.manifest.norm_layers):
+            rm, rv = prior[f"{n.name}.running_mean"], prior[f"{n.name}.running_var"]
+            bm, bv = batch_stats[n.name]
+            w = np.float32(mix[i])
+            fold[n.name] = ((rm + w * (bm - rm)).astype(np.float32), (rv + w * (bv - rv)).astype(np.float32))
+        self._mix_fold = fold
+        self._stale = True
 
     def domain_signature(self) -> np.ndarray:
         """The statistics this device normalizes with now, as a domain signature against the bundle's own
@@ -173,14 +205,15 @@ class AdaptiveEngine:
     def logits_for(self, x: np.ndarray, base: ParamSet, stat_mix: np.ndarray | None) -> np.ndarray:
         """Logits of prepared inputs ``x`` for base parameters ``base`` with the method's current statistics and
         the given in-batch mix: the update watch runs two versions exactly the way a batch was served."""
-        return self.backend.run_adaptive(x, self._params_with(base, self.method), stat_mix).logits
+        stats = self._fold_stats() if stat_mix is None else None  # a fast-path batch: the folded statistics
+        return self.backend.run_adaptive(x, self._params_with(base, self.method, stats), stat_mix).logits
 
     def _refresh(self, force: bool = False) -> None:
         v = self.method.stats_version
         if force or v != self._folded_stats_version:
-            self.backend.set_params(self.current_params())
+            self.backend.set_params(self._fold_params())
             self._folded_stats_version = v
-            self._folded_stats = dict(self.method.forward_stats())
+            self._folded_stats = self._fold_stats()
             self._model_ref = None  # outputs move with the parameters: not a domain shift
             self.refreshes += 1
 
@@ -190,7 +223,7 @@ class AdaptiveEngine:
         rebuild (a few ms), so the fast path refolds only past ``refresh_tol``."""
         folded = self._folded_stats
         worst = 0.0
-        for layer, (mean, var) in self.method.forward_stats().items():
+        for layer, (mean, var) in self._fold_stats().items():
             if layer not in folded:
                 return float("inf")
             m0, v0 = folded[layer]
@@ -217,6 +250,7 @@ class AdaptiveEngine:
             if hasattr(self.backend, "build_static") else None
         with self._lock:
             self.base_params, self.method, self.param_version = new_base, method, version
+            self._drop_fold()  # the last mix was of the old parameters' activations
             if session is not None:
                 self.backend.swap_static(session)
                 self._folded_stats_version = method.stats_version
@@ -226,9 +260,9 @@ class AdaptiveEngine:
                 self._refresh(force=True)
 
     @staticmethod
-    def _params_with(base: ParamSet, method: AdaptationMethod) -> ParamSet:
+    def _params_with(base: ParamSet, method: AdaptationMethod, stats=None) -> ParamSet:
         params = dict(base)
-        for layer, (mean, var) in method.forward_stats().items():
+        for layer, (mean, var) in (method.forward_stats() if stats is None else stats).items():
             params[f"{layer}.running_mean"] = np.asarray(mean, np.float32)
             params[f"{layer}.running_var"] = np.asarray(var, np.float32)
         return params
@@ -237,6 +271,7 @@ class AdaptiveEngine:
         with self._lock:
             self.method.reset()
             self.detector.reset_domain()
+            self._drop_fold()
             self._refresh(force=True)
 
     # -- input -------------------------------------------------------------------------------------
@@ -273,6 +308,7 @@ class AdaptiveEngine:
             self.method.load_state_dict(good)
         except ValueError:
             self.method.reset()
+        self._drop_fold()
         self._refresh(force=True)
 
     def state_problem(self, state: dict[str, np.ndarray] | None = None) -> str | None:
@@ -297,6 +333,7 @@ class AdaptiveEngine:
         if np.isfinite(out.logits).all():
             return out
         self.method.reset()
+        self._drop_fold()
         self._refresh(force=True)
         out = self.backend.run_static(x)
         if np.isfinite(out.logits).all():
@@ -319,7 +356,7 @@ class AdaptiveEngine:
         n = len(x)
         method = self.method
         c = self.config
-        mix = method.forward_mix(n) if adapt else None
+        mix = chosen = method.forward_mix(n) if adapt else None
         if method.last_batch_skewed():
             self._hybrid_left = 0  # label-skewed stream: never normalize with a skewed batch's own statistics
         # a change of the input's own moments is visible before the forward: the shifted batch goes straight
@@ -330,13 +367,19 @@ class AdaptiveEngine:
         if mix is None and adapt and method.needs_stats and self._hybrid_left > 0:
             mix = self._transductive_mix(n)
             self._hybrid_left -= 1
+        elif mix is not None and self._hybrid_left > 0:
+            self._hybrid_left -= 1  # the batch mixes anyway: it is the shift's mixing batch
+        if mix is None and adapt and method.folds_mix and self._mix_fold is None and not method.last_batch_skewed():
+            mix = self._transductive_mix(n)  # nothing folded yet (start, reset, a new version): this batch mixes
+        prior = None
         if mix is not None:
-            out = self.backend.run_adaptive(x, self.current_params(), mix)
+            prior = self.current_params()
+            out = self.backend.run_adaptive(x, prior, mix)
         else:
             if adapt and self._stale:
                 self._stale = False
                 if self._stats_moved() > c.refresh_tol:
-                    self._refresh()
+                    self._refresh(force=True)
             out = self.backend.run_static(x)
         if not np.isfinite(out.logits).all():
             out = self._recover_nonfinite(x, out)
@@ -349,9 +392,16 @@ class AdaptiveEngine:
                     method.detects_skew(out.logits)):
                 # predict the shifted batch with its own statistics instead of the stale ones
                 mix = self._transductive_mix(n)
-                out = self.backend.run_adaptive(x, self.current_params(), mix)
+                prior = self.current_params()
+                out = self.backend.run_adaptive(x, prior, mix)
                 entropy = entropy_from_logits(out.logits)
                 self._hybrid_left -= 1
+        if mix is not None:
+            self.transductive_batches += 1
+            if adapt and chosen is None:
+                method.on_mixed()
+            if adapt and method.folds_mix and out.batch_stats is not None and method is self.method:
+                self._keep_mix(prior, out.batch_stats, mix)
         logits, feats = out.logits, out.features
         if adapt and self.method.name != "none":
             # an online detector follows the domain with the batch it is about to score (as the norm does); a

@@ -159,6 +159,9 @@ class AdaptationMethod:
     owns_stats_inputs: ClassVar[bool] = False
     is_guard: ClassVar[bool] = False  # a label-skew guard: a composite takes at most one and asks it per batch
     refresh_every: ClassVar[int | None] = None  # batches between refolds of moved statistics (None: the runtime's)
+    #: the method mixes in-batch statistics only every few batches (``forward_mix`` None in between) and the batches
+    #: in between are normalized with the last in-batch mix, folded into the fast session (device/engine.py)
+    folds_mix: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, ctx: AdaptContext, **options: Any):
@@ -228,6 +231,10 @@ class AdaptationMethod:
     def on_collapse_reset(self) -> None:
         """The composite resets its members (a member asked for it). Default: back to the source state."""
         self.reset()
+
+    def on_mixed(self) -> None:  # noqa: B027 - optional hook
+        """The runtime predicted this batch with an in-batch mix of its own choosing (a shift, nothing folded yet;
+        ``forward_mix`` had said None): a method that mixes every few batches counts from here. Default: nothing."""
 
     def on_shift(self) -> None:  # noqa: B027 - optional hook
         """The runtime saw a domain shift (a jump in mean entropy). Default: nothing."""

@@ -44,6 +44,7 @@ class CompositeMethod(AdaptationMethod):
         self.provides_stats = self.stats_member is not None  # type: ignore[misc]
         self.owns_stats_inputs = bool(self.stats_member and self.stats_member.owns_stats_inputs)  # type: ignore[misc]
         self.refresh_every = self.stats_member.refresh_every if self.stats_member else None  # type: ignore[misc]
+        self.folds_mix = bool(self.stats_member and self.stats_member.folds_mix)  # type: ignore[misc]
         super().__init__(ctx)
 
     def reset(self) -> None:
@@ -98,6 +99,10 @@ class CompositeMethod(AdaptationMethod):
 
     def stats_inputs(self, x: np.ndarray, batch_info: BatchInfo) -> StatsRequest | list[StatsRequest] | None:
         return self.stats_member.stats_inputs(x, batch_info) if self.owns_stats_inputs else None  # type: ignore[union-attr]
+
+    def on_mixed(self) -> None:
+        if self.stats_member is not None:
+            self.stats_member.on_mixed()
 
     def on_shift(self) -> None:
         for m in self.members:

@@ -18,7 +18,11 @@ per reference batch, so the statistics keep following a drifting stream). ``dua`
 (``min_momentum = 0``: the momentum decays to 0.005 and the model effectively freezes after ~50 batches).
 
 ``transductive=True`` additionally mixes the batch's own statistics into its prediction with
-w = n / (prior + n) on top of the EMA (as ``norm_stats`` does on top of the source).
+w = n / (prior + n) on top of the EMA (as ``norm_stats`` does on top of the source). ``every`` = K > 1 does
+that on one batch in K (and on the first batch of a detected shift, the runtime's); the K - 1 batches in between
+run the fast static session with that batch's mixed statistics folded in (device/engine.py): on depthwise nets
+the adaptive graph costs 2-4x the folded one, so mixing every batch cannot stay near the static throughput
+(docs/NOTES.md "A device in the loop stays fast").
 ``publish_every`` > 1 publishes the running statistics to ``forward_stats`` only every that many updates
 (fewer rebuilds of the runtime's static session); the EMA itself still sees every update.
 When the runtime reports a domain shift (``on_shift``), the next ``shift_updates`` updates use at least
@@ -49,6 +53,7 @@ class EmaStats(AdaptationMethod):
         "publish_every": 1,
         "shift_momentum": 0.9,
         "shift_updates": 1,
+        "every": 1,
     }
 
     def _validate(self) -> None:
@@ -60,6 +65,8 @@ class EmaStats(AdaptationMethod):
         self._check(o["ref_batch"] >= 1, "ref_batch must be >= 1")
         self._check(o["prior"] >= 0, "prior must be >= 0")
         self._check(o["publish_every"] >= 1, "publish_every must be >= 1")
+        self._check(o["every"] >= 1, "every must be >= 1")
+        self.folds_mix = bool(o["transductive"]) and o["every"] > 1  # type: ignore[misc]
 
     def reset(self) -> None:
         super().reset()
@@ -68,6 +75,7 @@ class EmaStats(AdaptationMethod):
         self._k = 0.0  # progress of the decay schedule, in reference batches
         self._updates = 0
         self._boost = 0
+        self._mix_calls = 0
         self._publish()
 
     def momentum(self, k: float) -> float:
@@ -84,11 +92,17 @@ class EmaStats(AdaptationMethod):
     def forward_stats(self) -> Stats:
         return self._published
 
+    def on_mixed(self) -> None:
+        self._mix_calls = 1  # the runtime's own mixing batch starts the next K
+
     def on_shift(self) -> None:
         self._boost = int(self.options["shift_updates"])
 
     def forward_mix(self, n: int) -> np.ndarray | None:
         if not self.options["transductive"]:
+            return None
+        self._mix_calls += 1
+        if (self._mix_calls - 1) % self.options["every"]:
             return None
         w = n / (self.options["prior"] + n) if n > 0 else 0.0
         return np.full(len(self.layer_names), w, np.float32)
