@@ -240,12 +240,64 @@ def cloud_requests(url: str, tokens: list[str], model: str, shape: list[int], cl
     return make
 
 
+def fleet_requests(urls: list[str], tokens: list[str], clients: int, model: str, shape: list[int], classes: int,
+                   batch: int = 8, timeout: float = 30, tally: Counter | None = None
+                   ) -> Callable[[int], tuple[httpx.Client, RequestFn]]:
+    """A fleet larger than the connections (issue 18): client ``i`` talks to replica ``urls[i % len(urls)]`` on its
+    own keep-alive connection for the devices ``tokens[i::clients]``, in turn: each request is the next device's
+    heartbeat or its upload of ``batch`` new samples (alternately), so every device heartbeats and uploads.
+    ``tally`` counts what was accepted: heartbeats and samples."""
+    from edgeadapt.core.wire import Heartbeat, SampleBatch, UploadSample, WireArray
+
+    if len(tokens) < clients:
+        raise ValueError(f"{clients} clients need at least as many devices, not {len(tokens)}")
+    tally = Counter() if tally is None else tally
+    lock = threading.Lock()
+
+    def make(i: int) -> tuple[httpx.Client, RequestFn]:
+        mine = tokens[i::clients]
+        rng = np.random.default_rng(i)
+        client = httpx.Client(base_url=urls[i % len(urls)], timeout=timeout, limits=httpx.Limits(max_connections=1),
+                              headers={"content-type": "application/json"})
+        images = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
+        arrays = [WireArray.from_numpy(x) for x in images]
+        logits = rng.normal(0, 1, (batch, classes)).astype(np.float32).tolist()
+        turn = [0]
+
+        def request(c: httpx.Client) -> str | None:
+            k, turn[0] = turn[0], turn[0] + 1
+            auth = {"Authorization": f"Bearer {mine[(k // 2) % len(mine)]}"}
+            if k % 2 == 0:
+                hb = Heartbeat(model=model, param_version=0, counters={"samples": float(k)}, status="ok")
+                r = c.post("/v1/heartbeat", content=hb.model_dump_json(), headers=auth)
+                if r.status_code != 200:
+                    return f"HTTP {r.status_code}: {r.text[:200]}"
+                with lock:
+                    tally["heartbeats"] += 1
+                return None
+            samples = [UploadSample(id=uuid.uuid4().hex, input=a, logits=lg, entropy=1.0)
+                       for a, lg in zip(arrays, logits, strict=True)]
+            r = c.post("/v1/samples", content=SampleBatch(model=model, samples=samples).model_dump_json(),
+                       headers=auth)
+            if r.status_code != 200:
+                return f"HTTP {r.status_code}: {r.text[:200]}"
+            if r.json().get("accepted") != batch:
+                return f"wrong answer: {r.json()}"
+            with lock:
+                tally["samples"] += batch
+            return None
+
+        return client, request
+
+    return make
+
+
 def _register_devices(url: str, admin_token: str, n: int) -> list[str]:
     tag = uuid.uuid4().hex[:6]
     tokens = []
     with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {admin_token}"}) as c:
         for i in range(n):
-            r = c.post("/v1/admin/devices", json={"name": f"load-{tag}-{i:03d}"})
+            r = c.post("/v1/admin/devices", json={"name": f"load-{tag}-{i:04d}"})
             r.raise_for_status()
             tokens.append(r.json()["token"])
     return tokens
@@ -257,14 +309,29 @@ def _check_loopback(url: str) -> None:
         raise ValueError(f"load tests run on loopback only; {url} is not 127.0.0.1/localhost/::1")
 
 
+STORES = ("sqlite", "postgres")
+
+
 def run_load_bench(target: str, bundle: str | Path, clients: int = 50, seconds: float = 60.0,
                    max_requests: int | None = None, url: str | None = None, home: str | Path | None = None,
                    admin_token: str | None = None, batch: int | None = None, work_dir: str | Path | None = None,
-                   device_args: tuple[str, ...] = ()) -> dict:
+                   device_args: tuple[str, ...] = (), store: str = "sqlite", replicas: int = 1,
+                   devices: int | None = None) -> dict:
     """The whole benchmark: start the target (unless ``url``), register devices (cloud), load it, report.
 
     ``home``: the cloud home whose keys sign for ``bundle`` (target cloud; a copy is used). ``batch``: images per
-    request (device, default 1) or samples per upload (cloud, default 8)."""
+    request (device, default 1) or samples per upload (cloud, default 8). Cloud only: ``store`` "postgres" starts
+    a throwaway PostgreSQL and an S3-compatible server (moto) on loopback and ``replicas`` cloud processes sharing
+    them; ``devices`` registered devices (default: one per client) heartbeat and upload in turn through the
+    ``clients`` connections, spread over the replicas."""
+    if store not in STORES:
+        raise ValueError(f"store must be one of {STORES}, not {store!r}")
+    if replicas < 1 or (replicas > 1 and store != "postgres"):
+        raise ValueError("several replicas need a shared store: --store postgres (SQLite and a blob directory "
+                         "are one machine's)")
+    if target == "cloud" and (store != "sqlite" or replicas > 1 or devices is not None):
+        return _fleet_load_bench(bundle, clients, seconds, max_requests, home, batch or 8, work_dir, store, replicas,
+                                 devices or clients)
     from edgeadapt.core.bundle import read_manifest
 
     if target not in ("device", "cloud"):
@@ -296,6 +363,55 @@ def run_load_bench(target: str, bundle: str | Path, clients: int = 50, seconds: 
             shutil.rmtree(tmp, ignore_errors=True)
     return {"target": target, "url": url or "started", "batch": b, **res,
             "items_s": round(res["req_s"] * b, 1), "healthy_after": healthy}
+
+
+def _fleet_load_bench(bundle: str | Path, clients: int, seconds: float, max_requests: int | None,
+                      home: str | Path | None, batch: int, work_dir: str | Path | None, store: str, replicas: int,
+                      devices: int) -> dict:
+    from contextlib import ExitStack
+
+    from edgeadapt.core.bundle import read_manifest
+
+    if home is None:
+        raise ValueError("the cloud target needs the cloud home that signs for the bundle (--home)")
+    if devices < clients:
+        raise ValueError(f"--devices ({devices}) must be at least --clients ({clients})")
+    manifest = read_manifest(bundle)
+    tmp = tempfile.mkdtemp(prefix="edgeadapt-load-") if work_dir is None else None
+    work = Path(work_dir or tmp)
+    try:
+        with ExitStack() as stack:
+            args: tuple[str, ...] = ()
+            if store == "postgres":
+                from edgeadapt.bench.store_servers import postgres_server, s3_server
+
+                pg = stack.enter_context(postgres_server(max_connections=100 + 20 * replicas))
+                s3 = stack.enter_context(s3_server())
+                args = ("--database-url", pg.create_database(), "--blob-url", s3.bucket_url(), "--blob-endpoint-url",
+                        s3.endpoint_url)
+            procs = [stack.enter_context(start_cloud(home, bundle, work / f"replica{k}", *args))
+                     for k in range(replicas)]
+            t0 = time.perf_counter()
+            tokens = _register_devices(procs[0].url, procs[0].admin_token, devices)
+            register_s = time.perf_counter() - t0
+            tally: Counter = Counter()
+            make = fleet_requests([p.url for p in procs], tokens, clients, manifest.model_name,
+                                  list(manifest.input.shape), manifest.num_classes, batch, tally=tally)
+            res = run_load(make, clients, seconds, max_requests)
+            healthy = all(httpx.get(f"{p.url}/healthz", timeout=10).status_code == 200 for p in procs)
+            admin = {"Authorization": f"Bearer {procs[0].admin_token}"}
+            stored = [httpx.get(f"{p.url}/v1/admin/status", headers=admin, timeout=30).json()["samples"]
+                      for p in procs]
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    in_store = [sum(v for k, v in s.items() if k in ("train", "holdout", "novel")) for s in stored]
+    return {"target": "cloud", "store": store, "replicas": replicas, "devices": devices, "batch": batch, **res,
+            "register_s": round(register_s, 1), "heartbeats": tally["heartbeats"], "samples": tally["samples"],
+            "samples_s": round(tally["samples"] / res["seconds"], 1) if res["seconds"] else 0.0,
+            "heartbeats_s": round(tally["heartbeats"] / res["seconds"], 1) if res["seconds"] else 0.0,
+            # every replica counts the same shared store: all the accepted samples, each once
+            "stored_samples_per_replica": in_store, "healthy_after": healthy}
 
 
 @contextmanager
