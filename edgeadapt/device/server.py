@@ -315,19 +315,17 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 
 def v1_payload(preds: Predictions, model: str, top_k: int, want_probs: bool) -> bytes:
-    """/v1's answer, built from the batch's arrays with one conversion per array (not one per number)."""
-    probs = preds.probs
+    """/v1's answer, built from Python lists made once per batch (``Predictions.lists``), not per request."""
+    lists, lo, hi = preds.lists(top_k, want_probs)
     labels = preds.labels
-    k = min(top_k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    top = np.take_along_axis(probs, order, 1).tolist()
-    order_l = order.tolist()
-    cls, ood, score, ent = preds.pred.tolist(), preds.ood.tolist(), preds.ood_score.tolist(), preds.entropy.tolist()
-    all_probs = probs.tolist() if want_probs else None
+    cls, ood, score, ent, order, top = (lists["class"], lists["ood"], lists["ood_score"], lists["entropy"],
+                                        lists["order"], lists["top"])
+    all_probs = lists.get("probs") if want_probs else None
     out = []
-    for i, c in enumerate(cls):
+    for i in range(lo, hi):
+        c = cls[i]
         item = {"class": c, "label": labels[c], "ood": ood[i], "ood_score": score[i], "entropy": ent[i],
-                "top_k": [{"class": j, "label": labels[j], "prob": p} for j, p in zip(order_l[i], top[i], strict=True)]}
+                "top_k": [{"class": j, "label": labels[j], "prob": p} for j, p in zip(order[i], top[i], strict=True)]}
         if all_probs is not None:
             item["probs"] = all_probs[i]
         out.append(item)
