@@ -315,7 +315,7 @@ def _httptools_protocol() -> type | None:
             return self._parsing != "body"  # also behind a busy request: httptools reads on
 
         def _cycles(self) -> list[Any]:
-            return [self.cycle, *(c for c, _ in self.pipeline)]
+            return [self.cycle, *(c for c, _ in self.pipeline)] if self.pipeline else [self.cycle]
 
         def _parser_phase(self) -> str:
             if self._parsing == "body" and not self.pipeline:

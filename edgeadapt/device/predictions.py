@@ -10,10 +10,13 @@ from typing import Any
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, eq=False)
 class Predictions:
     """``pred`` [n] int64, ``probs``/``logits`` [n, C] float32 (after the method's output adjustment),
-    ``ood`` [n] bool, ``ood_score``/``entropy`` [n] float32, and the parameter version that answered."""
+    ``ood`` [n] bool, ``ood_score``/``entropy`` [n] float32, and the parameter version that answered.
+    Read-only by convention; not a frozen dataclass because the batcher cuts one slice per request and a
+    frozen one's constructor (``object.__setattr__`` per field) was a tenth of the worker's GIL time at 50
+    connections (py-spy, docs/NOTES.md "Serving")."""
 
     pred: np.ndarray
     probs: np.ndarray
@@ -59,7 +62,7 @@ class Predictions:
         request (a top-k sort, five ``tolist``) cost more than the serialization; a slice reads its batch's."""
         src, lo = (self.batch, self.start) if self.batch is not None and self.start >= 0 else (self, 0)
         if src._lists is None:
-            object.__setattr__(src, "_lists", {})  # frozen: the cache is the one field set after construction
+            src._lists = {}
         key = (top_k, probs)
         out = src._lists.get(key)
         if out is None:
