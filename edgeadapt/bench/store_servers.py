@@ -122,10 +122,26 @@ def postgres_server(max_connections: int = 200) -> Iterator[PostgresServer]:
 @dataclass
 class S3Server:
     endpoint_url: str
+    port: int = 0
+    _server: object = None
 
     def bucket_url(self) -> str:
         """A fresh bucket (created by the store on first use) with a prefix, as ``s3://bucket/prefix``."""
         return f"s3://t-{uuid.uuid4().hex[:12]}/edgeadapt"
+
+    def stop(self) -> None:
+        """Take the endpoint down (an object store outage); moto keeps its objects in this process meanwhile."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def start(self) -> None:
+        """Serve again on the same port, with the objects it had."""
+        from moto.server import ThreadedMotoServer
+
+        if self._server is None:
+            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            self._server.start()
 
 
 #: moto accepts any credentials; boto3 needs some (the cloud processes inherit them)
@@ -138,16 +154,16 @@ def s3_server() -> Iterator[S3Server]:
     test credentials in this process's environment when none are set."""
     try:
         import boto3  # noqa: F401
-        from moto.server import ThreadedMotoServer
+        from moto.server import ThreadedMotoServer  # noqa: F401
     except ImportError as exc:
         raise ServerUnavailable("boto3 and moto[server] are not installed (pip install boto3 'moto[server]')") \
             from exc
     for k, v in S3_TEST_ENV.items():
         os.environ.setdefault(k, v)
     port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = S3Server(endpoint_url=f"http://127.0.0.1:{port}", port=port)
     server.start()
     try:
-        yield S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+        yield server
     finally:
         server.stop()
