@@ -140,6 +140,9 @@ class S3Server:
         from moto.server import ThreadedMotoServer
 
         if self._server is None:
+            import logging
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per object otherwise
             self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
             self._server.start()
 
