@@ -425,6 +425,8 @@ class DeviceDaemon:
             "method": self.config.method, "ood_detector": self.config.ood_detector,
             "uptime_s": round(time.time() - self.started, 1), "samples": self.samples_seen,
             "adapted_batches": self.engine.batches,
+            # served batches, and how many of them ran on the event loop's thread (a lone request, batcher.run_alone)
+            "batcher": {"batches": self.batcher.batches, "run_alone": self.batcher.alone_batches},
             "ood_samples": self.ood_seen, "queue": q, "uploader": up, "errors": dict(self.errors),
             "upload_encoding": self.upload_encoder.status(),
             "versions_on_disk": self.versions.versions() if self.versions else [],
