@@ -33,8 +33,11 @@ class ConfigError(ValueError):
 STANDALONE_METHOD = "robust_stats+prior_correction+lame_skew+collapse_reset"
 #: a device in the loop normalizes every batch with its own statistics (mixed with the EMA, w = n/(16+n)): the
 #: cloud trains the affine parameters under per-group batch statistics (cloud/trainer.py), and an update only
-#: helps a device that normalizes the same way (docs/NOTES.md, "A device in the loop normalizes as the trainer")
-LOOP_METHOD = "ema_stats:transductive=true"
+#: helps a device that normalizes the same way (docs/NOTES.md, "A device in the loop normalizes as the trainer").
+#: ``every=16``: one batch in 16 (and the first of each detected shift) runs the adaptive graph with its own
+#: statistics; the 15 between run the fast session with that batch's mixed statistics folded in (issue 15: the
+#: adaptive graph costs 2-4x the folded one on depthwise nets; docs/NOTES.md "A device in the loop stays fast")
+LOOP_METHOD = "ema_stats:transductive=true,every=16"
 
 
 class DeviceConfig(BaseModel, extra="forbid"):
