@@ -40,6 +40,37 @@ def inspect(path: Path = typer.Argument(..., help="bundle directory"),
         table.add_row(f, h[:16] + "…")
     console.print(table)
     console.print(f"cloud key: {'set' if m.cloud_public_key else 'none'}; profile: {m.profile.get('name')}")
+    for w in [*m.warnings, *_parity_warnings(path, m)]:
+        console.print("[yellow]warning[/]", plain(w, 2000))
+
+
+#: a recorded parity difference above this share of its tolerance is worth a warning: little margin is left for
+#: another CPU's or runtime version's rounding
+PARITY_MARGIN_WARN = 0.5
+
+
+def _parity_warnings(path: Path, m) -> list[str]:
+    """The export's worst |Δlogit| against the tolerance it was checked with (relative to the reference logits'
+    scale, export/verify.py), as a warning when the margin is thin; nothing when the bundle has no reference."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from edgeadapt.export.verify import relative_tolerance
+
+    tol = m.profile.get("parity_tolerance")
+    calib = Path(path) / "calib.safetensors"
+    if not tol or not calib.is_file():
+        return []
+    with safe_open(str(calib), "np") as f:
+        if "parity.logits" not in f.keys():
+            return []
+        ref = f.get_tensor("parity.logits")
+    limit = relative_tolerance(float(tol), np.asarray(ref))
+    d = float(m.parity_max_abs_logit_diff)
+    if d <= PARITY_MARGIN_WARN * limit:
+        return []
+    return [f"parity margin is thin: max |Δlogit| {d:.3g} at export is {d / limit:.0%} of the tolerance {limit:.3g} "
+            f"({float(tol):g} x max(1, max|logit|)); run `edgeadapt bundle verify` on the device's runtime"]
 
 
 @app.command()
