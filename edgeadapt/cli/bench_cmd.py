@@ -89,7 +89,7 @@ def accuracy(
                              help="comma-separated rows; also loop and loop_upload_all (cloud + device processes)"),
     sync_every: int = typer.Option(8, help="loop rows: lockstep every K batches (0 = asynchronous)"),
     method: str = typer.Option(None, help="the method spec of device_best and the loop rows (default: the method a "
-                                          "device in the loop runs, ema_stats:transductive=true)"),
+                                          "device in the loop runs, device/config.py LOOP_METHOD)"),
     limit: int = typer.Option(None, help="use only the first N images of each corruption (quick runs)"),
     batch: int = typer.Option(64, min=1, help="images per request (down to 1)"),
     teacher: str = typer.Option(None, help="loop rows: the cloud's teacher, a reference arch or module:factory (your "
