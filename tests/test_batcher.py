@@ -245,3 +245,37 @@ def test_run_alone_declines_while_the_worker_is_busy_and_raises_what_the_batch_r
     finally:
         b.close()
     assert b.run_alone(_images(1)) is None  # closed: nothing runs (submit says "shutting down")
+
+
+def test_a_lone_requests_deferred_bookkeeping_runs_where_it_is_scheduled_and_holds_the_engine_until_then():
+    import asyncio
+
+    events: list[str] = []
+
+    def process(x, adapt):
+        events.append(f"process {int(x[0, 0, 0, 0])}")
+        return x.copy()
+
+    def after(x, results, adapt):
+        events.append(f"after {int(x[0, 0, 0, 0])} on {threading.current_thread().name}")
+
+    b = MicroBatcher(process, max_batch=8, after=after)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        out = b.run_alone(_images(1), defer=loop.call_soon)
+        assert out is not None and events == ["process 1"]  # answered first: the after-work waits for the loop
+        assert b.run_alone(_images(2), defer=loop.call_soon) is None  # the engine is held until it has run
+        events.append("answer written")
+        await asyncio.sleep(0)
+        assert events[-1] == f"after 1 on {threading.current_thread().name}"
+        assert (b.run_alone(_images(3), defer=loop.call_soon) == 3).all()  # free again
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run(main())
+        assert [e.split(" on ")[0] for e in events] == ["process 1", "answer written", "after 1", "process 3",
+                                                        "after 3"]
+        assert b.alone_batches == 2
+    finally:
+        b.close()

@@ -96,11 +96,14 @@ class MicroBatcher:
             self._queued += 1
         self._q.put(item)
 
-    def run_alone(self, x: np.ndarray, adapt: bool = True) -> Any | None:
+    def run_alone(self, x: np.ndarray, adapt: bool = True,
+                  defer: Callable[..., Any] | None = None) -> Any | None:
         """Run one request's batch on the caller's thread if the engine is free now (the worker idle, nothing
-        queued) -> its results; else None (nothing done: ``submit`` it). The after-batch work goes to the worker,
-        so the caller answers first; until it has run, other requests queue as usual. An error in ``process``
-        is raised here."""
+        queued) -> its results; else None (nothing done: ``submit`` it). The after-batch work must not delay
+        the answer: ``defer(fn, arg)`` schedules it (an event loop's ``call_soon``: it then runs on the loop once
+        the answer's task step, its write included, is done, with no thread hand-off); without ``defer`` the
+        worker does it. Until it has run, other requests queue as usual. An error in ``process`` is raised
+        here."""
         with self._cv:
             if self._busy or self._queued or self._stop.is_set():
                 return None
@@ -112,14 +115,26 @@ class MicroBatcher:
             raise
         self.batches += 1
         self.alone_batches += 1
+        job = (x, results, adapt)
         if self.after is None:
             self._release()
+        elif defer is not None:
+            try:
+                defer(self._finish_alone, job)
+            except RuntimeError:  # the loop is closing: do it now
+                self._finish_alone(job)
         else:
             with self._cv:
-                self._after_job = (x, results, adapt)
+                self._after_job = job
                 self._cv.notify_all()
             self._q.put(_WAKE)
         return results
+
+    def _finish_alone(self, job: tuple) -> None:
+        try:
+            self._run_after(*job)
+        finally:
+            self._release()
 
     def _release(self) -> None:
         with self._cv:

@@ -394,7 +394,7 @@ def create_app(daemon: DeviceDaemon) -> DeviceApp:
         if inflight[0] == 1:
             await asyncio.sleep(0)  # requests parsed in the same loop turn start first, and are counted
             if inflight[0] == 1:
-                res = batcher.run_alone(x, not clipped)
+                res = batcher.run_alone(x, not clipped, defer=asyncio.get_running_loop().call_soon)
                 if res is not None:
                     return res
         fut = batcher.submit_async(x, adapt=not clipped)
