@@ -17,6 +17,7 @@ from edgeadapt.cloud.store import (
     NewSample,
     NotFound,
     PostgresStore,
+    RoundLost,
     S3BlobStore,
     SQLiteStore,
     Store,
@@ -315,6 +316,37 @@ def test_two_replicas_share_everything_and_number_versions_once(replicas):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert sorted(made) == list(range(1, 21)) and b.latest_version() == 20
+
+
+def test_round_leases_let_one_worker_train_a_lineage_and_fence_a_late_one(replicas):
+    a, b = replicas
+    dev = a.authenticate(a.add_device("cam"))
+    a.add_version(_params(0), parent=None, version=0)
+    a.add_samples(dev.id, _samples([f"s{i}" for i in range(4)]))
+    seqs = [s.seq for s in a.pending_samples()]
+    # two workers racing for the global lineage at once: exactly one wins
+    won: list = []
+    threads = [threading.Thread(target=lambda s=s, h=h: won.append((h, s.claim_round("global", h, 0.5))))
+               for s, h in ((a, "worker-a"), (b, "worker-b"))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    winner = next(h for h, ok in won if ok)
+    assert sorted(ok for _, ok in won) == [False, True]
+    first, second = (a, b) if winner == "worker-a" else (b, a)
+    loser = "worker-b" if winner == "worker-a" else "worker-a"
+    assert first.claim_round("global", winner, 0.5)  # the holder renews
+    assert not second.claim_round("global", loser, 0.5)
+    assert second.claim_round("group:1", loser, 0.5)  # another lineage is free
+    # the holder stalls (dies) past its lease: the other takes the lineage over and records the round
+    time.sleep(0.6)
+    assert second.claim_round("global", loser, 5)
+    with pytest.raises(RoundLost):  # the stalled worker's late outcome is refused, nothing of it written
+        first.finish_round(0, "h-late", {}, seqs, params=_params(1), rollout=True, lease=("global", winner))
+    assert a.latest_version() == 0 and a.count_samples("train", consumed=False) == 4
+    cid, version = second.finish_round(0, "h1", {}, seqs, params=_params(1), rollout=True, lease=("global", loser))
+    assert version == 1 and a.count_samples("train", consumed=False) == 0 and len(a.list_candidates()) == 1
+    second.release_round("global", loser)
+    assert first.claim_round("global", winner, 5)  # released: free again
 
 
 # ------------------------------------------------------------------------------------------------ blobs, config

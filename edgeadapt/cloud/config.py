@@ -70,6 +70,9 @@ class TrainerConfig(BaseModel, extra="forbid"):
     max_samples_per_round: int = Field(1024, ge=1, description="a background round that has fallen behind trains on "
                                                                "this many most recent uploads; older ones go to "
                                                                "replay untrained (admin train: no cap)")
+    round_lease_s: float = Field(300.0, gt=0, description="a round holds its lineage's lease this long, renewed as "
+                                 "it trains: replicas sharing a store train each lineage one at a time, and a "
+                                 "worker that dies mid-round leaves its uploads to another once the lease expires")
     holdout_fraction: float = Field(0.1, ge=0, lt=1, description="uploads held back for the gate, never trained")
     gate_samples: int = Field(2000, ge=1, description="most recent held-back uploads the gate evaluates")
     gate_tolerance: float = Field(0.0, ge=0, le=1, description="allowed drop in teacher agreement")
@@ -323,6 +326,7 @@ enabled = true
 train_every = 256                       # train when this many uploads are pending
 train_interval_s = 60                   # ... or when they have waited this long
 max_samples_per_round = 1024            # a round behind trains on the newest this many; older go to replay
+# round_lease_s = 300                  # replicas on one store train each lineage one round at a time
 holdout_fraction = 0.1                  # uploads held back for the gate
 teacher_adapt = false
 seed = 0

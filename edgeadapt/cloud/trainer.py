@@ -46,8 +46,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,7 +64,7 @@ from torch import nn
 
 from edgeadapt.cloud.config import TrainerConfig
 from edgeadapt.cloud.edge_model import apply_params, extract_params, rebuild_edge_model
-from edgeadapt.cloud.store import Store, StoredSample, register_bundle
+from edgeadapt.cloud.store import RoundLost, Store, StoredSample, register_bundle
 from edgeadapt.cloud.teacher_cache import TeacherLogitCache
 from edgeadapt.core import bundle as B
 from edgeadapt.core import param_bounds
@@ -265,6 +268,10 @@ class Trainer:
         self.grouper = grouper
         self._lineages: dict[int | None, tuple[int, SGD | None]] = {}
         self._group: int | None = None  # the lineage the student is in during a round
+        #: who this worker is to the round leases of a shared store (replicas, restarts)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lease: tuple[str, str] | None = None  # (lineage, holder) during a round
+        self._lease_renewed = 0.0
         self._gate_devices: set[int] | None = None  # the devices whose held-back uploads judge this round
         self.bundle_dir = Path(bundle_dir)
         self.store = store
@@ -569,7 +576,41 @@ class Trainer:
             apply_params(self.student, self.store.get_params(self.version))
 
     def _round(self, pending: list, limit: int | None) -> TrainResult:
-        """One training round on ``pending`` in the current lineage (see ``train_now``)."""
+        """One training round on ``pending`` in the current lineage (see ``train_now``), under the lineage's lease:
+        with replicas on one store, one round per lineage at a time and each upload trained once."""
+        if not pending:
+            return TrainResult("idle", self.version, reason="no pending uploads")
+        lineage = "global" if self._group is None else f"group:{self._group}"
+        with self._lock:
+            if not self.store.claim_round(lineage, self.holder, self.cfg.round_lease_s):
+                return TrainResult("idle", self.version, reason=f"another worker is training {lineage}",
+                                   group=self._group)
+            self._lease, self._lease_renewed = (lineage, self.holder), time.monotonic()
+            try:
+                # what another worker trained while this one waited is no longer pending, and its version is the
+                # base now
+                still = {s.seq for s in self.store.pending_samples()}
+                pending = [s for s in pending if s.seq in still]
+                if self._group is None:
+                    self._follow_store()
+                return self._leased_round(pending, limit)
+            except RoundLost as exc:
+                log.warning("training round abandoned: %s", exc)
+                self._reset_student()
+                return TrainResult("idle", self.version, reason=str(exc), group=self._group)
+            finally:
+                self._lease = None
+                self.store.release_round(lineage, self.holder)
+
+    def _renew_lease(self) -> None:
+        """Keep the round's lease while it trains (every third of its length); lost: abandon the round."""
+        if self._lease is None or time.monotonic() - self._lease_renewed < self.cfg.round_lease_s / 3:
+            return
+        if not self.store.claim_round(*self._lease, self.cfg.round_lease_s):
+            raise RoundLost(f"the round lease on {self._lease[0]} expired and another worker took it")
+        self._lease_renewed = time.monotonic()
+
+    def _leased_round(self, pending: list, limit: int | None) -> TrainResult:
         with self._lock:
             t0 = time.perf_counter()
             base = self.version
@@ -601,6 +642,7 @@ class Trainer:
             while epoch < self.cfg.epochs or steps < self.cfg.min_steps_per_round:
                 for new in groups:
                     for _ in range(self.cfg.steps_per_chunk):
+                        self._renew_lease()
                         losses.append(self._step([new] + self._replay_groups()))
                         steps += 1
                     if epoch == 0 and self.cfg.replay_size > 0:
@@ -651,7 +693,8 @@ class Trainer:
             g = self.gate(candidate, self.store.get_params(base))
         metrics = {**metrics, "gate": asdict(g), **({"group": self._group} if self._group is not None else {})}
         if not g.passed:
-            cid, _ = self.store.finish_round(base, phash, metrics, consumed or [], reason=g.reason, capped=capped)
+            cid, _ = self.store.finish_round(base, phash, metrics, consumed or [], reason=g.reason, capped=capped,
+                                             lease=self._lease)
             log.warning("candidate %d rejected by the gate: %s", cid, g.reason)
             if self.metrics is not None:
                 self.metrics.versions_rejected.inc()
@@ -660,7 +703,7 @@ class Trainer:
         # one transaction: a crash leaves either no trace of this round or all of it (version, rollout, record)
         cid, version = self.store.finish_round(base, phash, metrics, consumed or [], params=candidate,
                                                note=metrics.get("note", "trained"), rollout=self.auto_rollout,
-                                               capped=capped, group_id=self._group)
+                                               capped=capped, group_id=self._group, lease=self._lease)
         self.version = version
         apply_params(self.student, candidate)
         if self.metrics is not None:

@@ -30,6 +30,7 @@ from edgeadapt.cloud.store.records import (
     NewSample,
     NotFound,
     Rollout,
+    RoundLost,
     StoredSample,
     StoreError,
     StoreUnavailable,
@@ -45,7 +46,7 @@ from edgeadapt.core.fileperm import private_dir
 from edgeadapt.core.tensorfile import ParamSet, params_hash
 
 __all__ = ["BATCH_RESPONSE_TTL_S", "BlobStore", "CandidateRecord", "Database", "Device", "DeviceGroup", "FleetRepository",
-           "LocalBlobStore", "NewSample", "NotFound", "PostgresDatabase", "PostgresStore", "Rollout", "S3BlobStore",
+           "LocalBlobStore", "NewSample", "NotFound", "PostgresDatabase", "PostgresStore", "Rollout", "RoundLost", "S3BlobStore",
            "SQLiteDatabase", "SQLiteStore", "SampleRepository", "Store", "StoreError", "StoreUnavailable",
            "StoredSample", "Transaction", "VersionRecord", "VersionRepository", "hash_token", "in_fraction",
            "new_token", "npy_bytes", "npy_load", "open_blob_store", "open_store", "redact_url", "register_bundle",
@@ -79,14 +80,18 @@ class Store:
     def finish_round(self, base_version: int, params_hash_: str, metrics: dict, consumed: list[int],
                      params: ParamSet | None = None, reason: str = "", note: str = "",
                      rollout: bool = False, capped: list[int] | None = None,
-                     group_id: int | None = None) -> tuple[int, int | None]:
+                     group_id: int | None = None, lease: tuple[str, str] | None = None) -> tuple[int, int | None]:
         """Record a training round's outcome in one transaction: publish ``params`` as a new version (rolled out to
         all devices when ``rollout``; with ``group_id``: into that group's lineage, rolled out to its members) or, with ``params=None``, a rejected candidate; and mark the uploads it
         trained on consumed. ``capped``: uploads the round left out because their device exceeded its share (moved
         to the split ``capped``: never trained on, never replayed). A crash never leaves uploads marked consumed by
-        a round that left no record, or a version without its rollout. -> (candidate id, new version or None)."""
+        a round that left no record, or a version without its rollout. ``lease`` (lineage, holder): recorded only
+        while that worker still holds the round's lease, else ``RoundLost`` and nothing is written.
+        -> (candidate id, new version or None)."""
         blob = self.versions.put_params_blob(params) if params is not None else None
         with self.db.transaction() as tx:
+            if lease is not None:
+                self.versions.check_round_lease(tx, *lease)
             version = None
             if blob is not None:
                 version = self.versions.insert_version(tx, blob[0], blob[1], base_version, note, metrics,
@@ -98,6 +103,12 @@ class Store:
             self.samples.mark_consumed_in(tx, consumed)
             self.samples.mark_consumed_in(tx, capped or [], split="capped")
             return cid, version
+
+    def claim_round(self, lineage: str, holder: str, ttl_s: float) -> bool:
+        return self.versions.claim_round(lineage, holder, ttl_s)
+
+    def release_round(self, lineage: str, holder: str) -> None:
+        self.versions.release_round(lineage, holder)
 
     # -- samples
     def add_samples(self, device_id: int, samples: list[NewSample]) -> tuple[list[str], list[str]]:

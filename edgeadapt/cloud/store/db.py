@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS device_groups(id {serial}, created {real} NOT NULL, b
   centroid TEXT, note TEXT, dissolved {real});
 CREATE TABLE IF NOT EXISTS packages(key TEXT PRIMARY KEY, blob TEXT NOT NULL, info TEXT NOT NULL,
   created {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS round_leases(lineage TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real} NOT NULL);
 """
 
 ADDED = {"devices": (("expires", "{real}"), ("problems", "TEXT"), ("heartbeat_at", "{real}"), ("signature", "TEXT"),

@@ -22,6 +22,11 @@ class NotFound(StoreError):
     pass
 
 
+class RoundLost(StoreError):
+    """A training round's lease on its lineage passed to another worker (this one was too slow or presumed dead):
+    its outcome is not recorded, and the other worker trains those uploads."""
+
+
 class StoreUnavailable(OSError):
     """The database or object store did not answer (connection lost, server down). An ``OSError`` so that the
     server answers 503 and the device keeps its queue, as for a full disk."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeadapt.cloud.store.blobs import BlobStore
 from edgeadapt.cloud.store.db import Database, Row, Transaction
-from edgeadapt.cloud.store.records import CandidateRecord, NotFound, StoreError, VersionRecord
+from edgeadapt.cloud.store.records import CandidateRecord, NotFound, RoundLost, StoreError, VersionRecord
 from edgeadapt.core.tensorfile import ParamSet, params_from_bytes, params_hash, params_to_bytes
 
 PARAMS_CACHE_MAX = 64
@@ -103,6 +103,34 @@ class VersionRepository:
     def list(self) -> list[VersionRecord]:
         with self.db.reader() as tx:
             return [self._version(r) for r in tx.all("SELECT * FROM versions ORDER BY version")]
+
+    # -- training rounds: one worker at a time per lineage, across replicas
+    def claim_round(self, lineage: str, holder: str, ttl_s: float) -> bool:
+        """Take (or renew) the lease on ``lineage``'s next round for ``ttl_s`` seconds; False while another worker
+        holds an unexpired one. One statement, so two workers racing for it cannot both win."""
+        now = time.time()
+        with self.db.transaction() as tx:
+            tx.lock("round_leases")  # against a fencing check in flight (PostgreSQL: held until commit)
+            tx.execute("INSERT INTO round_leases(lineage, holder, expires) VALUES(?,?,?) ON CONFLICT(lineage) DO "
+                       "UPDATE SET holder=excluded.holder, expires=excluded.expires "
+                       "WHERE round_leases.holder=? OR round_leases.expires<?",
+                       (lineage, holder, now + ttl_s, holder, now))
+            row = tx.one("SELECT holder FROM round_leases WHERE lineage=?", (lineage,))
+        return row is not None and row["holder"] == holder
+
+    def release_round(self, lineage: str, holder: str) -> None:
+        with self.db.transaction() as tx:
+            tx.execute("DELETE FROM round_leases WHERE lineage=? AND holder=?", (lineage, holder))
+
+    @staticmethod
+    def check_round_lease(tx: Transaction, lineage: str, holder: str) -> None:
+        """Inside the transaction that records a round: refuse it (``RoundLost``) unless ``holder`` still holds the
+        lease (expired but not taken over is still its own)."""
+        tx.lock("round_leases")
+        row = tx.one("SELECT holder FROM round_leases WHERE lineage=?", (lineage,))
+        if row is None or row["holder"] != holder:
+            raise RoundLost(f"the round lease on {lineage} is held by {row['holder'] if row else 'nobody'}, not "
+                            f"{holder}: another worker trains these uploads")
 
     # -- candidates
     @staticmethod
