@@ -100,3 +100,76 @@ def test_postgres_restart_and_object_store_outage_under_upload_load(cloud_env, p
     assert final["sent"] == len(ids), (final, len(ids))
     assert final["put"] == final["sent"] + final["dropped_oldest"] + final["rejected"]
     assert served > 0
+
+
+def _trainer_replica(cloud_env, home, log, shared: tuple[str, ...]):
+    """A `cloud serve` with its background trainer on (cloud_proc's admin-API-only trainer is off), rounds long
+    enough to be killed in the middle and a short lease."""
+    import sys
+
+    from tests.conftest import free_port
+    from tests.procs import Proc, _env
+
+    port = free_port()
+    args = [sys.executable, "-m", "edgeadapt", "cloud", "serve", "--home", str(home), "--bundle", str(cloud_env.bundle),
+            "--listen", f"127.0.0.1:{port}", "--teacher", "resnet_edge", "--teacher-weights",
+            str(cloud_env.teacher_weights), "--seed", "0", *shared]
+    env = _env(EDGEADAPT_CLOUD_TRAINER__TRAIN_EVERY="32", EDGEADAPT_CLOUD_TRAINER__TRAIN_INTERVAL_S="1",
+               EDGEADAPT_CLOUD_TRAINER__MIN_STEPS_PER_ROUND="600", EDGEADAPT_CLOUD_TRAINER__ROUND_LEASE_S="3",
+               EDGEADAPT_CLOUD_TRAINER__GATE_TOLERANCE="1.0", EDGEADAPT_CLOUD_TRAINER__TORCH_THREADS="1")
+    return Proc("cloud", args, f"http://127.0.0.1:{port}", log, env)
+
+
+@pytest.mark.slow  # ~70 s: a 600-step round is killed and redone
+def test_a_trainer_killed_mid_round_is_redone_and_published_once(cloud_env, kit, postgres_server, s3_server,
+                                                                   tmp_path):
+    """Two replicas with trainers on one PostgreSQL + bucket; the one holding the round's lease is SIGKILLed in the
+    middle of it: its round leaves nothing, the other takes the lineage once the lease expires and publishes the
+    round, once."""
+    from edgeadapt.cloud.store import PostgresStore, open_blob_store
+
+    db_url, bucket = postgres_server.create_database(), s3_server.bucket_url()
+    home = fresh_cloud_home(cloud_env, tmp_path / "home")
+    shared = ("--database-url", db_url, "--blob-url", bucket, "--blob-endpoint-url", s3_server.endpoint_url)
+    a = _trainer_replica(cloud_env, home, tmp_path / "a.log", shared)
+    b = _trainer_replica(cloud_env, home, tmp_path / "b.log", shared)
+    store = None
+    try:
+        a.start()
+        b.start()
+        token = add_device(a, cloud_env.admin_token, "cam")
+        r = a.post("/v1/samples", json=kit.batch_body(kit.synthetic_images(64, seed=5, shift=kit.TEST_SHIFT)),
+                   headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["accepted"] == 64, r.text
+        store = PostgresStore(db_url, open_blob_store(bucket, s3_server.endpoint_url))
+
+        def holder() -> str | None:
+            with store.db.reader() as tx:
+                row = tx.one("SELECT holder FROM round_leases WHERE lineage='global'")
+            return row["holder"] if row else None
+
+        first = wait_for(holder, 60, "a replica to take the round's lease")
+        pid = int(first.split(":")[1])
+        victim, survivor = (a, b) if pid == a.popen.pid else (b, a)
+        assert pid == victim.popen.pid
+        time.sleep(1.0)  # well inside its round of 600 steps
+        assert store.latest_version() == 0  # not finished when it dies
+        victim.kill()
+        t_kill = time.time()
+        wait_for(lambda: store.latest_version() == 1, 240, "the surviving replica to redo and publish the round")
+        redo_s = time.time() - t_kill
+        time.sleep(2.0)  # nothing else comes after it
+        versions = [v.version for v in store.list_versions()]
+        candidates = store.list_candidates()
+        pending = store.count_samples("train", consumed=False)
+        second = holder()
+    finally:
+        a.stop()
+        b.stop()
+        if store is not None:
+            store.close()
+    print("FAULT", {"trainer_killed": {"redo_s": round(redo_s, 1), "versions": versions,
+                                       "candidates": len(candidates)}}, flush=True)
+    assert versions == [0, 1] and len(candidates) == 1 and candidates[0].status == "published"
+    assert pending == 0  # every upload trained, by the round that was recorded
+    assert second != first  # the dead worker's lease is gone (taken over, then released)
