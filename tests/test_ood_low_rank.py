@@ -60,3 +60,26 @@ def test_small_requests_get_the_full_updates_precision():
     assert np.median(get_detector("mahalanobis").fit(*_source()[0], np.eye(K, D), np.zeros(K)).score(None, probes)) > \
         3 * np.median(fast.score(None, probes))
 
+
+
+def test_the_low_rank_bounds_grow_with_the_feature_dimension():
+    """At the reference model's D = 64 the bounds are the fixed ones; at D = 1,280 (MobileNetV2, EfficientNet-B0) a
+    batch of 16 requests no longer costs a full eigendecomposition each (issue 15), and still agrees with one."""
+    det, _, _ = _fitted(8)
+    assert det.low_rank_limits(64) == (8, 16) and det.low_rank_limits(1280) == (80, 320)
+    dim, k = 256, 4
+    rng = np.random.default_rng(3)
+    centers = rng.normal(0, 3, (k, dim))
+    y = np.repeat(np.arange(k), 3 * dim // k)
+    z = centers[y] + rng.normal(0, 1, (len(y), dim))
+    fast = get_detector("mahalanobis_domain").fit(z, np.eye(k)[y] * 4, y, np.eye(k, dim), np.zeros(k))
+    full = get_detector("mahalanobis_domain").fit(z, np.eye(k)[y] * 4, y, np.eye(k, dim), np.zeros(k))
+    full.low_rank_max = 0
+    for i in range(4):
+        yb = rng.integers(0, k, 16)
+        zb = centers[yb] * 1.2 + rng.normal(0, 1.3, (16, dim))
+        fast.observe(np.eye(k)[yb] * 4, zb, shift=i == 0)
+        full.observe(np.eye(k)[yb] * 4, zb, shift=i == 0)
+    assert fast._low_rank_samples > 0  # the last batches went through Woodbury
+    probes = centers[rng.integers(0, k, 20)] * 1.2 + rng.normal(0, 1.3, (20, dim))
+    np.testing.assert_allclose(fast.score(None, probes), full.score(None, probes), rtol=1e-3)

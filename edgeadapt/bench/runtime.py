@@ -140,12 +140,16 @@ def run_runtime_bench(bundle_dir: str | Path, x: np.ndarray | None, method: str,
     res: dict = {"batch": batch, "threads": threads, "method": method, "inputs": "synthesized" if synthesized
                  else "stream", "methods": {"adaptive": method, **(extra_methods or {})},
                  "bundle_mb": round(bundle_mb(bundle_dir), 1)}
-    # interleave the measurements twice to even out machine noise
+    # interleave the measurements twice to even out machine noise; numpy's BLAS on one thread as the daemon runs
+    # it (device/backend.py single_threaded_blas), for this measurement only
+    from threadpoolctl import threadpool_limits
+
     rates: dict[str, list[float]] = {"static": [], **{name: [] for name in steps}}
-    for _ in range(2):
-        rates["static"].append(_timeit(lambda: static.run_static(xf), batch, min_s / 2))
-        for name, step in steps.items():
-            rates[name].append(_timeit(step, batch, min_s / 2, warmup=3, min_count=ENGINE_BATCHES))
+    with threadpool_limits(1, user_api="blas"):
+        for _ in range(2):
+            rates["static"].append(_timeit(lambda: static.run_static(xf), batch, min_s / 2))
+            for name, step in steps.items():
+                rates[name].append(_timeit(step, batch, min_s / 2, warmup=3, min_count=ENGINE_BATCHES))
     res["static_img_s"] = float(np.mean(rates["static"]))
     for name in steps:
         res[f"{name}_img_s"] = float(np.mean(rates[name]))

@@ -28,6 +28,10 @@ that was most of the daemon's time per request (docs/BENCHMARKS.md "Serving"). A
 Woodbury identity instead (O(n D^2)); a full one follows every ``REFERENCE_BATCH / 4`` samples (and at a shift,
 and for every larger batch, so at the benchmark's batch of 64 nothing changes), which bounds the float drift
 and the ridge's (between updates it decays with the old covariance instead of following the new one's scale).
+Both bounds grow with the feature dimension D (``low_rank_limits``: at most max(8, D/16) kept samples per Woodbury
+update, a full one every max(REFERENCE_BATCH / 4, D / 4) samples): Woodbury costs O(n D^2) against the full
+O(D^3), and at D = 1,280 (MobileNetV2, EfficientNet-B0) and batch 16 the full one every batch cost several static
+forwards of the model (issue 15); at the reference model's D = 64 nothing changes.
 
 Limit: a batch made only of novel inputs at a domain shift is taken for a new domain (the engine also
 normalizes it with its own statistics, which makes its features look ordinary); novel inputs *mixed into* a
@@ -88,6 +92,13 @@ class MahalanobisDomain(Mahalanobis):
         self.domain_batches = 0
         self._low_rank_samples = 0  # samples folded in by Woodbury since the last full precision
 
+    def low_rank_limits(self, dim: int) -> tuple[int, int]:
+        """(most kept samples a Woodbury update takes, samples between full precisions) at feature dimension
+        ``dim`` (module docstring, "Cost"); ``low_rank_max`` 0 turns Woodbury off at any dimension."""
+        if self.low_rank_max <= 0:
+            return 0, 0
+        return max(self.low_rank_max, dim // 16), max(self.reference_batch // 4, dim // 4)
+
     def _pseudo_labels(self, logits: np.ndarray | None, d: np.ndarray) -> np.ndarray:
         """Predicted class per sample among the fitted classes (nearest domain mean without usable logits)."""
         if logits is not None:
@@ -122,8 +133,8 @@ class MahalanobisDomain(Mahalanobis):
             r = z[keep] - means[labels[keep]]
             within = (1 - m) * within + m * (r.T @ r / n)
             try:
-                if n <= self.low_rank_max and self.domain_batches > 0 and not shift \
-                        and low_rank + n < self.reference_batch // 4:
+                max_n, refit = self.low_rank_limits(z.shape[1])
+                if n <= max_n and self.domain_batches > 0 and not shift and low_rank + n < refit:
                     precision, low_rank = _woodbury(precision, 1 - m, r * np.sqrt(m / n)), low_rank + n
                 else:
                     precision, low_rank = _precision(within), 0
