@@ -173,3 +173,51 @@ def test_a_trainer_killed_mid_round_is_redone_and_published_once(cloud_env, kit,
     assert versions == [0, 1] and len(candidates) == 1 and candidates[0].status == "published"
     assert pending == 0  # every upload trained, by the round that was recorded
     assert second != first  # the dead worker's lease is gone (taken over, then released)
+
+
+def test_a_replica_killed_under_load_devices_move_to_the_other(cloud_env, postgres_server, s3_server, tmp_path):
+    """A device given two replicas (``cloud_url = "A,B"``) uploads everything it serves through A; A is SIGKILLed:
+    the device moves its uploads, update checks and heartbeats to B after one failed request, no prediction
+    fails, and every sample it counts as sent is in the shared store once."""
+    db_url, bucket = postgres_server.create_database(), s3_server.bucket_url()
+    home = fresh_cloud_home(cloud_env, tmp_path / "home")
+    shared = ("--database-url", db_url, "--blob-url", bucket, "--blob-endpoint-url", s3_server.endpoint_url)
+    a = cloud_proc(cloud_env, home, tmp_path / "a.log", extra=shared)
+    b = cloud_proc(cloud_env, home, tmp_path / "b.log", extra=shared)
+    dev = None
+    try:
+        a.start()
+        b.start()
+        token = add_device(a, cloud_env.admin_token, "cam")
+        dev = device_proc(cloud_env.bundle, tmp_path / "state", tmp_path / "device.log", f"{a.url},{b.url}", token,
+                          upload_all=1, **FAST).start()
+        st = dev.get("/v1/status").json()
+        assert st["cloud_endpoints"]["current"] == a.url and st["cloud_endpoints"]["urls"] == [a.url, b.url]
+        with Load(dev.url, clients=2, batch=16, pause_s=0.05) as load:
+            wait_for(lambda: dev.get("/v1/status").json()["queue"]["sent"] > 64, 60, "uploads flowing through A")
+            a.kill()
+            sent_at_kill = dev.get("/v1/status").json()["queue"]["sent"]
+            t_kill = time.time()
+            wait_for(lambda: dev.get("/v1/status").json()["queue"]["sent"] > sent_at_kill + 64, 60,
+                     "uploads flowing through B")
+            moved_s = time.time() - t_kill
+            time.sleep(1.0)
+        final = wait_for(lambda: (q := dev.get("/v1/status").json())["queue"]["queued"] == 0 and q, 90,
+                         "the device's queue to drain through B")
+        hb = b.get("/v1/admin/devices", headers={"Authorization": f"Bearer {cloud_env.admin_token}"}).json()
+        since_kill = time.time() - t_kill
+    finally:
+        if dev is not None:
+            dev.stop()
+        a.stop()
+        b.stop()
+    ids = _stored_ids(db_url, bucket, s3_server.endpoint_url, "cam")
+    ends = final["cloud_endpoints"]
+    print("FAULT", {"replica_killed": {"moved_s": round(moved_s, 1), "switches": ends["switches"],
+                                       "sent": final["queue"]["sent"], "stored": len(ids),
+                                       "predictions_ok": load.ok}}, flush=True)
+    assert load.failed == [], load.failed[:3]
+    assert ends["current"] == b.url and ends["switches"] >= 1 and ends["last_switch"]["from"] == a.url
+    assert len(ids) == len(set(ids)) and final["queue"]["sent"] == len(ids)
+    cam = next(d for d in hb if d["name"] == "cam")
+    assert cam["heartbeat_age_s"] is not None and cam["heartbeat_age_s"] < since_kill  # heartbeats reached B

@@ -43,7 +43,8 @@ LOOP_METHOD = "ema_stats:transductive=true,every=16"
 class DeviceConfig(BaseModel, extra="forbid"):
     bundle: Path
     state_dir: Path
-    cloud_url: str | None = None
+    cloud_url: str | None = Field(None, description="the cloud, or several replicas sharing one store "
+                                  "comma-separated (a network failure moves the device to the next)")
     token: str | None = Field(None, description="this device's cloud token; prefer token_file or EDGEADAPT_TOKEN: "
                                                 "a --token flag is visible to every local user in /proc/PID/cmdline")
     token_file: Path | None = Field(None, description="file holding the token (first line); keep it 0600")
@@ -157,9 +158,19 @@ class DeviceConfig(BaseModel, extra="forbid"):
         if self.ca_file is not None:
             if not Path(self.ca_file).is_file():
                 raise ValueError(f"ca_file {self.ca_file} is not a file")
-            if not (self.cloud_url or "").startswith("https://"):
+            if not all(u.startswith("https://") for u in (self.cloud_url or "").split(",")):
                 raise ValueError("ca_file verifies an https:// cloud_url; cloud_url is not one")
         return self
+
+    @field_validator("cloud_url")
+    @classmethod
+    def _cloud_urls(cls, v: str | None) -> str | None:
+        """One URL, or several replicas comma-separated (device/cloud_endpoints.py)."""
+        if v is None or not v.strip():
+            return None
+        from edgeadapt.device.cloud_endpoints import parse_cloud_urls
+
+        return ",".join(parse_cloud_urls(v))
 
     def tls_verify(self) -> ssl.SSLContext | bool:
         """What the device's HTTP clients verify the cloud's certificate with: the CA file, else the system store."""

@@ -90,10 +90,16 @@ class DeviceDaemon:
         self._restore()
         self.uploader = None
         self.updater = None
+        #: the cloud replica(s): uploads, update checks and heartbeats move on together when one stops answering
+        self.cloud = None
+        if config.cloud_url:
+            from edgeadapt.device.cloud_endpoints import CloudEndpoints
+
+            self.cloud = CloudEndpoints(config.cloud_url)
         if config.cloud_url and config.token and self.queue is not None:
             from edgeadapt.device.uploader import Uploader
 
-            self.uploader = Uploader(self.queue, config.cloud_url, config.token, self.manifest.model_name,
+            self.uploader = Uploader(self.queue, self.cloud, config.token, self.manifest.model_name,
                                      poll_interval=config.upload_interval_s, verify=config.tls_verify(),
                                      health=self, metrics=self.metrics, failing_after_s=config.degraded_after_s)
         if config.cloud_url and config.token and self.versions is not None:
@@ -102,7 +108,7 @@ class DeviceDaemon:
             except ImportError:  # pragma: no cover - updater module not present
                 Updater = None
             if Updater is not None:
-                self.updater = Updater(self, config.cloud_url, config.token, poll_s=config.update_poll_s,
+                self.updater = Updater(self, self.cloud, config.token, poll_s=config.update_poll_s,
                                        watch_batches=config.watch_batches, long_poll_s=config.update_long_poll_s)
         self.batcher = MicroBatcher(self._process_batch, config.max_batch, config.max_wait_ms,
                                     to_float=self.codec.to_values, after=self._after_batch)
@@ -431,6 +437,7 @@ class DeviceDaemon:
             "upload_encoding": self.upload_encoder.status(),
             "versions_on_disk": self.versions.versions() if self.versions else [],
             "cloud": self.config.cloud_url,
+            "cloud_endpoints": self.cloud.status() if self.cloud is not None else None,
             "adaptation_guard": {"counters": dict(self.engine.guard_counters), "last": self.engine.guard_last},
             "degraded": self.degraded(),
             "uploads": self.uploads_state(),

@@ -205,5 +205,6 @@ def device_findings(bundle: Path, cloud_url: str | None = None, token: str | Non
     if state_dir is not None:
         out += state_findings(state_dir)
     if cloud_url:
-        out += cloud_findings(bundle, cloud_url, token, verify, updates)
+        for url in cloud_url.split(","):  # every replica a device may move to must answer it
+            out += cloud_findings(bundle, url.strip(), token, verify, updates)
     return out

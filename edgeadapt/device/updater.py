@@ -49,6 +49,7 @@ from edgeadapt.core.jsonsafe import json_safe
 from edgeadapt.core.mathops import entropy_from_logits
 from edgeadapt.core.tensorfile import params_hash
 from edgeadapt.core.wire import DomainSignature, Heartbeat, UpdateInfo
+from edgeadapt.device.cloud_endpoints import CloudEndpoints
 from edgeadapt.device.version_manager import VersionManager
 
 log = logging.getLogger("edgeadapt.device.updater")
@@ -126,7 +127,7 @@ def max_update_bytes(params: dict) -> int:
 
 
 class Updater:
-    def __init__(self, daemon, cloud_url: str, token: str, poll_s: float = 2.0, watch_batches: int = 8,
+    def __init__(self, daemon, cloud_url: str | CloudEndpoints, token: str, poll_s: float = 2.0, watch_batches: int = 8,
                  policy: WatchPolicy | None = None, client: httpx.Client | None = None,
                  download_timeout_s: float | None = None, max_download_bytes: int | None = None,
                  max_backoff_s: float | None = None, long_poll_s: float = 0.0):
@@ -138,7 +139,7 @@ class Updater:
         self.manager.listener = self
         self.model = daemon.manifest.model_name
         self.public_key = daemon.manifest.cloud_public_key
-        self.url = cloud_url.rstrip("/")
+        self.endpoints = cloud_url if isinstance(cloud_url, CloudEndpoints) else CloudEndpoints(cloud_url)
         self.poll_s = poll_s
         #: how long the background check asks the cloud to hold it open until a version is published (0: none)
         self.long_poll_s = float(long_poll_s)
@@ -200,6 +201,7 @@ class Updater:
         self.daemon.resolved("cloud_unreachable")
 
     def _unreachable(self, exc: BaseException) -> None:
+        self.endpoints.request_failed(exc)  # the next request goes to another replica, if there is one
         self.daemon.problem("cloud_unreachable", f"cloud unreachable: {type(exc).__name__}: {str(exc)[:200]}",
                             after_s=self.failing_after_s)
 
@@ -211,6 +213,11 @@ class Updater:
                                 "expired or wrong")
         else:
             self.daemon.problem("updater", why)
+
+    @property
+    def url(self) -> str:
+        """The cloud replica in use now (``endpoints``: the uploader's too)."""
+        return self.endpoints.current
 
     # -- polling -----------------------------------------------------------------------------------
     def held_hash(self) -> str:

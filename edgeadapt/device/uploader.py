@@ -29,6 +29,7 @@ from typing import Protocol
 import httpx
 
 from edgeadapt.core.wire import MAX_BODY_BYTES, MAX_SAMPLES_PER_BATCH
+from edgeadapt.device.cloud_endpoints import CloudEndpoints
 from edgeadapt.device.upload_queue import UploadQueue
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Uploader:
     def __init__(
         self,
         queue: UploadQueue,
-        cloud_url: str,
+        cloud_url: str | CloudEndpoints,
         token: str,
         model: str,
         batch_size: int = 64,
@@ -106,7 +107,8 @@ class Uploader:
         failing_after_s: float = 60.0,
     ) -> None:
         self.queue = queue
-        self.url = cloud_url.rstrip("/") + "/v1/samples"
+        #: the cloud replicas (one, or several that share a store): a network failure moves to the next
+        self.endpoints = cloud_url if isinstance(cloud_url, CloudEndpoints) else CloudEndpoints(cloud_url)
         self.token = token
         self.model = model
         self.batch_size = max(1, min(int(batch_size), MAX_SAMPLES_PER_BATCH))
@@ -153,9 +155,12 @@ class Uploader:
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
         self.stats["requests"] += 1
         self.stats["bytes_up"] += len(body)
+        base = self.endpoints.current
         try:
-            resp = self.client.post(self.url, content=body, headers=headers)
+            resp = self.client.post(f"{base}/v1/samples", content=body, headers=headers)
         except httpx.HTTPError as e:
+            if not isinstance(e, httpx.HTTPStatusError):
+                self.endpoints.failed(base, f"{type(e).__name__}: {e}")
             self.stats["errors"] += 1
             self.last_status, self.last_error = None, f"{type(e).__name__}: {e}"
             if "CERTIFICATE_VERIFY_FAILED" in str(e):
