@@ -198,17 +198,27 @@ def loop_stream(path: Path, per_domain: int = 96, domains: int = 2, size: int = 
     return path
 
 
-def _export(arch: str, out: str, calib_n: int, q, signed: bool = False) -> None:
+def calibration(calib_n: int, like_stream: bool) -> tuple:
+    """Calibration inputs: uniform noise (size and speed figures), or images like ``loop_stream``'s first domain
+    (another seed), so that a 224 loop's stream is in-distribution for the OOD flag: a novel upload is never
+    trained on, and against noise calibration every smooth image is novel."""
     import numpy as np
 
+    if like_stream:
+        with tempfile.TemporaryDirectory() as d:
+            s = np.load(loop_stream(Path(d) / "calib.npz", per_domain=calib_n, domains=1, seed=1))
+            return s["x"], s["y"]
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (calib_n, 3, 224, 224), dtype=np.uint8), rng.integers(0, 1000, calib_n)
+
+
+def _export(arch: str, out: str, calib_n: int, q, signed: bool = False, like_stream: bool = False) -> None:
     from edgeadapt.export.exporter import ExportSpec, export_bundle
     from edgeadapt.export.profile import ExportProfile
 
     model = build(arch)
     weights = sum(v.numel() * 4 for v in model.state_dict().values() if v.dtype.is_floating_point)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (calib_n, 3, 224, 224), dtype=np.uint8)
-    y = rng.integers(0, 1000, calib_n)
+    x, y = calibration(calib_n, like_stream)
     sampler = _RssSampler()
     t0 = time.perf_counter()
     key = None
@@ -226,11 +236,11 @@ def _export(arch: str, out: str, calib_n: int, q, signed: bool = False) -> None:
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
 
 
-def export(arch: str, out: Path, calib_n: int = 256, signed: bool = False) -> dict:
+def export(arch: str, out: Path, calib_n: int = 256, signed: bool = False, like_stream: bool = False) -> dict:
     """Export ``arch`` to ``out`` in a child process (peak RSS is the export's own) and describe the bundle."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_export, args=(arch, str(out), calib_n, q, signed))
+    p = ctx.Process(target=_export, args=(arch, str(out), calib_n, q, signed, like_stream))
     p.start()
     res = q.get()
     p.join()
@@ -252,7 +262,8 @@ def main() -> None:
     ap.add_argument("--signed", action="store_true", help="trust the benchmarks' cloud home's key (for bench "
                                                           "accuracy's loop rows)")
     ap.add_argument("--loop-assets", action="store_true", help="also <out>/<arch>.teacher.safetensors (the "
-                    "model's own weights) and <out>/stream224.npz (a small RGB stream) for a 224 loop run")
+                    "model's own weights) and <out>/stream224.npz (a small RGB stream) for a 224 loop run; the "
+                    "bundle is calibrated on images like the stream's")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
@@ -262,7 +273,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = args.out or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
-        results = [export(a, base / a, args.calib, args.signed) for a in archs]
+        results = [export(a, base / a, args.calib, args.signed, args.loop_assets) for a in archs]
         if args.loop_assets:
             for r in results:
                 r["teacher_weights"] = str(save_weights(r["arch"], base / f"{r['arch']}.teacher.safetensors"))

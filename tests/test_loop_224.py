@@ -1,6 +1,7 @@
 """The loop round trip at 3x224x224 with a torchvision-layout ResNet-18 (scripts/bench_archs.py, 1,000 classes, random
 weights): device and cloud as separate processes over HTTP, RGB uploads in the default encoding accepted (none
-rejected), a round trained, published and applied on the device. The teacher is the same architecture with the
+rejected), a round trained, published and applied on the device. Every in-distribution sample is uploaded
+(``upload_all``): the selection's budgets are not what is tested here. The teacher is the same architecture with the
 same random weights: what this shows is that the loop works at that size, not that a random teacher teaches.
 
 ``slow`` (EDGEADAPT_SLOW=1 / ``-m slow``): one 224 export (~1 min) and cloud rounds on a ResNet-18 (~2 min each on
@@ -44,12 +45,11 @@ def _export_signed(bench_archs, out: Path, key: str) -> None:
     from edgeadapt.export.profile import ExportProfile
 
     model = bench_archs.build("resnet18")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (64, 3, 224, 224), dtype=np.uint8)
+    x, y = bench_archs.calibration(64, like_stream=True)  # the stream is in-distribution: its uploads train
     export_bundle(model, ExportSpec(arch="bench:resnet18", model_name="resnet18",
                                     labels=[f"c{i}" for i in range(1000)], input_shape=[3, 224, 224],
                                     cloud_public_key=key),
-                  x, rng.integers(0, 1000, 64), out, ExportProfile(calib_samples=64, parity_batch=16))
+                  x, y, out, ExportProfile(calib_samples=64, parity_batch=16))
 
 
 def test_resnet18_224_loop_round_trip(assets, tmp_path, monkeypatch):
@@ -60,7 +60,7 @@ def test_resnet18_224_loop_round_trip(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("EDGEADAPT_CLOUD_TRAINER__MIN_STEPS_PER_ROUND", "4")  # a round in well under a minute
     r = run_loop(assets["bundle"], STUDENT, assets["weights"], assets["home"], assets["x"], assets["y"],
-                 batch=16, sync_every=4, work=tmp_path / "work", domains=assets["domains"])
+                 batch=16, sync_every=4, upload_all=True, work=tmp_path / "work", domains=assets["domains"])
     assert r["uploads_sent"] > 0 and r["uploads_rejected"] == 0, r
     assert r["trainings"] >= 1, r
     assert r["versions_applied"] >= 1 and r["final_version"] >= 1, r
