@@ -7,10 +7,10 @@ themselves; with one client each request runs alone, immediately. ``max_wait_ms`
 request was queued, never from when the worker picked it up.
 
 A lone request need not go through the worker at all: ``run_alone`` runs it on the caller's thread when the
-worker is idle and nothing is queued, which saves the two thread hand-offs (queue -> worker -> the caller's event
-loop) that were a third of a one-connection request's latency (docs/NOTES.md "Serving"). Its after-batch work
-still runs on the worker, after the answer, and before any later batch: the order of batches and their
-bookkeeping is the same either way.
+worker is idle and nothing is queued, which saves two thread hand-offs (queue -> worker -> the caller's event
+loop; one connection p50 2.44 -> 2.20 ms back to back, docs/BENCHMARKS.md "Serving"). Its after-batch work runs
+after the answer (on the caller's event loop when it passes ``defer``, else on the worker) and before any later
+batch: the order of batches and their bookkeeping is the same either way.
 """
 
 from __future__ import annotations
