@@ -171,9 +171,12 @@ class AdaptiveEngine:
     def _keep_mix(self, prior: ParamSet, batch_stats, mix: np.ndarray) -> None:
         """Remember the statistics a mixing batch normalized with (prior + w (batch - prior), per layer, as the
         adaptive graph mixes them) for the fast session of the batches that follow."""
-        if self.state_guard.check_stats(batch_stats, "batch statistics") is not None:
+        reason = self.state_guard.check_stats(batch_stats, "batch statistics")
+        if reason is not None:
             # the guard refuses these statistics for the state, and the fold does not take them either: the fast
-            # session keeps the method's own until the next mixing batch (not a mix on every batch)
+            # session keeps the method's own until the next mixing batch (not a mix on every batch); counted
+            self.guard_counters["stats_refused"] += 1
+            self._guard_event("stats_refused", reason)
             self._mix_fold = dict(self.method.forward_stats())
             self._stale = True
             return
