@@ -290,7 +290,7 @@ class Updater:
             self._refused.pop(have, None)
             self.daemon.resolved("updates_rejected", "update_rolled_back")  # nothing refused is offered now
             return "current"
-        return self.apply_package(got)
+        return self.apply_package(got, asked_at=have)
 
     def _precheck(self, have: int) -> str | None:
         """Before downloading: when a package was refused against ``have`` (or this bundle has no key to verify
@@ -419,14 +419,6 @@ class Updater:
             return None
         return v if type(v) is int else None
 
-    @staticmethod
-    def _peek_base(data: bytes) -> int | None:
-        try:
-            v = UP.read_header(data)["base"]["version"]
-        except Exception:
-            return None
-        return v if type(v) is int else None
-
     def _skip(self, target: int | None) -> str | None:
         """"pinned" or "blocked" when a package for ``target`` must not be taken (the version manager's pin and
         block list), else None."""
@@ -435,7 +427,8 @@ class Updater:
             self.counters["pinned_skips"] += 1
         return refusal
 
-    def apply_package(self, data: bytes) -> str:
+    def apply_package(self, data: bytes, asked_at: int | None = None) -> str:
+        """Verify and take a package (``asked_at``: the version the check that fetched it started from)."""
         peeked = self._peek_target(data)
         skip = self._skip(peeked)
         if skip:
@@ -445,8 +438,9 @@ class Updater:
         digest = hashlib.sha256(bytes(data)).hexdigest()
         with self._lock:
             base_version = self.engine.param_version
-            if peeked is not None and peeked <= base_version and self._peek_base(data) != base_version:
-                # another check (a long-poll and a sync answered by the same publish) applied it first
+            if asked_at is not None and base_version != asked_at:
+                # fetched for a version this device has left since: another check (a long-poll and a sync
+                # answered by the same publish) took an update first; this one is stale, not hostile
                 return "current"
             seen = self._rejected.get((digest, base_version))
             if seen is not None:  # the same bytes against the same version: the same answer, without the work
