@@ -240,15 +240,18 @@ class Updater:
         "applied", "rejected", "blocked", "pinned", "refused", "busy", "off" (updates not wanted) or "error"."""
         if not self.updates:
             return "off"
-        w = self._watch
-        if w is not None:
-            if time.monotonic() - w.started <= self.watch_timeout_s:
-                return "busy"
-            self._watch_timed_out(w)
-            if self._watch is not None:
-                return "busy"
-        self.counters["checks"] += 1
-        have = self.engine.param_version
+        # under the version lock: a manual switch ends the watch and changes the version in one step, and a check
+        # that saw the one without the other would ask the cloud to hold it open for a version already left
+        with self._lock:
+            w = self._watch
+            if w is not None:
+                if time.monotonic() - w.started <= self.watch_timeout_s:
+                    return "busy"
+                self._watch_timed_out(w)
+                if self._watch is not None:
+                    return "busy"
+            self.counters["checks"] += 1
+            have = self.engine.param_version
         try:
             known = self._precheck(have)
         except httpx.HTTPError as exc:
