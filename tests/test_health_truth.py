@@ -358,17 +358,20 @@ def test_full_disk_and_failing_cloud_store_named_everywhere_and_clear(cloud_env,
     blobs = home / "store" / "blobs"
     with Load(dev.url, clients=2, batch=32) as load:
         wait_for(lambda: dev.get("/v1/status").json()["queue"]["sent"] > 0 and healthy(dev), 60, "a healthy loop")
-        # the "disk" fills now (the queue's WAL alone passes 1 MiB under this load: set at start, the device would
-        # never have been healthy)
-        resource.prlimit(dev.popen.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        # the cloud's store fails first: uploads are answered 503 and kept, so the device's queue holds samples from
+        # here on (with the "disk" full first, the queue may be empty when it fills, and nothing would be sent to fail)
         blobs.rename(home / "store" / "blobs.away")
         blobs.write_text("not a directory")
         t0 = time.time()
         store = wait_for(lambda: cloud.get("/healthz").json()["reasons"].get("store"), 60, "the cloud's store reason")
         cloud_s = time.time() - t0
+        failing = wait_for(lambda: named(dev, "uploads_failing", "uploads failing: HTTP 503"), 60, "the failing uploads")
+        # the "disk" fills now (the queue's WAL alone passes 1 MiB under this load: set at start, the device would
+        # never have been healthy)
+        resource.prlimit(dev.popen.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
         view = wait_for(lambda: named(dev, "queue", "could not queue uploads"), 120, "the device to name the disk")
         device_s = time.time() - t0
-        failing = wait_for(lambda: named(dev, "uploads_failing", "uploads failing: HTTP 503"), 30, "the failing uploads")
+        assert "uploads failing: HTTP 503" in view["health"]["reasons"].get("uploads_failing", ""), view["health"]
         wait_for(lambda: "could not queue uploads" in trouble(home, "dev-disk"), 60, "`cloud devices` to name it")
         cloud_devices_s = time.time() - t0
         rows = cloud.get("/v1/admin/devices", headers=admin).json()
