@@ -154,10 +154,13 @@ def _verdict(summary: dict, names: list[str]) -> list[str]:
 
 def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int = 64,
              train_every: int = DEFAULT_TRAIN_EVERY, fps: float = DEFAULT_FPS, round_steps: int = DEFAULT_ROUND_STEPS,
-             round_uploads: int = DEFAULT_ROUND_UPLOADS, console: Console | None = None) -> dict:
+             round_uploads: int = DEFAULT_ROUND_UPLOADS, console: Console | None = None,
+             assets: tuple[Path, str, Path, Path] | None = None) -> dict:
     """``fps``: the camera the stream stands for (frames per second, sent to the device in batches of ``batch``);
     0 streams as fast as the device answers. ``round_steps`` / ``round_uploads``: the cloud's budget per round
-    (at least this many SGD steps; at most this many newest uploads, older ones go to replay)."""
+    (at least this many SGD steps; at most this many newest uploads, older ones go to replay). ``assets``:
+    (stream, teacher arch, teacher weights, bundle) instead of the embedded default's, e.g. the dev holdout's on
+    which the pacing is chosen (scripts/dev_holdout.py demo)."""
     from edgeadapt.assets import cloud_home, default_bundle, default_stream, default_teacher
     from edgeadapt.bench.loop import loop_processes
     from edgeadapt.core.bundle import Bundle
@@ -168,9 +171,12 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    stream_path = default_stream(console)
-    teacher, teacher_w = default_teacher(console)
-    bundle_dir = default_bundle(console)
+    if assets is None:
+        stream_path = default_stream(console)
+        teacher, teacher_w = default_teacher(console)
+        bundle_dir = default_bundle(console)
+    else:
+        stream_path, teacher, teacher_w, bundle_dir = assets
     home = cloud_home(console)
     data = load_stream(stream_path)
     x, y, dom = data["x"], data["y"], data["corruption"]

@@ -12,6 +12,7 @@ teacher's labels are worth (docs/NOTES.md).
                                                    # every method on every wild-traffic setting, one run
     python scripts/dev_holdout.py fleet NAME       # bench fleet on the dev stream (issue 18); cloud knobs via env,
                                                    # e.g. EDGEADAPT_CLOUD_GROUPS__REPLAY=own
+    python scripts/dev_holdout.py demo NAME        # `edgeadapt demo` on the dev stream (--round-steps N, --fps F...)
     python scripts/dev_holdout.py loop NAME        # the full loop (real processes, lockstep 8); knobs via env:
                                                    # EDGEADAPT_CLOUD_TRAINER__STEPS_PER_CHUNK=1 ..., --method,
                                                    # --upload-all (every sample uploaded),
@@ -140,6 +141,24 @@ def loop(out: Path, name: str, method: str, upload_all: bool = False, sync_every
                                             "acc_by_rounds_since_shift", "acc_per_domain")}))
 
 
+def demo(out: Path, name: str, **pacing) -> None:
+    """`edgeadapt demo` on the dev stream and models (its pacing is chosen here); ``pacing``: run_demo's knobs."""
+    from rich.console import Console
+
+    from edgeadapt.demo import run_demo
+
+    s = run_demo(out / f"demo-{name}", console=Console(force_terminal=False),
+                 assets=(out / "dev_stream.npz", "resnet_teacher", out / "models" / "resnet_teacher.safetensors",
+                         out / "bundle"), **{k: v for k, v in pacing.items() if v is not None})
+    rounds = s["cloud_rounds"]
+    row = {"name": name, **{k: s[k] for k in ("fps", "train_every", "round_steps", "round_uploads", "stream_seconds")},
+           **s["acc"], "gain_points": round((s["acc"]["full_loop"] - s["acc"]["device_only"]) * 100, 2),
+           "updates_applied": s["updates"].get("applied", 0), "rounds": len(rounds),
+           "round_s_median": float(np.median([r["seconds"] for r in rounds if r.get("seconds") is not None] or [0]))}
+    (out / f"demo-{name}.json").write_text(json.dumps({**row, "summary": s}, indent=1, default=float))
+    print(json.dumps(row))
+
+
 def fleet(out: Path, name: str, default_models: bool = False, rows: str = "global,per_group",
           adapters: int = 0) -> None:
     """`bench fleet` (its defaults: 12 devices, 3 groups x 3 corruptions, 256 images each) on the dev stream.
@@ -164,7 +183,8 @@ def main() -> None:
     from edgeadapt.bench.accuracy import DEFAULT_DEVICE_METHOD
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["setup", "gradual", "device", "wild", "loop", "fleet"])
+    ap.add_argument("what", choices=["setup", "gradual", "device", "wild", "loop", "fleet",
+                                                               "demo"])
     ap.add_argument("name", nargs="?", default="run", help="loop: the run's name")
     ap.add_argument("--method", default=DEFAULT_DEVICE_METHOD)
     ap.add_argument("--upload-all", action="store_true", help="loop: every sample uploaded (loop_upload_all)")
@@ -181,6 +201,9 @@ def main() -> None:
     ap.add_argument("--rows", default="global,per_group", help="fleet: rows")
     ap.add_argument("--adapters", type=int, default=0, help="fleet, --default-models: the reference bundle with "
                                                              "rank-N conv adapters")
+    for knob in ("fps", "train_every", "round_steps", "round_uploads", "per_corruption"):
+        ap.add_argument(f"--{knob.replace('_', '-')}", type=float if knob == "fps" else int, default=None,
+                        help="demo: run_demo's knob (default: the demo's)")
     ap.add_argument("--out", type=Path, default=Path("~/.cache/edgeadapt/dev-holdout").expanduser())
     a = ap.parse_args()
     if a.what == "setup":
@@ -195,6 +218,9 @@ def main() -> None:
         device(a.out, a.method)
     elif a.what == "fleet":
         fleet(a.out, a.name, a.default_models, a.rows, a.adapters)
+    elif a.what == "demo":
+        demo(a.out, a.name, fps=a.fps, train_every=a.train_every, round_steps=a.round_steps,
+             round_uploads=a.round_uploads, per_corruption=a.per_corruption)
     else:
         loop(a.out, a.name, a.method, a.upload_all, a.sync_every)
 
