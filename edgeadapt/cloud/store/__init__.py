@@ -5,28 +5,33 @@ back ends.
 - ``PostgresStore``: PostgreSQL (psycopg 3) + an S3-compatible object store (boto3), which several
   ``cloud serve`` replicas can share.
 
-The repositories (``samples``, ``versions``, ``fleet``) hold the SQL, written once for both back ends (see
-``db``); ``Store`` composes them, keeps the flat methods the service, trainer, server and CLI call, and owns the
-one step that spans repositories, ``finish_round``. Bulk data lives in blobs: uploaded inputs as ``.npy``
+The repositories (``samples``, ``versions``, ``fleet``, ``models``) hold the SQL, written once for both back ends
+(see ``db``); ``Store`` composes them, keeps the flat methods the service, trainer, server and CLI call, and owns
+the one step that spans repositories, ``finish_round``. Several models share one store (the registry, issue 18):
+``store.scoped(model)`` is the view of one model's samples, versions, lineages, rollouts and devices, and the
+store itself reads every model's and numbers versions for the default one (``db.Scope``). Bulk data lives in blobs: uploaded inputs as ``.npy``
 (uint8/float16, ``allow_pickle=False``), parameter versions as safetensors, built update packages. Nothing is
 ever pickled.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import numpy as np
 
 from edgeadapt.cloud.store.blobs import BlobStore, LocalBlobStore, S3BlobStore, npy_bytes, npy_load, open_blob_store
-from edgeadapt.cloud.store.db import Database, PostgresDatabase, SQLiteDatabase, Transaction
+from edgeadapt.cloud.store.db import Database, PostgresDatabase, Scope, SQLiteDatabase, Transaction
 from edgeadapt.cloud.store.fleet import FleetRepository
 from edgeadapt.cloud.store.input_cache import InputCache
+from edgeadapt.cloud.store.models import ModelRepository
 from edgeadapt.cloud.store.records import (
     CandidateRecord,
     Device,
     DeviceGroup,
+    ModelRecord,
     NewSample,
     NotFound,
     Rollout,
@@ -46,23 +51,40 @@ from edgeadapt.core.fileperm import private_dir
 from edgeadapt.core.tensorfile import ParamSet, params_hash
 
 __all__ = ["BATCH_RESPONSE_TTL_S", "BlobStore", "CandidateRecord", "Database", "Device", "DeviceGroup", "FleetRepository",
-           "LocalBlobStore", "NewSample", "NotFound", "PostgresDatabase", "PostgresStore", "Rollout", "RoundLost", "S3BlobStore",
-           "SQLiteDatabase", "SQLiteStore", "SampleRepository", "Store", "StoreError", "StoreUnavailable",
+           "LocalBlobStore", "ModelRecord", "ModelRepository", "NewSample", "NotFound", "PostgresDatabase", "PostgresStore", "Rollout", "RoundLost", "S3BlobStore",
+           "SQLiteDatabase", "SQLiteStore", "SampleRepository", "Scope", "Store", "StoreError", "StoreUnavailable",
            "StoredSample", "Transaction", "VersionRecord", "VersionRepository", "hash_token", "in_fraction",
            "new_token", "npy_bytes", "npy_load", "open_blob_store", "open_store", "redact_url", "register_bundle",
            "token_matches"]
 
 
 class Store:
-    """Everything the cloud keeps: ``samples``, ``versions`` (candidates, parameter sets, packages) and ``fleet``
-    (meta, devices, heartbeats, rollouts), over one database and one blob store."""
+    """Everything the cloud keeps: ``samples``, ``versions`` (candidates, parameter sets, packages), ``fleet``
+    (meta, devices, heartbeats, rollouts) and ``models`` (the registry), over one database and one blob store.
+    ``model``: the one model this view reads and writes (None: the whole store; see ``db.Scope``)."""
 
-    def __init__(self, db: Database, blobs: BlobStore):
+    def __init__(self, db: Database, blobs: BlobStore, model: str | None = None):
         self.db = db
         self.blobs = blobs
-        self.samples = SampleRepository(db, blobs)
-        self.versions = VersionRepository(db, blobs)
-        self.fleet = FleetRepository(db)
+        self.models = ModelRepository(db)
+        self._bind(model, InputCache(), {})
+
+    def _bind(self, model: str | None, input_cache: InputCache, params_cache: dict) -> None:
+        self.scope = Scope(self.db, model)
+        self.samples = SampleRepository(self.db, self.blobs, self.scope, input_cache)
+        self.versions = VersionRepository(self.db, self.blobs, self.scope, params_cache)
+        self.fleet = FleetRepository(self.db, self.scope)
+
+    @property
+    def model(self) -> str | None:
+        return self.scope.model
+
+    def scoped(self, model: str) -> Store:
+        """The view of one model: its samples, versions, lineages, rollouts and devices only (the same database,
+        blobs and caches; closing either closes both)."""
+        view = copy.copy(self)
+        view._bind(model, self.samples.input_cache, self.versions.params_cache)
+        return view
 
     def describe(self) -> str:
         """Where this store keeps things, for logs (no passwords)."""
@@ -89,17 +111,18 @@ class Store:
         while that worker still holds the round's lease, else ``RoundLost`` and nothing is written.
         -> (candidate id, new version or None)."""
         blob = self.versions.put_params_blob(params) if params is not None else None
+        model = self.scope.key()
         with self.db.transaction() as tx:
             if lease is not None:
-                self.versions.check_round_lease(tx, *lease)
+                self.versions.check_round_lease(tx, *lease, model=model)
             version = None
             if blob is not None:
                 version = self.versions.insert_version(tx, blob[0], blob[1], base_version, note, metrics,
-                                                       group_id=group_id)
+                                                       group_id=group_id, model=model)
                 if rollout:
-                    self.fleet.insert_rollout(tx, version, note="auto", group_id=group_id)
+                    self.fleet.insert_rollout(tx, version, note="auto", group_id=group_id, model=model)
             cid = self.versions.insert_candidate(tx, base_version, "published" if blob is not None else "rejected",
-                                                 version, params_hash_, reason, metrics)
+                                                 version, params_hash_, reason, metrics, model=model)
             self.samples.mark_consumed_in(tx, consumed)
             self.samples.mark_consumed_in(tx, capped or [], split="capped")
             return cid, version
@@ -149,8 +172,14 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         self.fleet.set_meta(key, value)
 
-    def add_device(self, name: str, expires_in_s: float | None = None) -> str:
-        return self.fleet.add_device(name, expires_in_s)
+    def add_device(self, name: str, expires_in_s: float | None = None, model: str | None = None) -> str:
+        """Register a device for ``model``: this view's; for the whole store, the only model registered (an error
+        when several are and none is named; '' before any is, bound to the first one registered)."""
+        if model is not None:
+            model = self.models.get(model).model
+        elif self.model is None:
+            model = self.models.resolve(None)
+        return self.fleet.add_device(name, expires_in_s, model)
 
     def revoke_device(self, name: str) -> None:
         self.fleet.revoke_device(name)
@@ -266,29 +295,55 @@ def open_store(store_dir: str | Path, database_url: str | None = None, blob_url:
     return PostgresStore(database_url, blobs or LocalBlobStore(Path(store_dir) / "blobs"))
 
 
-def register_bundle(store: Store, bundle_dir: str | Path):
-    """Tie a store to one bundle: record its model name and register its params as version 0 (idempotent).
+def register_bundle(store: Store, bundle_dir: str | Path, teacher: str | None = None,
+                    teacher_weights: str | None = None, teacher_kwargs: dict | None = None,
+                    student_model: str | None = None, new: bool = False):
+    """Register a bundle's model (idempotent unless ``new``): its row in the registry (keyed by the bundle's model
+    name, as devices report it) and its parameters as the model's version 0. Teacher fields left None keep what
+    the registry holds. The first model registered is the store's default (``meta.model_name``); devices added
+    before it run it.
 
-    Refuses a bundle of another model, or whose version-0 parameters differ from what the store holds."""
+    Refuses a bundle whose version-0 parameters differ from what the store holds for that model, and (``new``) a
+    model already registered. -> the bundle's manifest."""
+    import time
+
     from edgeadapt.core import bundle as B
     from edgeadapt.core.tensorfile import load_params
 
     manifest = B.read_manifest(bundle_dir)
+    model = manifest.model_name
+    if store.model is not None and store.model != model:
+        raise StoreError(f"bundle {bundle_dir} is model {model!r}, not {store.model!r}")
+    known = {m.model: m for m in store.models.list()}
+    if new and model in known:
+        raise StoreError(f"model {model!r} is already registered (bundle {known[model].bundle})")
+    view = store.scoped(model)
     params0 = load_params(Path(bundle_dir) / B.PARAMS)
-    known = store.get_meta("model_name")
-    if known is not None and known != manifest.model_name:
-        raise StoreError(f"this store belongs to model {known!r}; bundle {bundle_dir} is {manifest.model_name!r}")
-    if store.latest_version() is None:
+    if view.latest_version() is None:
         try:
-            store.add_version(params0, parent=None, note="bundle (source)", version=0)
+            view.add_version(params0, parent=None, note="bundle (source)", version=0)
         except StoreError:  # another replica registered it first: checked below like any existing version 0
-            if store.latest_version() is None:
+            if view.latest_version() is None:
                 raise
-        store.set_meta("model_name", manifest.model_name)
-    have = store.get_version(0).params_hash
+    have = view.get_version(0).params_hash
     if have != params_hash(params0):
-        raise StoreError(f"bundle {bundle_dir}: its parameters differ from version 0 in this store (a different "
-                         "export?); use a fresh cloud home or store_dir")
-    if known is None:
-        store.set_meta("model_name", manifest.model_name)
+        raise StoreError(f"bundle {bundle_dir}: its parameters differ from version 0 of model {model!r} in this "
+                         "store (a different export under the same model name?); use a fresh cloud home or "
+                         "store_dir, or export it under another model name")
+    old = known.get(model)
+
+    def keep(value, field: str):
+        return value if value is not None else getattr(old, field) if old is not None else None
+
+    store.models.add(ModelRecord(model=model, bundle=str(Path(bundle_dir).expanduser().resolve()),
+                                 teacher=keep(teacher, "teacher"), teacher_weights=keep(teacher_weights,
+                                                                                        "teacher_weights"),
+                                 teacher_kwargs=keep(teacher_kwargs, "teacher_kwargs") or {},
+                                 student_model=keep(student_model, "student_model"),
+                                 input_shape=list(manifest.input.shape), num_classes=manifest.num_classes,
+                                 params_hash=have, created=old.created if old is not None else time.time()),
+                     replace=not new)
+    if store.get_meta("model_name") is None:
+        store.set_meta("model_name", model)
+        store.fleet.bind_unassigned_devices(model)
     return manifest

@@ -28,36 +28,55 @@ from edgeadapt.core.fileperm import private_sqlite
 # Columns added after a table first shipped (``ADDED``) are also added in place to an existing database.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS models(model TEXT PRIMARY KEY, bundle TEXT NOT NULL, teacher TEXT, teacher_weights TEXT,
+  teacher_kwargs TEXT, student_model TEXT, input_shape TEXT NOT NULL, num_classes INTEGER NOT NULL,
+  params_hash TEXT NOT NULL, created {real} NOT NULL);
 CREATE TABLE IF NOT EXISTS devices(
   id {serial}, name TEXT UNIQUE NOT NULL, token_hash TEXT UNIQUE NOT NULL,
   created {real} NOT NULL, revoked {real}, last_seen {real}, version INTEGER, status TEXT, counters TEXT,
-  expires {real}, problems TEXT, heartbeat_at {real}, signature TEXT, signature_at {real}, group_id INTEGER);
+  expires {real}, problems TEXT, heartbeat_at {real}, signature TEXT, signature_at {real}, group_id INTEGER,
+  model TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS samples(
   seq {serial}, device_id INTEGER NOT NULL, sample_id TEXT NOT NULL,
   received {real} NOT NULL, split TEXT NOT NULL, consumed INTEGER NOT NULL DEFAULT 0, novel INTEGER NOT NULL,
   param_version INTEGER, entropy {real}, ood_score {real}, logits {bytes}, blob TEXT NOT NULL, row INTEGER NOT NULL,
-  UNIQUE(device_id, sample_id));
+  model TEXT NOT NULL DEFAULT '', UNIQUE(device_id, sample_id));
 CREATE INDEX IF NOT EXISTS samples_split ON samples(split, consumed, seq);
 CREATE TABLE IF NOT EXISTS batches(device_id INTEGER NOT NULL, body_sha TEXT NOT NULL, response TEXT NOT NULL,
   created {real} NOT NULL, PRIMARY KEY(device_id, body_sha));
-CREATE TABLE IF NOT EXISTS versions(version INTEGER PRIMARY KEY, params_hash TEXT NOT NULL, parent INTEGER,
-  created {real} NOT NULL, note TEXT, metrics TEXT, blob TEXT NOT NULL, group_id INTEGER);
+CREATE TABLE IF NOT EXISTS versions(model TEXT NOT NULL DEFAULT '', version INTEGER NOT NULL,
+  params_hash TEXT NOT NULL, parent INTEGER, created {real} NOT NULL, note TEXT, metrics TEXT, blob TEXT NOT NULL,
+  group_id INTEGER, PRIMARY KEY(model, version));
 CREATE TABLE IF NOT EXISTS candidates(id {serial}, created {real} NOT NULL,
-  base_version INTEGER, status TEXT NOT NULL, version INTEGER, params_hash TEXT, reason TEXT, metrics TEXT);
-CREATE TABLE IF NOT EXISTS param_sets(params_hash TEXT PRIMARY KEY, version INTEGER NOT NULL, blob TEXT NOT NULL,
-  created {real} NOT NULL);
+  base_version INTEGER, status TEXT NOT NULL, version INTEGER, params_hash TEXT, reason TEXT, metrics TEXT,
+  model TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS param_sets(model TEXT NOT NULL DEFAULT '', params_hash TEXT NOT NULL,
+  version INTEGER NOT NULL, blob TEXT NOT NULL, created {real} NOT NULL, PRIMARY KEY(model, params_hash));
 CREATE TABLE IF NOT EXISTS rollouts(id {serial}, version INTEGER NOT NULL,
-  devices TEXT, fraction {real}, created {real} NOT NULL, note TEXT, group_id INTEGER);
+  devices TEXT, fraction {real}, created {real} NOT NULL, note TEXT, group_id INTEGER, model TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS device_groups(id {serial}, created {real} NOT NULL, base_version INTEGER NOT NULL,
-  centroid TEXT, note TEXT, dissolved {real});
+  centroid TEXT, note TEXT, dissolved {real}, model TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS packages(key TEXT PRIMARY KEY, blob TEXT NOT NULL, info TEXT NOT NULL,
   created {real} NOT NULL);
-CREATE TABLE IF NOT EXISTS round_leases(lineage TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS round_leases(model TEXT NOT NULL DEFAULT '', lineage TEXT NOT NULL, holder TEXT NOT NULL,
+  expires {real} NOT NULL, PRIMARY KEY(model, lineage));
+"""
+#: run once the columns below exist (an index on a column an old database is still missing would fail)
+INDEXES = """
+CREATE INDEX IF NOT EXISTS samples_model ON samples(model, split, consumed, seq);
+CREATE INDEX IF NOT EXISTS devices_model ON devices(model);
 """
 
 ADDED = {"devices": (("expires", "{real}"), ("problems", "TEXT"), ("heartbeat_at", "{real}"), ("signature", "TEXT"),
                      ("signature_at", "{real}"), ("group_id", "INTEGER")),
          "versions": (("group_id", "INTEGER"),), "rollouts": (("group_id", "INTEGER"),)}
+#: the model registry (issue 18): the tables that gained a ``model`` column, and those whose primary key gained it
+#: (``REKEYED``: rebuilt on SQLite, re-keyed on PostgreSQL). A store made before keeps its rows under the model it
+#: served (its ``meta.model_name``).
+MODEL_COLUMN = ("devices", "samples", "versions", "candidates", "param_sets", "rollouts", "device_groups",
+                "round_leases")
+REKEYED = {"versions": "model, version", "param_sets": "model, params_hash", "round_leases": "model, lineage"}
+MODEL_OF_OLD_ROWS = "COALESCE((SELECT value FROM meta WHERE key='model_name'), '')"
 IDLE_PING_AFTER_S = 5.0  # a pooled PostgreSQL connection idle longer than this is checked before use
 Row = Any  # a mapping from column name to value (sqlite3.Row, or psycopg's dict row)
 
@@ -94,6 +113,30 @@ class Transaction:
         steps such as numbering a version). SQLite write transactions are serial already."""
         if self._locker is not None:
             self._locker(self, name)
+
+
+class Scope:
+    """Which model's rows a store view reads and writes (the model registry, issue 18).
+
+    ``model`` set: every read and write is that model's. ``model`` None, the store as a whole: listings and counts
+    cover every model, and what is numbered or keyed per model (versions, lineages, rollouts, parameter sets) is
+    the default model's: the first one registered (``meta.model_name``), '' before any is."""
+
+    def __init__(self, db: Database, model: str | None = None):
+        self.db = db
+        self.model = model
+
+    def key(self) -> str:
+        """The model a keyed read or a write is for."""
+        if self.model is not None:
+            return self.model
+        with self.db.reader() as tx:
+            row = tx.one("SELECT value FROM meta WHERE key='model_name'")
+        return "" if row is None else row["value"]
+
+    def where(self, column: str = "model") -> tuple[str, tuple]:
+        """A condition (and its argument) limiting a listing to this view's model; nothing for the whole store."""
+        return ("1=1", ()) if self.model is None else (f"{column}=?", (self.model,))
 
 
 def in_chunks(values: Sequence[Any], size: int = 500) -> Iterator[tuple[str, list[Any]]]:
@@ -136,6 +179,8 @@ class SQLiteDatabase(Database):
             c = self.connection()
             c.executescript(SCHEMA.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL", bytes="BLOB"))
             self._migrate(c)
+            self._add_model_columns(c)
+            c.executescript(INDEXES)
 
     @staticmethod
     def _migrate(c: sqlite3.Connection) -> None:
@@ -150,6 +195,36 @@ class SQLiteDatabase(Database):
                 except sqlite3.OperationalError:  # another process added it first
                     if col not in {r[1] for r in c.execute(f"PRAGMA table_info({table})")}:
                         raise
+
+    @staticmethod
+    def _add_model_columns(c: sqlite3.Connection) -> None:
+        """A store made before the model registry: a ``model`` column on every table in ``MODEL_COLUMN``, holding
+        the model it served; the tables whose primary key gained it are rebuilt (SQLite cannot alter a key)."""
+        def missing() -> list[str]:
+            return [t for t in MODEL_COLUMN if "model" not in {r[1] for r in c.execute(f"PRAGMA table_info({t})")}]
+
+        if not missing():
+            return
+        creates = {t: stmt for t in REKEYED for stmt in
+                   SCHEMA.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL", bytes="BLOB").split(";")
+                   if stmt.strip().startswith(f"CREATE TABLE IF NOT EXISTS {t}(")}
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for table in missing():  # again, under the write lock: another process may have migrated meanwhile
+                if table not in REKEYED:
+                    c.execute(f"ALTER TABLE {table} ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+                    c.execute(f"UPDATE {table} SET model={MODEL_OF_OLD_ROWS}")
+                    continue
+                cols = ", ".join(r[1] for r in c.execute(f"PRAGMA table_info({table})"))
+                c.execute(f"ALTER TABLE {table} RENAME TO {table}_before_models")
+                c.execute(creates[table])
+                c.execute(f"INSERT INTO {table}({cols}, model) SELECT {cols}, {MODEL_OF_OLD_ROWS} "
+                          f"FROM {table}_before_models")
+                c.execute(f"DROP TABLE {table}_before_models")
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
 
     def connection(self) -> sqlite3.Connection:
         """This thread's connection (autocommit; transactions are explicit)."""
@@ -229,6 +304,19 @@ class PostgresDatabase(Database):
                 for col, kind in cols:
                     tx.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {col} "
                                f"{kind.format(real='DOUBLE PRECISION')}")
+            have = {(r["table_name"], r["column_name"]) for r in tx.all(
+                "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema=current_schema()")}
+            for table in MODEL_COLUMN:  # made before the model registry: its rows are the model it served
+                if (table, "model") in have:
+                    continue
+                tx.execute(f"ALTER TABLE {table} ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+                tx.execute(f"UPDATE {table} SET model={MODEL_OF_OLD_ROWS}")
+                if table in REKEYED:
+                    tx.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_pkey")
+                    tx.execute(f"ALTER TABLE {table} ADD PRIMARY KEY ({REKEYED[table]})")
+            for statement in INDEXES.split(";"):
+                if statement.strip():
+                    tx.execute(statement)
 
     def _connect(self):
         import psycopg

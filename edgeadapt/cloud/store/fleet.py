@@ -1,5 +1,6 @@
-"""The fleet: the model this store serves (meta), devices and their tokens, heartbeats, domain signatures and
-groups of similar devices, rollouts."""
+"""The fleet: meta (``model_name``: the first model registered, the default), devices and their tokens (each
+registered for one model), heartbeats, domain signatures and groups of similar devices, rollouts. Devices, groups
+and rollouts belong to a model (``Scope``); a token or a device name is unique across models."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import math
 import time
 
-from edgeadapt.cloud.store.db import Database, Row, Transaction
+from edgeadapt.cloud.store.db import Database, Row, Scope, Transaction
 from edgeadapt.cloud.store.records import (
     Device,
     DeviceGroup,
@@ -21,8 +22,9 @@ from edgeadapt.cloud.store.records import (
 
 
 class FleetRepository:
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, scope: Scope | None = None):
         self.db = db
+        self.scope = scope or Scope(db)
 
     # -- meta (e.g. the model name this store belongs to)
     def get_meta(self, key: str) -> str | None:
@@ -45,11 +47,11 @@ class FleetRepository:
                       problems=json.loads(row["problems"]) if row["problems"] else {},
                       heartbeat_at=row["heartbeat_at"], signature=sig.get("values"),
                       signature_at=row["signature_at"], signature_entropy=sig.get("entropy"),
-                      group_id=row["group_id"])
+                      group_id=row["group_id"], model=row["model"])
 
-    def add_device(self, name: str, expires_in_s: float | None = None) -> str:
-        """Register a device; returns its token (shown once, stored hashed), valid for ``expires_in_s`` seconds
-        (None: until revoked)."""
+    def add_device(self, name: str, expires_in_s: float | None = None, model: str | None = None) -> str:
+        """Register a device for ``model`` (default: this view's); returns its token (shown once, stored hashed),
+        valid for ``expires_in_s`` seconds (None: until revoked)."""
         if expires_in_s is not None and not expires_in_s > 0:
             raise StoreError(f"expiry must be a positive number of seconds, not {expires_in_s!r}")
         if not name or len(name) > 64 or not all(ch.isalnum() or ch in "-_." for ch in name):
@@ -60,8 +62,9 @@ class FleetRepository:
             if tx.one("SELECT 1 AS found FROM devices WHERE name=?", (name,)):
                 raise StoreError(f"device {name!r} already exists")
             now = time.time()
-            tx.execute("INSERT INTO devices(name, token_hash, created, expires) VALUES(?, ?, ?, ?)",
-                       (name, hash_token(token), now, None if expires_in_s is None else now + expires_in_s))
+            tx.execute("INSERT INTO devices(name, token_hash, created, expires, model) VALUES(?, ?, ?, ?, ?)",
+                       (name, hash_token(token), now, None if expires_in_s is None else now + expires_in_s,
+                        self.scope.key() if model is None else model))
         return token
 
     def revoke_device(self, name: str) -> None:
@@ -78,8 +81,14 @@ class FleetRepository:
         return self._device(row)
 
     def list_devices(self) -> list[Device]:
+        cond, args = self.scope.where()
         with self.db.reader() as tx:
-            return [self._device(r) for r in tx.all("SELECT * FROM devices ORDER BY name")]
+            return [self._device(r) for r in tx.all(f"SELECT * FROM devices WHERE {cond} ORDER BY name", args)]
+
+    def bind_unassigned_devices(self, model: str) -> int:
+        """Devices added before any model was registered run the first one registered: -> how many were bound."""
+        with self.db.transaction() as tx:
+            return tx.execute("UPDATE devices SET model=? WHERE model=''", (model,)).rowcount
 
     def authenticate(self, token: str) -> Device | None:
         """The device holding this token, unless revoked or expired; else None."""
@@ -137,10 +146,11 @@ class FleetRepository:
                            dissolved=row["dissolved"])
 
     def add_group(self, base_version: int, centroid: list[float] | None, note: str = "") -> int:
+        model = self.scope.key()
         with self.db.transaction() as tx:
-            return tx.insert("INSERT INTO device_groups(created, base_version, centroid, note) VALUES(?,?,?,?)",
-                             (time.time(), int(base_version), None if centroid is None else json.dumps(centroid),
-                              note))
+            return tx.insert("INSERT INTO device_groups(created, base_version, centroid, note, model) "
+                             "VALUES(?,?,?,?,?)", (time.time(), int(base_version),
+                                                   None if centroid is None else json.dumps(centroid), note, model))
 
     def update_group(self, group_id: int, centroid: list[float] | None = None, dissolve: bool = False) -> None:
         sets, args = [], []
@@ -165,9 +175,11 @@ class FleetRepository:
         return self._group(row)
 
     def list_groups(self, include_dissolved: bool = False) -> list[DeviceGroup]:
-        q = "SELECT * FROM device_groups" + ("" if include_dissolved else " WHERE dissolved IS NULL") + " ORDER BY id"
+        cond, args = self.scope.where()
+        q = f"SELECT * FROM device_groups WHERE {cond}" + ("" if include_dissolved else " AND dissolved IS NULL") + \
+            " ORDER BY id"
         with self.db.reader() as tx:
-            return [self._group(r) for r in tx.all(q)]
+            return [self._group(r) for r in tx.all(q, args)]
 
     # -- rollouts
     @staticmethod
@@ -181,35 +193,46 @@ class FleetRepository:
 
     @classmethod
     def insert_rollout(cls, tx: Transaction, version: int, devices: list[str] | None = None,
-                       fraction: float | None = None, note: str = "", group_id: int | None = None) -> int:
+                       fraction: float | None = None, note: str = "", group_id: int | None = None, *,
+                       model: str) -> int:
         cls.check_scope(devices, fraction, group_id)
-        return tx.insert("INSERT INTO rollouts(version, devices, fraction, created, note, group_id) VALUES(?,?,?,?,?,?)",
+        return tx.insert("INSERT INTO rollouts(version, devices, fraction, created, note, group_id, model) "
+                         "VALUES(?,?,?,?,?,?,?)",
                          (int(version), None if devices is None else json.dumps(sorted(set(devices))), fraction,
-                          time.time(), note, group_id))
+                          time.time(), note, group_id, model))
 
     def add_rollout(self, version: int, devices: list[str] | None = None, fraction: float | None = None,
                     note: str = "", group_id: int | None = None) -> int:
         self.check_scope(devices, fraction, group_id)
+        model = self.scope.key()
         with self.db.transaction() as tx:
-            if not tx.one("SELECT 1 AS found FROM versions WHERE version=?", (int(version),)):
-                raise NotFound(f"no version {version}")
-            if group_id is not None and not tx.one("SELECT 1 AS found FROM device_groups WHERE id=?",
-                                                   (int(group_id),)):
-                raise NotFound(f"no group {group_id}")
-            return self.insert_rollout(tx, version, devices, fraction, note, group_id)
+            if not tx.one("SELECT 1 AS found FROM versions WHERE model=? AND version=?", (model, int(version))):
+                raise NotFound(f"no version {version}" + (f" of model {model!r}" if model else ""))
+            if group_id is not None and not tx.one("SELECT 1 AS found FROM device_groups WHERE id=? AND model=?",
+                                                   (int(group_id), model)):
+                raise NotFound(f"no group {group_id}" + (f" of model {model!r}" if model else ""))
+            return self.insert_rollout(tx, version, devices, fraction, note, group_id, model=model)
 
-    def list_rollouts(self) -> list[Rollout]:
-        with self.db.reader() as tx:
-            rows = tx.all("SELECT * FROM rollouts ORDER BY id")
+    @staticmethod
+    def _rollouts(tx: Transaction, cond: str, args: tuple) -> list[Rollout]:
+        rows = tx.all(f"SELECT * FROM rollouts WHERE {cond} ORDER BY id", args)
         return [Rollout(id=r["id"], version=r["version"],
                         devices=None if r["devices"] is None else json.loads(r["devices"]),
                         fraction=r["fraction"], created=r["created"], note=r["note"] or "",
-                        group_id=r["group_id"]) for r in rows]
+                        group_id=r["group_id"], model=r["model"]) for r in rows]
+
+    def list_rollouts(self) -> list[Rollout]:
+        cond, args = self.scope.where()
+        with self.db.reader() as tx:
+            return self._rollouts(tx, cond, args)
 
     def target_version(self, device_name: str, group_id: int | None = None) -> int | None:
-        """The version the newest rollout covering this device (a member of ``group_id``) assigns, or None (no
-        rollout covers it)."""
-        for r in sorted(self.list_rollouts(), key=lambda r: r.id, reverse=True):
+        """The version the newest rollout of this view's model covering this device (a member of ``group_id``)
+        assigns, or None (no rollout covers it)."""
+        model = self.scope.key()
+        with self.db.reader() as tx:
+            rollouts = self._rollouts(tx, "model=?", (model,))
+        for r in reversed(rollouts):
             if r.covers(device_name, group_id):
                 return r.version
         return None

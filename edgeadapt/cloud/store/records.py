@@ -62,6 +62,7 @@ class Device:
     signature_at: float | None = None
     signature_entropy: float | None = None  # mean prediction entropy it reported with the signature
     group_id: int | None = None  # its group of similar devices (cloud/grouping.py), None: not grouped
+    model: str = ""  # the registered model it runs ('' only while no model is registered)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +106,7 @@ class VersionRecord:
     note: str
     metrics: dict
     group_id: int | None = None  # the group whose lineage it belongs to (None: the global lineage)
+    model: str = ""  # versions are numbered per model
 
 
 @dataclass
@@ -130,6 +132,27 @@ class CandidateRecord:
     params_hash: str
     reason: str
     metrics: dict
+    model: str = ""
+
+
+@dataclass
+class ModelRecord:
+    """A registered model (cloud/registry.py): its id is the bundle's model name, as devices report it; the bundle
+    and the teacher that trains its devices' versions."""
+
+    model: str
+    bundle: str  # the bundle directory (every replica reads it at this path)
+    teacher: str | None  # reference arch name or package.module:factory (None: uploads are stored only)
+    teacher_weights: str | None
+    teacher_kwargs: dict
+    student_model: str | None  # builder of the bundle's architecture when it names an unregistered one
+    input_shape: list[int]
+    num_classes: int
+    params_hash: str  # of its version 0 (the bundle's parameters)
+    created: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -141,6 +164,7 @@ class Rollout:
     created: float
     note: str
     group_id: int | None = None  # a group's rollout: covers that group's members (whoever they are then)
+    model: str = ""  # the model whose version it assigns (it covers that model's devices only)
 
     @property
     def scope(self) -> str:

@@ -1,5 +1,6 @@
 """Uploaded samples: stored once per (device, sample id), inputs as uint8/float16 arrays in blobs, and the
-answers to upload batches kept for idempotent retries."""
+answers to upload batches kept for idempotent retries. A sample is its device's model's (``Scope``): a model's
+view reads only its own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import uuid
 import numpy as np
 
 from edgeadapt.cloud.store.blobs import BlobStore, npy_bytes, npy_load
-from edgeadapt.cloud.store.db import Database, Row, Transaction, in_chunks
+from edgeadapt.cloud.store.db import Database, Row, Scope, Transaction, in_chunks
 from edgeadapt.cloud.store.input_cache import InputCache
 from edgeadapt.cloud.store.records import NewSample, StoredSample, StoreError
 
@@ -17,10 +18,13 @@ BATCH_RESPONSE_TTL_S = 7 * 86400
 
 
 class SampleRepository:
-    def __init__(self, db: Database, blobs: BlobStore):
+    def __init__(self, db: Database, blobs: BlobStore, scope: Scope | None = None,
+                 input_cache: InputCache | None = None):
         self.db = db
         self.blobs = blobs
-        self.input_cache = InputCache()  # blob key -> its array, bounded in bytes (the trainer resizes it)
+        self.scope = scope or Scope(db)
+        #: blob key -> its array, bounded in bytes (the trainer resizes it; one for every model's view)
+        self.input_cache = input_cache or InputCache()
 
     def add(self, device_id: int, samples: list[NewSample]) -> tuple[list[str], list[str]]:
         """Store the samples not stored yet; -> (new ids, duplicate ids)."""
@@ -52,15 +56,18 @@ class SampleRepository:
                 placed[m.sample_id] = (key, row)
         new_ids: list[str] = []
         now = time.time()
+        with self.db.reader() as tx:  # the device's model (a sample of an unknown device: this view's)
+            owner = tx.one("SELECT model FROM devices WHERE id=?", (device_id,))
+        model = owner["model"] if owner is not None else self.scope.key()
         with self.db.transaction() as tx:
             for s in fresh:
                 key, row = placed[s.sample_id]
                 cur = tx.execute(
                     "INSERT INTO samples(device_id, sample_id, received, split, novel, param_version, entropy, "
-                    "ood_score, logits, blob, row) VALUES(?,?,?,?,?,?,?,?,?,?,?) "
+                    "ood_score, logits, blob, row, model) VALUES(?,?,?,?,?,?,?,?,?,?,?,?) "
                     "ON CONFLICT(device_id, sample_id) DO NOTHING",
                     (device_id, s.sample_id, now, s.split, int(s.novel), int(s.param_version), float(s.entropy),
-                     float(s.ood_score), np.asarray(s.logits, np.float32).tobytes(), key, row))
+                     float(s.ood_score), np.asarray(s.logits, np.float32).tobytes(), key, row, model))
                 if cur.rowcount:
                     new_ids.append(s.sample_id)
         new_set = set(new_ids)
@@ -74,7 +81,8 @@ class SampleRepository:
                             received=row["received"])
 
     def count(self, split: str | None = None, consumed: bool | None = None) -> int:
-        q, args = "SELECT COUNT(*) AS n FROM samples WHERE 1=1", []
+        cond, scoped = self.scope.where()
+        q, args = f"SELECT COUNT(*) AS n FROM samples WHERE {cond}", list(scoped)
         if split is not None:
             q += " AND split=?"
             args.append(split)
@@ -86,13 +94,16 @@ class SampleRepository:
 
     def pending(self) -> list[StoredSample]:
         """Training-split samples not trained on yet, oldest first."""
+        cond, args = self.scope.where()
         with self.db.reader() as tx:
             return [self._sample(r) for r in
-                    tx.all("SELECT * FROM samples WHERE split='train' AND consumed=0 ORDER BY seq")]
+                    tx.all(f"SELECT * FROM samples WHERE {cond} AND split='train' AND consumed=0 ORDER BY seq", args)]
 
     def oldest_pending_time(self) -> float | None:
+        cond, args = self.scope.where()
         with self.db.reader() as tx:
-            return tx.one("SELECT MIN(received) AS oldest FROM samples WHERE split='train' AND consumed=0")["oldest"]
+            return tx.one(f"SELECT MIN(received) AS oldest FROM samples WHERE {cond} AND split='train' AND "
+                          "consumed=0", args)["oldest"]
 
     @staticmethod
     def mark_consumed_in(tx: Transaction, seqs: list[int], split: str | None = None) -> None:
@@ -107,7 +118,8 @@ class SampleRepository:
 
     def recent(self, split: str, limit: int, consumed: bool | None = None) -> list[StoredSample]:
         """The most recent samples of a split, returned oldest first."""
-        q, args = "SELECT * FROM samples WHERE split=?", [split]
+        cond, scoped = self.scope.where()
+        q, args = f"SELECT * FROM samples WHERE {cond} AND split=?", [*scoped, split]
         if consumed is not None:
             q += " AND consumed=?"
             args.append(int(consumed))
@@ -118,10 +130,11 @@ class SampleRepository:
     def recent_per_device(self, split: str, limit_per_device: int) -> list[StoredSample]:
         """Each device's ``limit_per_device`` most recent samples of a split, all returned oldest first (the gate
         draws a holdout no device dominates from these; see ``trainer.cap_device_share``)."""
+        cond, args = self.scope.where()
         q = ("SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY device_id ORDER BY seq DESC) AS rn "
-             "FROM samples WHERE split=?) AS ranked WHERE rn <= ? ORDER BY seq")
+             f"FROM samples WHERE {cond} AND split=?) AS ranked WHERE rn <= ? ORDER BY seq")
         with self.db.reader() as tx:
-            return [self._sample(r) for r in tx.all(q, (split, int(limit_per_device)))]
+            return [self._sample(r) for r in tx.all(q, (*args, split, int(limit_per_device)))]
 
     def load_inputs(self, samples: list[StoredSample]) -> list[np.ndarray]:
         """The samples' inputs, from the byte-bounded cache or their blobs (each blob read once per call). The
