@@ -84,6 +84,20 @@ class TrainerConfig(BaseModel, extra="forbid"):
                                                  "drop beyond gate_tolerance")
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1)
+    executor: Literal["inprocess", "ray"] = Field("inprocess", description="where rounds run: inprocess (the "
+                                                  "serve process's trainer thread) or ray (one Ray task per lineage "
+                                                  "round, against the same store; needs edgeadapt[ray])")
+    ray_address: str | None = Field(None, description="executor ray: None starts a local Ray (2 CPUs at most); "
+                                    "\"auto\" joins the running cluster, \"ray://HOST:PORT\" a remote one")
+    ray_num_gpus: float = Field(0.0, ge=0, description="executor ray: the GPU fraction each round's task asks for "
+                                "when the cluster has GPUs (0 or no GPUs: CPU tasks)")
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: str | None) -> str | None:
+        if v and v != "auto" and not v.startswith("ray://") and ":" not in v:
+            raise ValueError(f"ray_address must be \"auto\", ray://HOST:PORT or HOST:PORT, not {v!r}")
+        return v or None
 
 
 class GroupsConfig(BaseModel, extra="forbid"):
@@ -327,6 +341,8 @@ train_every = 256                       # train when this many uploads are pendi
 train_interval_s = 60                   # ... or when they have waited this long
 max_samples_per_round = 1024            # a round behind trains on the newest this many; older go to replay
 # round_lease_s = 300                  # replicas on one store train each lineage one round at a time
+# executor = "ray"                     # rounds as Ray tasks (pip install 'edgeadapt[ray]'); default inprocess
+# ray_address = "auto"                  # a running Ray cluster (unset: a local Ray in this process)
 holdout_fraction = 0.1                  # uploads held back for the gate
 teacher_adapt = false
 seed = 0

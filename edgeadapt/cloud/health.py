@@ -99,10 +99,11 @@ class CloudHealth:
                                            "refused; raise max_body_bytes")
         t = svc.trainer
         if t is not None:
+            on_ray = t.executor == "ray"
             if t.last_error is not None:
-                found["trainer"] = f"training round failed: {t.last_error[1]}"
+                found["trainer"] = f"{'training on Ray' if on_ray else 'training round'} failed: {t.last_error[1]}"
             elif svc.config.trainer.enabled and svc.started and not t.running:
-                found["trainer"] = "the trainer thread is not running"
+                found["trainer"] = f"the {'Ray scheduler' if on_ray else 'trainer'} thread is not running"
         now = time.time()
         with self._lock:
             out = {k: dict(v) for k, v in self._events.items()}
@@ -142,6 +143,15 @@ class FleetCollector:
                               "trainer)")
         g.add_metric([], NEVER if t is None else time.time() - (t.last_success_at or svc.health.started))
         yield g
+        if t is not None:
+            g = GaugeMetricFamily("edgeadapt_cloud_trainer_executor", "1 for where training rounds run "
+                                  "(trainer.executor)", labels=["executor"])
+            g.add_metric([t.executor], 1.0)
+            yield g
+            if t.executor == "ray":
+                g = GaugeMetricFamily("edgeadapt_cloud_trainer_rounds_in_flight", "rounds running as Ray tasks")
+                g.add_metric([], float(len(t.in_flight)))
+                yield g
         try:
             from edgeadapt.cloud.admin import devices_info
 

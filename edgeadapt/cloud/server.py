@@ -47,6 +47,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from edgeadapt.cloud import admin as A
+from edgeadapt.cloud.config import ConfigError
 from edgeadapt.cloud.service import CloudService, ServiceError
 from edgeadapt.cloud.store import Device, StoreError
 from edgeadapt.core.wire import MAX_VERSION, Heartbeat, SampleBatch, SampleBatchResult, UpdateInfo
@@ -270,6 +271,7 @@ def create_app(service: CloudService) -> FastAPI:
         return {"ok": True, "status": "not ready" if not_ready else "degraded" if problems else "ok",
                 "ready": not_ready is None, "model": service.model_name, "latest_version": latest,
                 "trainer": None if service.trainer is None else service.trainer.running,
+                "executor": None if service.trainer is None else service.trainer.executor,
                 "reasons": {k: v["reason"] for k, v in problems.items()}, "degraded": problems,
                 "limits": service.limits()}
 
@@ -394,7 +396,9 @@ def create_app(service: CloudService) -> FastAPI:
                             "novel": s.count_samples("novel"), "pending": s.count_samples("train", consumed=False),
                             "capped": s.count_samples("capped")},
                 "trainer": None if t is None else {"running": t.running, "version": t.version,
-                                                   "last_result": t.last_result.to_dict() if t.last_result else None},
+                                                   "last_result": t.last_result.to_dict() if t.last_result else None,
+                                                   "executor": t.executor,
+                                                   **(t.status() if t.executor == "ray" else {})},
                 "update_mode": cfg.update_mode, "auto_rollout": cfg.auto_rollout,
                 "public_key": service.public_key_b64}
 
@@ -438,7 +442,10 @@ def create_app(service: CloudService) -> FastAPI:
     def admin_train() -> dict[str, Any]:
         if service.trainer is None:
             raise HTTPException(409, "no trainer: the service runs without a teacher")
-        return service.trainer.train_now().to_dict()
+        try:
+            return service.trainer.train_now().to_dict()
+        except (ConfigError, RuntimeError, TimeoutError) as exc:  # executor ray: Ray down, a task failed or still runs
+            raise HTTPException(503, str(exc)) from None
 
     def openapi() -> dict:
         # the bodies read by hand (to limit their size while streaming) are documented explicitly

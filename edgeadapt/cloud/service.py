@@ -6,6 +6,13 @@ hash (``have_hash``); the cloud keeps every reconstruction it served (``param_se
 against exactly that, so errors never accumulate and the base hash always verifies. Without ``have_hash`` the
 base is version V's exact parameters. Answering an update check changes nothing in the store: heartbeats say
 which version a device runs.
+
+Several models (the registry, issue 18; cloud/registry.py): each registered model is served with its own store
+view, input contract, trainer and grouper (``ServedModel``); a device is registered for one model, and its
+uploads, heartbeats and update checks are judged by that model's contract and answered from that model's
+versions. The configured ``bundle`` is registered at start and is the default model (``self.store``,
+``self.trainer``, ... are its); the other registered models are loaded at start, or at the first request of one
+of their devices when registered while the service runs.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +32,18 @@ import numpy as np
 from edgeadapt.cloud.admin import open_store, read_admin_token
 from edgeadapt.cloud.config import CloudConfig, ConfigError, resolve_home
 from edgeadapt.cloud.metrics import CloudMetrics
-from edgeadapt.cloud.store import Device, NewSample, NotFound, Store, hash_token, register_bundle, token_matches
+from edgeadapt.cloud.store import (
+    Device,
+    ModelRecord,
+    NewSample,
+    NotFound,
+    Store,
+    StoreError,
+    hash_token,
+    register_bundle,
+    token_matches,
+)
+from edgeadapt.core.bundle import BundleError, BundleManifest
 from edgeadapt.core import signing
 from edgeadapt.core.input_codec import InputCodec
 from edgeadapt.core.safetext import clean_text
@@ -44,6 +63,9 @@ log = logging.getLogger(__name__)
 
 MODE_OPTS = {"ternary": ("density", "threshold", "zstd_level"), "bitmask_fp16": ("density", "threshold", "zstd_level"),
              "int4": ("clip", "zstd_level"), "ecq": ("vector_k", "matrix_k", "small_n", "zstd_level")}
+
+
+MODEL_RETRY_S = 30.0  # a registered model that failed to load is tried again after this
 
 
 class ServiceError(Exception):
@@ -66,6 +88,27 @@ class Conflict(ServiceError):
 
 class Missing(ServiceError):
     status = 404
+
+
+@dataclass
+class ServedModel:
+    """One registered model as the service serves it."""
+
+    name: str
+    store: Store  # the store's view of this model (Store.scoped)
+    bundle_dir: Path
+    manifest: BundleManifest
+    codec: InputCodec
+    one_sample_body_bytes: int  # one upload of this model's input: a max_body_bytes below it refuses them all
+    trainer: object | None = None  # Trainer (None: no teacher, uploads stored only)
+    grouper: object | None = None  # Grouper, when groups are enabled
+    build_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def one_upload_bytes(manifest: BundleManifest, codec: InputCodec) -> int:
+    """Bytes of a one-sample upload of this bundle (``upload_body_bytes`` of its lowest input)."""
+    lowest = np.full(codec.shape, codec.low, np.float32)
+    return upload_body_bytes(manifest.model_name, codec.to_upload(lowest), manifest.num_classes)
 
 
 @dataclass
@@ -109,9 +152,12 @@ class CloudService:
         if not config.bundle:
             raise ConfigError("no bundle configured (--bundle or `bundle` in config.toml)")
         self.bundle_dir = Path(config.bundle).expanduser()
-        self.store = store or open_store(self.home, config)
-        self.manifest = register_bundle(self.store, self.bundle_dir)
+        #: the whole store (every model's devices, versions, rollouts); ``self.store`` is the default model's view
+        self.root_store = store or open_store(self.home, config)
+        self.manifest = register_bundle(self.root_store, self.bundle_dir, config.teacher, config.teacher_weights,
+                                        config.teacher_kwargs or None, config.student_model)
         self.model_name = self.manifest.model_name
+        self.store = self.root_store.scoped(self.model_name)
         self.codec = InputCodec(self.manifest.input)
         self.key_from_home = private_key is None  # health checks the key file only when it came from there
         self.private_key = private_key or signing.load_private_key(self.home)
@@ -127,9 +173,7 @@ class CloudService:
         self._admin_hash = hash_token(token)
         self.metrics = CloudMetrics()
         # one sample of this bundle as a device uploads it: a max_body_bytes below this refuses every upload
-        lowest = np.full(self.codec.shape, self.codec.low, np.float32)
-        self.one_sample_body_bytes = upload_body_bytes(self.model_name, self.codec.to_upload(lowest),
-                                                       self.manifest.num_classes)
+        self.one_sample_body_bytes = one_upload_bytes(self.manifest, self.codec)
         if self.one_sample_body_bytes > config.max_body_bytes:
             log.warning("max_body_bytes %d is smaller than one upload of this bundle (%d bytes): every upload will "
                         "be refused", config.max_body_bytes, self.one_sample_body_bytes)
@@ -150,7 +194,16 @@ class CloudService:
             from edgeadapt.cloud.grouping import Grouper
 
             self.grouper = Grouper(self.store, config.groups)
-        if teacher is None and config.teacher:
+        if config.trainer.executor == "ray":  # rounds run as Ray tasks, each building its own trainer
+            if teacher is not None:
+                raise ConfigError("trainer.executor = \"ray\" builds the teacher in each Ray worker from the config "
+                                  "(teacher, teacher_weights); a teacher object cannot be passed")
+            if config.teacher:
+                from edgeadapt.cloud.ray_executor import RayRounds
+
+                self.trainer = RayRounds(config, self.home, self.store, grouper=self.grouper, metrics=self.metrics,
+                                         on_publish=self._bump)
+        elif teacher is None and config.teacher:
             from edgeadapt.cloud.edge_model import load_teacher
 
             teacher = load_teacher(config.teacher, config.teacher_weights, **config.teacher_kwargs)
@@ -162,23 +215,118 @@ class CloudService:
                                    student_model=config.student_model, grouper=self.grouper)
         latest = self.store.latest_version()
         self.metrics.latest_version.set(latest or 0)
+        #: every model served, by name (the default one first); why a registered model could not be loaded
+        self.models: dict[str, ServedModel] = {self.model_name: ServedModel(
+            self.model_name, self.store, self.bundle_dir, self.manifest, self.codec, self.one_sample_body_bytes,
+            self.trainer, self.grouper)}
+        self.model_errors: dict[str, tuple[float, str]] = {}
+        self._models_lock = threading.RLock()
+        for rec in self.root_store.models.list():
+            if rec.model not in self.models:
+                self._load_model(rec)
+
+    # ------------------------------------------------------------------ models
+    def _load_model(self, rec: ModelRecord) -> ServedModel | None:
+        """Serve a registered model (not the configured one): its bundle, contract, grouper and, with a teacher,
+        its trainer. A model that cannot be loaded (its bundle gone, another key) is left out with the reason
+        (health shows it; its devices get 503 and keep their uploads) and retried after a while."""
+        cfg = self.config
+        try:
+            bundle = Path(rec.bundle)
+            view = self.root_store.scoped(rec.model)
+            manifest = register_bundle(view, bundle)  # its parameters still those of its version 0
+            if manifest.cloud_public_key not in (None, self.public_key_b64):
+                raise ConfigError(f"bundle {bundle} was exported for another cloud key: its devices would reject "
+                                  "every update")
+            codec = InputCodec(manifest.input)
+            grouper = trainer = None
+            if cfg.groups.enabled:
+                from edgeadapt.cloud.grouping import Grouper
+
+                grouper = Grouper(view, cfg.groups)
+            if rec.teacher:
+                if getattr(cfg.trainer, "executor", "local") != "local":
+                    raise ConfigError(f"trainer.executor = {cfg.trainer.executor!r} trains the configured model "
+                                      "only; a registered model trains in-process (executor local)")
+                from edgeadapt.cloud.edge_model import load_teacher
+                from edgeadapt.cloud.trainer import Trainer
+
+                teacher = load_teacher(rec.teacher, rec.teacher_weights, **rec.teacher_kwargs)
+                trainer = Trainer(bundle, view, teacher, cfg.trainer, auto_rollout=cfg.auto_rollout,
+                                  metrics=self.metrics, on_publish=self._bump, student_model=rec.student_model,
+                                  grouper=grouper)
+            served = ServedModel(rec.model, view, bundle, manifest, codec, one_upload_bytes(manifest, codec),
+                                 trainer, grouper)
+        except (ConfigError, BundleError, StoreError, ValueError, OSError) as exc:
+            why = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.model_errors[rec.model] = (time.time(), why)
+            log.error("model %s (bundle %s) cannot be served: %s", rec.model, rec.bundle, why)
+            return None
+        self.model_errors.pop(rec.model, None)
+        self.models[rec.model] = served
+        if served.trainer is not None and self.started and cfg.trainer.enabled:
+            served.trainer.start()
+        log.info("serving model %s too (bundle %s, %s)", rec.model, rec.bundle,
+                 f"teacher {rec.teacher}" if rec.teacher else "no teacher: uploads stored only")
+        return served
+
+    def served(self, model: str) -> ServedModel | None:
+        """The served model of this name; one registered since the start is loaded now (None: not registered, or
+        it cannot be loaded: ``model_errors`` says why)."""
+        found = self.models.get(model)
+        if found is not None:
+            return found
+        with self._models_lock:
+            if model in self.models:
+                return self.models[model]
+            failed = self.model_errors.get(model)
+            if failed is not None and time.time() - failed[0] < MODEL_RETRY_S:
+                return None
+            try:
+                rec = self.root_store.models.get(model)
+            except NotFound:
+                return None
+            return self._load_model(rec)
+
+    def served_for(self, device: Device) -> ServedModel:
+        """The model a device is registered for (one added before any model was registered: the default)."""
+        name = device.model or self.model_name
+        served = self.served(name)
+        if served is None:
+            failed = self.model_errors.get(name)
+            if failed is not None:
+                raise ServiceError(f"model {name!r} of device {device.name!r} cannot be served now: {failed[1]}", 503)
+            raise Missing(f"device {device.name!r} is registered for model {name!r}, which this cloud does not "
+                          "serve")
+        return served
+
+    def trainers(self) -> list:
+        return [m.trainer for m in self.models.values() if m.trainer is not None]
+
+    @staticmethod
+    def _not_served(model: str, device: Device, served: ServedModel) -> str:
+        return (f"model {model!r} is not served here to device {device.name!r} (this cloud serves "
+                f"{served.name!r} to it)")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        if self.trainer is not None and self.config.trainer.enabled:
-            self.trainer.start()
+        if self.config.trainer.enabled:
+            for trainer in self.trainers():
+                trainer.start()
         self.started = True
 
-    def limits(self) -> dict:
-        """What a device needs to know to upload here (``/healthz``, ``/v1/whoami``, ``edgeadapt doctor``)."""
-        return {"model": self.model_name, "input_shape": list(self.codec.shape),
-                "max_body_bytes": self.config.max_body_bytes, "one_sample_body_bytes": self.one_sample_body_bytes,
-                "max_upload_sample_bytes": self.codec.max_upload_sample_bytes,
+    def limits(self, device: Device | None = None) -> dict:
+        """What a device needs to know to upload here (``/healthz``: the default model's, ``/v1/whoami``: its own
+        model's, ``edgeadapt doctor``)."""
+        m = self.models[self.model_name] if device is None else self.served_for(device)
+        return {"model": m.name, "input_shape": list(m.codec.shape),
+                "max_body_bytes": self.config.max_body_bytes, "one_sample_body_bytes": m.one_sample_body_bytes,
+                "max_upload_sample_bytes": m.codec.max_upload_sample_bytes,
                 "max_samples_per_batch": MAX_SAMPLES_PER_BATCH, "public_key": self.public_key_b64}
 
     def stop(self) -> None:
-        if self.trainer is not None:
-            self.trainer.stop()
+        for trainer in self.trainers():
+            trainer.stop()
 
     def _bump(self, *_: object) -> None:
         """Something a device may be waiting for changed (a version published, a rollout or handoff made)."""
@@ -206,10 +354,11 @@ class CloudService:
             raise
 
     def _ingest(self, device: Device, batch: SampleBatch) -> SampleBatchResult:
-        if batch.model != self.model_name:
-            raise Invalid(f"model {batch.model!r} is not served here (this cloud serves {self.model_name!r})")
-        codec = self.codec
-        c = self.manifest.num_classes
+        served = self.served_for(device)
+        if batch.model != served.name:
+            raise Invalid(self._not_served(batch.model, device, served))
+        codec = served.codec
+        c = served.manifest.num_classes
         tcfg = self.config.trainer
         new: list[NewSample] = []
         for i, s in enumerate(batch.samples):
@@ -227,13 +376,13 @@ class CloudService:
                                  entropy=s.entropy, ood_score=s.ood_score, novel=s.novel,
                                  param_version=s.param_version,
                                  split=sample_split(device.name, s.id, s.novel, tcfg.holdout_fraction, tcfg.seed)))
-        new_ids, dups = self.store.add_samples(device.id, new)
+        new_ids, dups = served.store.add_samples(device.id, new)
         self.health.resolved("store")  # a write went through
         self.metrics.samples_received.inc(len(new_ids))
         self.metrics.samples_duplicate.inc(len(dups))
-        self.store.touch_device(device.id)
-        if new_ids and self.trainer is not None:
-            self.trainer.notify()
+        served.store.touch_device(device.id)
+        if new_ids and served.trainer is not None:
+            served.trainer.notify()
         seen, ids = set(), []
         for s in batch.samples:
             if s.id not in seen:
@@ -248,43 +397,44 @@ class CloudService:
         signature, by which a grouping cloud assigns it a group). A device of another model is recorded with that
         as its problem, then refused."""
         problems = dict(problems or {})
-        if model != self.model_name:
+        served = self.served_for(device)
+        if model != served.name:
             problems["model"] = (f"runs model {clean_text(model, 64)!r}; this cloud serves "
-                                 f"{clean_text(self.model_name, 64)!r}")
-            self.store.touch_device(device.id, status="wrong model", problems=problems, heartbeat=True)
-            raise Invalid(f"model {model!r} is not served here (this cloud serves {self.model_name!r})")
+                                 f"{clean_text(served.name, 64)!r} to it")
+            served.store.touch_device(device.id, status="wrong model", problems=problems, heartbeat=True)
+            raise Invalid(self._not_served(model, device, served))
         clean = {str(k)[:64]: float(v) for k, v in list(counters.items())[:256] if math.isfinite(float(v))}
-        self.store.touch_device(device.id, version=version, status=status, counters=clean, problems=problems,
-                                heartbeat=True)
+        served.store.touch_device(device.id, version=version, status=status, counters=clean, problems=problems,
+                                  heartbeat=True)
         self.metrics.heartbeats.inc()
         group = None
         if signature is not None:
-            if self.grouper is not None:
+            if served.grouper is not None:
                 device.version = version
-                group = device.group_id = self.grouper.observe(device, signature.values, signature.entropy)
+                group = device.group_id = served.grouper.observe(device, signature.values, signature.entropy)
             else:  # kept for `cloud devices` (and a later switch to grouping) even when not grouping
-                self.store.fleet.set_signature(device.id, signature.values, signature.entropy)
-        return {"ok": True, "target_version": self.target_for(device), "latest_version": self.store.latest_version(),
-                **({"group": group} if group is not None else {})}
+                served.store.fleet.set_signature(device.id, signature.values, signature.entropy)
+        return {"ok": True, "target_version": self.target_for(device),
+                "latest_version": served.store.latest_version(), **({"group": group} if group is not None else {})}
 
     # ------------------------------------------------------------------ updates
     def _mode_opts(self, mode: str) -> dict:
         allowed = MODE_OPTS.get(mode, ("zstd_level",))
         return {k: v for k, v in self.config.update_opts.items() if k in allowed}
 
-    def _device_base(self, device: Device, have: int, have_hash: str | None) -> tuple[ParamSet, str]:
+    def _device_base(self, store: Store, have: int, have_hash: str | None) -> tuple[ParamSet, str]:
         if have_hash:
-            found = self.store.get_param_set(have_hash)
+            found = store.get_param_set(have_hash)
             if found is None:
                 raise Conflict(f"unknown parameters {have_hash[:16]}… for version {have}: this cloud never served "
                                "them")
             return found[1], have_hash
         try:
-            rec = self.store.get_version(have)
+            rec = store.get_version(have)
         except NotFound:
-            raise Conflict(f"version {have} is unknown to this cloud (latest is {self.store.latest_version()})") \
+            raise Conflict(f"version {have} is unknown to this cloud (latest is {store.latest_version()})") \
                 from None
-        return self.store.get_params(have), rec.params_hash
+        return store.get_params(have), rec.params_hash
 
     def count_served(self, pkg: Package) -> None:
         """A package went out (``/v1/updates``; ``/v1/updates/info`` only describes one)."""
@@ -292,8 +442,10 @@ class CloudService:
         self.metrics.update_bytes_out.inc(len(pkg.data))
 
     def target_for(self, device: Device) -> int | None:
-        """The version the newest rollout covering this device assigns (group rollouts cover its group's members)."""
-        return self.store.target_version(device.name, device.group_id if self.grouper is not None else None)
+        """The version of its model the newest rollout covering this device assigns (group rollouts cover its
+        group's members)."""
+        served = self.served_for(device)
+        return served.store.target_version(device.name, device.group_id if served.grouper is not None else None)
 
     def _handoff(self, device: Device, have: int, target: int) -> int | None:
         """A device whose group is at an older version number than the one it runs (it moved group, or its group
@@ -303,17 +455,18 @@ class CloudService:
         gid = device.group_id
         if gid is None:
             return None
+        store = self.served_for(device).store
         try:
-            have_hash = self.store.get_version(have).params_hash
+            have_hash = store.get_version(have).params_hash
         except NotFound:
             have_hash = None
-        rec = self.store.get_version(target)
+        rec = store.get_version(target)
         if have_hash == rec.params_hash:
             return None
-        version = self.store.add_version(self.store.get_params(target), parent=target,
-                                         note=f"v{target} for group {gid} (handoff from v{have})",
-                                         metrics={"handoff_of": target}, group_id=gid)
-        self.store.add_rollout(version, note="handoff", group_id=gid)
+        version = store.add_version(store.get_params(target), parent=target,
+                                    note=f"v{target} for group {gid} (handoff from v{have})",
+                                    metrics={"handoff_of": target}, group_id=gid)
+        store.add_rollout(version, note="handoff", group_id=gid)
         self._bump()
         log.info("device %s (v%d) moved to group %d at v%d: served as v%d", device.name, have, gid, target, version)
         return version
@@ -322,35 +475,39 @@ class CloudService:
                    mode: str | None = None) -> Package | None:
         """The package that takes this device from ``have`` (holding ``have_hash``) to its assigned version, or
         None (up to date, or no newer version assigned: devices never downgrade through a delta)."""
-        if model != self.model_name:
-            raise Missing(f"model {model!r} is not served here (this cloud serves {self.model_name!r})")
+        served = self.served_for(device)
+        if model != served.name:
+            raise Missing(self._not_served(model, device, served))
+        store = served.store
         mode = mode or self.config.update_mode
         if mode not in MODES:
             raise Invalid(f"unknown update mode {mode!r}; use one of {MODES}")
         target = self.target_for(device)
-        if target is not None and target < have and self.grouper is not None:
-            with self._build_lock:  # one handoff version however many requests ask at once
+        if target is not None and target < have and served.grouper is not None:
+            with served.build_lock:  # one handoff version however many requests ask at once
                 target = self.target_for(device)
                 if target is not None and target < have:
                     target = self._handoff(device, have, target)
         if target is None or target <= have:
             return None
-        base_params, base_hash = self._device_base(device, have, have_hash)
+        base_params, base_hash = self._device_base(store, have, have_hash)
         opts = self._mode_opts(mode)
-        key = f"{base_hash}:{have}:{target}:{mode}:{json.dumps(opts, sort_keys=True)}"
-        with self._build_lock:
-            cached = self.store.get_package(key)
+        # the default model's keys as before (packages built by an older release stay found); the others' prefixed
+        key = ("" if served.name == self.model_name else f"{served.name}:") + \
+            f"{base_hash}:{have}:{target}:{mode}:{json.dumps(opts, sort_keys=True)}"
+        with served.build_lock:
+            cached = store.get_package(key)
             if cached is None:
-                built = build_package_full(self.model_name, have, base_params, target, self.store.get_params(target),
+                built = build_package_full(served.name, have, base_params, target, store.get_params(target),
                                            mode, self.private_key, **opts)
                 target_hash = built.header["target"]["params_hash"]
                 if target_hash != built.header["target"]["exact_hash"]:
-                    self.store.put_param_set(target, built.params)
+                    store.put_param_set(target, built.params)
                 info = {"target_hash": target_hash, "base_hash": base_hash}
-                self.store.put_package(key, built.data, info)
+                store.put_package(key, built.data, info)
                 data = built.data
             else:
                 data, info = cached
                 target_hash = info["target_hash"]
-        upd = UpdateInfo(model=self.model_name, version=target, base_version=have, mode=mode, size=len(data))
+        upd = UpdateInfo(model=served.name, version=target, base_version=have, mode=mode, size=len(data))
         return Package(data, upd, target_hash, info["base_hash"])

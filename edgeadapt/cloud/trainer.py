@@ -179,6 +179,30 @@ def device_counts(samples: list) -> dict[str, int]:
     return out
 
 
+def lineage_pending(store: Store, grouper) -> tuple[dict, dict[int | None, list]]:
+    """A grouping cloud's pending uploads by lineage (group id; None: devices in no group), global lineage first,
+    and the groups' members. -> (members, pending)."""
+    members = grouper.members()
+    of = {d.id: gid for gid, devs in members.items() for d in devs}
+    pending: dict[int | None, list] = {}
+    for smp in store.pending_samples():
+        pending.setdefault(of.get(smp.device_id), []).append(smp)
+    return members, {g: pending[g] for g in sorted(pending, key=lambda g: (g is not None, g or 0))}
+
+
+def rounds_due(store: Store, cfg: TrainerConfig, metrics=None) -> bool:
+    """Time for a round: ``train_every`` uploads pending, or the oldest has waited ``train_interval_s``."""
+    pending = store.count_samples("train", consumed=False)
+    if metrics is not None:
+        metrics.pending_samples.set(pending)
+    if pending == 0:
+        return False
+    if pending >= cfg.train_every:
+        return True
+    oldest = store.oldest_pending_time()
+    return oldest is not None and time.time() - oldest >= cfg.train_interval_s
+
+
 def to_float_batch(arrays: list[np.ndarray], manifest: B.BundleManifest) -> torch.Tensor:
     """Uploaded inputs (uint8 / float16, mixed) -> normalized float32 [N, *shape]."""
     codec = InputCodec(manifest.input)
@@ -258,6 +282,8 @@ class Trainer:
     thread that calls it when ``train_every`` uploads are pending or the oldest has waited ``train_interval_s``.
     ``on_publish(version)`` is called after a version is published (the server uses it to wake long-polls).
     """
+
+    executor = "inprocess"  # where rounds run (``trainer.executor``; "ray": cloud/ray_executor.py's RayRounds)
 
     def __init__(self, bundle_dir: str | Path, store: Store, teacher: nn.Module, config: TrainerConfig | None = None,
                  *, auto_rollout: bool = True, metrics=None, on_publish: Callable[[int], None] | None = None,
@@ -521,23 +547,31 @@ class Trainer:
         its group's lineage (uploads of devices in no group: the global lineage); the result sums them up
         (``groups``: each round's result)."""
         if self.grouper is None:
-            with self._lock:
-                self._follow_store()
-                return self._round(self.store.pending_samples(), limit)
+            return self.train_lineage(None, limit)
         with self._lock:
             regrouped = self.grouper.regroup()
-            members = self.grouper.members()
-            of = {d.id: gid for gid, devs in members.items() for d in devs}
-            pending: dict[int | None, list] = {}
-            for smp in self.store.pending_samples():
-                pending.setdefault(of.get(smp.device_id), []).append(smp)
-            results = []
-            for gid in sorted(pending, key=lambda g: (g is not None, g or 0)):
-                devices = {d.id for d in members.get(gid, [])} if gid is not None else \
-                    {smp.device_id for smp in pending[gid]}
-                with self._in_lineage(gid, devices):
-                    results.append(self._round(pending[gid], limit))
+            members, pending = lineage_pending(self.store, self.grouper)
+            results = [self._lineage_round(gid, samples, members, limit) for gid, samples in pending.items()]
         return self._summary(results, regrouped)
+
+    def train_lineage(self, group: int | None, limit: int | None = None) -> TrainResult:
+        """One round of one lineage (``group``; None: the global one) on what it has pending now: the work of one
+        Ray task (cloud/ray_executor.py), whose scheduler regrouped and chose the lineage."""
+        with self._lock:
+            if self.grouper is None:
+                if group is not None:
+                    raise ValueError(f"group {group}: this cloud does not group devices")
+                self._follow_store()
+                return self._round(self.store.pending_samples(), limit)
+            members, pending = lineage_pending(self.store, self.grouper)
+            return self._lineage_round(group, pending.get(group, []), members, limit)
+
+    def _lineage_round(self, group: int | None, samples: list, members: dict, limit: int | None) -> TrainResult:
+        if not samples:  # nothing (left) to train, or a group merged away since the round was asked for
+            return TrainResult("idle", self.version, reason="no pending uploads", group=group)
+        devices = {d.id for d in members.get(group, [])} if group is not None else {s.device_id for s in samples}
+        with self._in_lineage(group, devices):
+            return self._round(samples, limit)
 
     @staticmethod
     def _summary(results: list[TrainResult], regrouped: list[str]) -> TrainResult:
@@ -733,15 +767,7 @@ class Trainer:
         self._wake.set()
 
     def due(self) -> bool:
-        pending = self.store.count_samples("train", consumed=False)
-        if self.metrics is not None:
-            self.metrics.pending_samples.set(pending)
-        if pending == 0:
-            return False
-        if pending >= self.cfg.train_every:
-            return True
-        oldest = self.store.oldest_pending_time()
-        return oldest is not None and time.time() - oldest >= self.cfg.train_interval_s
+        return rounds_due(self.store, self.cfg, self.metrics)
 
     def _run(self) -> None:
         while not self._stop.is_set():

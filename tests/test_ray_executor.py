@@ -1,0 +1,128 @@
+"""Training rounds on Ray (``trainer.executor = "ray"``, issue 18 items 4 and 6), with a real local Ray (2 CPUs,
+one session for the module): a round runs as a Ray task in a Ray worker process against the same SQLite store and
+publishes a version a device applies; a Ray worker SIGKILLed in the middle of a round leaves nothing, the failure
+shows in health and metrics, and the round is redone and published exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from tests.procs import wait_for
+
+pytest_plugins = ["tests.cloud_fixtures"]
+
+RAY_TRAINER = {"executor": "ray", "enabled": True, "train_every": 32, "train_interval_s": 1, "gate_tolerance": 1.0,
+               "torch_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray for the module (its start is ~12 s); the executors find it running and use it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="edgeadapt-tests", logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def _lease_holder(store) -> str | None:
+    with store.db.reader() as tx:
+        row = tx.one("SELECT holder FROM round_leases WHERE lineage='global'")
+    return row["holder"] if row else None
+
+
+def _add_pending(store, kit, n: int, seed: int) -> None:
+    from edgeadapt.cloud.store import NewSample
+
+    dev = store.authenticate(store.add_device("cam"))
+    rng = np.random.default_rng(seed)
+    store.add_samples(dev.id, [NewSample(sample_id=f"{seed}-{i}", input=x, logits=rng.normal(size=10), entropy=1.0,
+                                         ood_score=0.0, novel=False, param_version=0, split="train")
+                               for i, x in enumerate(kit.synthetic_images(n, seed=seed, shift=kit.TEST_SHIFT))])
+
+
+def test_executor_config_from_the_environment(cloud_env):
+    from edgeadapt.cloud.config import ConfigError, load_config
+
+    cfg = load_config(cloud_env.home, environ={"EDGEADAPT_CLOUD_TRAINER__EXECUTOR": "ray",
+                                               "EDGEADAPT_CLOUD_TRAINER__RAY_ADDRESS": "ray://head:10001",
+                                               "EDGEADAPT_CLOUD_TRAINER__RAY_NUM_GPUS": "0.25"})
+    assert (cfg.trainer.executor, cfg.trainer.ray_address, cfg.trainer.ray_num_gpus) == ("ray", "ray://head:10001",
+                                                                                          0.25)
+    assert load_config(cloud_env.home, environ={}).trainer.executor == "inprocess"  # the default
+    with pytest.raises(ConfigError, match="executor"):
+        load_config(cloud_env.home, environ={"EDGEADAPT_CLOUD_TRAINER__EXECUTOR": "celery"})
+    with pytest.raises(ConfigError, match="ray_address"):
+        load_config(cloud_env.home, environ={"EDGEADAPT_CLOUD_TRAINER__RAY_ADDRESS": "head"})
+
+
+def test_a_round_on_ray_publishes_a_version_a_device_applies(ray_session, cloud_env, kit, live_cloud, tmp_path):
+    from edgeadapt.device.config import DeviceConfig
+    from edgeadapt.device.daemon import DeviceDaemon
+
+    cloud = live_cloud(trainer={**RAY_TRAINER, "min_steps_per_round": 4})
+    svc = cloud.service
+    assert svc.trainer.executor == "ray"
+    token = cloud.add_device("cam")
+    with cloud.client(token) as c:
+        r = c.post("/v1/samples", json=kit.batch_body(kit.synthetic_images(64, seed=5, shift=kit.TEST_SHIFT)))
+        assert r.status_code == 200 and r.json()["accepted"] == 64, r.text
+    wait_for(lambda: svc.trainer.last_result is not None, 180, "the round on Ray to publish and be collected")
+    assert svc.trainer.last_result.version == 1 and svc.store.latest_version() == 1
+    assert svc.trainer.last_worker["pid"] != os.getpid()  # trained in a Ray worker process, not here
+    assert [c.status for c in svc.store.list_candidates()] == ["published"]
+    assert svc.store.count_samples("train", consumed=False) == 0
+    with cloud.client() as c:
+        health = c.get("/healthz").json()
+        assert health["executor"] == "ray" and "trainer" not in health["reasons"], health
+        metrics = c.get("/metrics").text
+        status = c.get("/v1/admin/status", headers={"Authorization": f"Bearer {cloud.admin}"}).json()
+    assert 'edgeadapt_cloud_trainer_executor{executor="ray"} 1.0' in metrics
+    assert "edgeadapt_cloud_versions_published_total 1.0" in metrics
+    assert status["trainer"]["executor"] == "ray" and status["trainer"]["ray"].startswith("connected (local")
+    assert status["trainer"]["last_result"]["version"] == 1
+    d = DeviceDaemon(DeviceConfig(bundle=cloud_env.bundle, state_dir=tmp_path / "dev", cloud_url=cloud.url,
+                                  token=token))
+    try:
+        assert d.updater.check_once() == "applied" and d.engine.param_version == 1
+    finally:
+        d.stop()
+
+
+@pytest.mark.slow  # ~60 s on 2 loaded cores: a long round is killed, the lease expires, the round is redone
+def test_a_ray_worker_killed_mid_round_is_redone_and_published_once(ray_session, cloud_env, kit, tmp_path):
+    svc = kit.make_service(cloud_env, tmp_path / "store", trainer={**RAY_TRAINER, "min_steps_per_round": 300,
+                                                                   "round_lease_s": 3})
+    svc.start()
+    try:
+        _add_pending(svc.store, kit, 64, seed=7)
+        first = wait_for(lambda: _lease_holder(svc.store), 120, "a Ray worker to take the round's lease")
+        pid = int(first.split(":")[1])
+        assert pid != os.getpid()
+        time.sleep(1.0)  # inside its round of 300 steps
+        assert svc.store.latest_version() == 0
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.time()
+        wait_for(lambda: svc.trainer.failures >= 1, 60, "the scheduler to see the task fail")
+        reason = svc.health.check()["trainer"]["reason"]
+        assert "Ray worker" in reason and "died" in reason, reason
+        assert "edgeadapt_cloud_trainer_failures_total 1.0" in svc.metrics.render().decode()
+        wait_for(lambda: svc.trainer.last_result is not None, 240, "another Ray worker to redo and publish the round")
+        redo_s = time.time() - t_kill
+        time.sleep(2.0)  # nothing else comes after it
+        versions = [v.version for v in svc.store.list_versions()]
+        candidates = svc.store.list_candidates()
+        pending = svc.store.count_samples("train", consumed=False)
+        print("FAULT", {"ray_worker_killed": {"redo_s": round(redo_s, 1), "versions": versions,
+                                              "candidates": len(candidates), "failures": svc.trainer.failures}})
+        assert versions == [0, 1] and [c.status for c in candidates] == ["published"]
+        assert pending == 0
+        assert svc.trainer.last_worker["pid"] != pid  # a new worker redid it
+        assert "trainer" not in svc.health.check()  # the redone round cleared the failure
+    finally:
+        svc.stop()
