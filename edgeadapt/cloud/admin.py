@@ -83,9 +83,11 @@ def devices_info(store: Store, stale_after_s: float = 600.0, now: float | None =
 
     now = time.time() if now is None else now
     rollouts = sorted(store.list_rollouts(), key=lambda r: r.id, reverse=True)
+    default = store.get_meta("model_name") or ""
     out = []
     for d in store.list_devices():
-        rollout = next((r for r in rollouts if r.covers(d.name, d.group_id)), None)
+        model = d.model or default  # added before any model was registered: runs the first one registered
+        rollout = next((r for r in rollouts if r.model == model and r.covers(d.name, d.group_id)), None)
         expired = d.expires is not None and d.expires <= now
         hb_age = None if d.heartbeat_at is None else max(0.0, now - d.heartbeat_at)
         stale = hb_age is not None and hb_age > stale_after_s
@@ -99,7 +101,8 @@ def devices_info(store: Store, stale_after_s: float = 600.0, now: float | None =
         elif hb_age is None and d.last_seen is not None:
             trouble.append("no heartbeat yet")
         trouble += [str(v) for v in d.problems.values()]
-        out.append({"name": d.name, "version": d.version, "target_version": rollout.version if rollout else None,
+        out.append({"name": d.name, "model": model, "version": d.version,
+                    "target_version": rollout.version if rollout else None,
                     "rollout": None if rollout is None else {"id": rollout.id, "version": rollout.version,
                                                              "scope": rollout.scope},
                     "last_seen": _iso(d.last_seen), "heartbeat_at": _iso(d.heartbeat_at),
@@ -112,22 +115,23 @@ def devices_info(store: Store, stale_after_s: float = 600.0, now: float | None =
 
 def versions_info(store: Store) -> dict:
     return {
-        "versions": [{"version": v.version, "parent": v.parent, "params_hash": v.params_hash,
+        "versions": [{"model": v.model, "version": v.version, "parent": v.parent, "params_hash": v.params_hash,
                       "created": _iso(v.created), "note": v.note, "metrics": v.metrics} for v in store.list_versions()],
-        "candidates": [{"id": c.id, "status": c.status, "base_version": c.base_version, "version": c.version,
+        "candidates": [{"id": c.id, "model": c.model, "status": c.status, "base_version": c.base_version, "version": c.version,
                         "created": _iso(c.created), "reason": c.reason, "params_hash": c.params_hash,
                         "metrics": c.metrics} for c in store.list_candidates()],
     }
 
 
 def rollouts_info(store: Store) -> list[dict]:
-    return [{"id": r.id, "version": r.version, "scope": r.scope, "devices": r.devices, "fraction": r.fraction,
+    return [{"id": r.id, "model": r.model, "version": r.version, "scope": r.scope, "devices": r.devices, "fraction": r.fraction,
              "created": _iso(r.created), "note": r.note} for r in store.list_rollouts()]
 
 
 def push(store: Store, version: int | None = None, devices: list[str] | None = None,
          fraction: float | None = None, revert: bool = False, group: int | None = None) -> dict:
-    """Assign a version (default: latest) to some devices, a fraction of them, one group's members, or all.
+    """Assign a version (default: latest) to some devices, a fraction of them, one group's members, or all, of the
+    store view's model (``Store.scoped``; the whole store: the default model).
 
     Devices never downgrade through a delta package, so to roll the fleet back to an older version use
     ``revert=True``: its parameters are republished as a new version number and that one is rolled out."""
@@ -140,10 +144,15 @@ def push(store: Store, version: int | None = None, devices: list[str] | None = N
     except NotFound:
         raise StoreError(f"no version {version} (latest is {latest})") from None
     if devices:
-        known = {d.name for d in store.list_devices()}
-        unknown = sorted(set(devices) - known)
+        model = store.scope.key()
+        known = {d.name: d.model for d in store.list_devices()}
+        unknown = sorted(set(devices) - set(known))
         if unknown:
             raise StoreError(f"unknown devices: {', '.join(unknown)}")
+        others = sorted(n for n in devices if known[n] not in ("", model))
+        if others:
+            raise StoreError(f"devices of another model than {model!r}: {', '.join(others)} (name their model "
+                             "with --model)")
     note = "push"
     if revert:
         params = store.get_params(version)
@@ -152,14 +161,16 @@ def push(store: Store, version: int | None = None, devices: list[str] | None = N
         version = new
     rid = store.add_rollout(version, devices=list(devices) if devices else None, fraction=fraction, note=note,
                             group_id=group)
-    return {"rollout": rid, "version": version, "devices": devices, "fraction": fraction, "group": group,
-            "note": note}
+    return {"rollout": rid, "model": store.scope.key(), "version": version, "devices": devices, "fraction": fraction,
+            "group": group, "note": note}
 
 
 def groups_info(store: Store, config=None) -> list[dict]:
-    """Every active group of similar devices: members, the version its lineage is at, the version its rollouts
-    assign, and its accuracy proxy (cloud/grouping.py)."""
+    """Every active group of similar devices, per model (one model's with a scoped store): members, the version its
+    lineage is at, the version its rollouts assign, and its accuracy proxy (cloud/grouping.py)."""
     from edgeadapt.cloud.config import GroupsConfig
     from edgeadapt.cloud.grouping import Grouper
 
-    return Grouper(store, config or GroupsConfig()).describe()
+    models = [store.model] if store.model is not None else [m.model for m in store.models.list()] or [""]
+    return [{"model": m, **g} for m in models
+            for g in Grouper(store.scoped(m), config or GroupsConfig()).describe()]

@@ -104,6 +104,11 @@ class CloudHealth:
                 found["trainer"] = f"{'training on Ray' if on_ray else 'training round'} failed: {t.last_error[1]}"
             elif svc.config.trainer.enabled and svc.started and not t.running:
                 found["trainer"] = f"the {'Ray scheduler' if on_ray else 'trainer'} thread is not running"
+        for name, (_, why) in getattr(svc, "model_errors", {}).items():  # registered models that cannot be served
+            found[f"model:{name}"] = f"registered model {name!r} cannot be served (its devices get 503): {why}"
+        for name, m in getattr(svc, "models", {}).items():
+            if name != svc.model_name and m.trainer is not None and m.trainer.last_error is not None:
+                found[f"trainer:{name}"] = f"training round of model {name!r} failed: {m.trainer.last_error[1]}"
         now = time.time()
         with self._lock:
             out = {k: dict(v) for k, v in self._events.items()}
@@ -155,7 +160,7 @@ class FleetCollector:
         try:
             from edgeadapt.cloud.admin import devices_info
 
-            rows = devices_info(svc.store, svc.config.device_stale_after_s)
+            rows = devices_info(getattr(svc, "root_store", svc.store), svc.config.device_stale_after_s)
         except Exception:  # the store's failure is already a degraded reason
             return
         states = dict.fromkeys(("ok", "degraded", "stale", "revoked", "never"), 0)

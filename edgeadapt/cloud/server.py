@@ -19,7 +19,9 @@ up by hash and compared with ``hmac.compare_digest``):
 Admin endpoints (``Authorization: Bearer <admin token>``; a device token gets 403): ``GET/POST
 /v1/admin/devices``, ``POST /v1/admin/devices/{name}/revoke``, ``GET /v1/admin/versions``, ``GET/POST
 /v1/admin/rollouts``, ``POST /v1/admin/train`` (train on everything pending now; returns the result),
-``GET /v1/admin/status``. Unauthenticated: ``GET /healthz`` (live, ready, degraded with reasons, and what a device
+``GET /v1/admin/status``, ``GET /v1/admin/models`` (the registry: several models per cloud, each device
+registered for one; device, version, rollout and group endpoints take ``model`` where it matters, default the
+only model). Unauthenticated: ``GET /healthz`` (live, ready, degraded with reasons, and what a device
 needs to upload: model, key, size limits), ``GET /livez``, ``GET /readyz`` (503 when the store does not answer),
 ``GET /metrics`` (unless ``metrics_public`` is off). ``GET /v1/whoami`` (device token): the device's name and the
 same limits, for ``edgeadapt doctor``.
@@ -162,6 +164,8 @@ def _bearer(request: Request) -> str | None:
 
 class NewDevice(BaseModel):
     name: str = Field(min_length=1, max_length=64)
+    model: str | None = Field(None, max_length=256, description="the registered model it runs (default: the only "
+                              "one; required when several are registered)")
     expires_days: float | None = Field(None, gt=0, le=36500, description="token lifetime (default: until revoked)")
 
 
@@ -171,6 +175,8 @@ class PushRequest(BaseModel):
     fraction: float | None = Field(None, gt=0, le=1)
     revert: bool = False
     group: int | None = Field(None, ge=1, le=MAX_VERSION, description="roll out to this group's members")
+    model: str | None = Field(None, max_length=256, description="the model whose version this is (default: the "
+                              "only one; required when several are registered)")
 
 
 def create_app(service: CloudService) -> FastAPI:
@@ -269,7 +275,8 @@ def create_app(service: CloudService) -> FastAPI:
         not_ready = service.health.not_ready()
         latest = None if not_ready else service.store.latest_version()
         return {"ok": True, "status": "not ready" if not_ready else "degraded" if problems else "ok",
-                "ready": not_ready is None, "model": service.model_name, "latest_version": latest,
+                "ready": not_ready is None, "model": service.model_name, "models": list(service.models),
+                "latest_version": latest,
                 "trainer": None if service.trainer is None else service.trainer.running,
                 "executor": None if service.trainer is None else service.trainer.executor,
                 "reasons": {k: v["reason"] for k, v in problems.items()}, "degraded": problems,
@@ -374,15 +381,15 @@ def create_app(service: CloudService) -> FastAPI:
     def get_device(name: str, device: Device = Depends(device_auth)) -> dict:
         if name != device.name:
             raise HTTPException(403, "a device may only read its own record")
-        info = next(d for d in A.devices_info(service.store, cfg.device_stale_after_s) if d["name"] == name)
-        return info
+        return next(d for d in A.devices_info(service.root_store, cfg.device_stale_after_s) if d["name"] == name)
 
     @app.get("/v1/whoami", tags=["device"])
     def whoami(device: Device = Depends(device_auth)) -> dict:
         """The token's device and what it needs to work with this cloud: the model served, the signing key, the
         upload limits (``edgeadapt doctor device`` checks a bundle against them)."""
-        return {"device": device.name, **service.limits(), "latest_version": service.store.latest_version(),
-                "target_version": service.store.target_version(device.name)}
+        store = service.served_for(device).store
+        return {"device": device.name, **service.limits(device), "latest_version": store.latest_version(),
+                "target_version": service.target_for(device)}
 
     # ------------------------------------------------------------------ admin
     admin = [Depends(admin_auth)]
@@ -400,19 +407,38 @@ def create_app(service: CloudService) -> FastAPI:
                                                    "executor": t.executor,
                                                    **(t.status() if t.executor == "ray" else {})},
                 "update_mode": cfg.update_mode, "auto_rollout": cfg.auto_rollout,
-                "public_key": service.public_key_b64}
+                "public_key": service.public_key_b64,
+                "models": {name: {"latest_version": m.store.latest_version(),
+                                  "pending": m.store.count_samples("train", consumed=False),
+                                  "trainer": None if m.trainer is None else {"running": m.trainer.running,
+                                                                             "version": m.trainer.version}}
+                           for name, m in service.models.items()},
+                "model_errors": {name: why for name, (_, why) in service.model_errors.items()}}
+
+    @app.get("/v1/admin/models", tags=["admin"], dependencies=admin)
+    def admin_models() -> list[dict]:
+        """The registered models: bundle, teacher, input shape, classes, devices, versions, pending uploads."""
+        from edgeadapt.cloud.registry import models_info
+
+        return models_info(service.root_store)
+
+    def _model_store(model: str | None):
+        """The store view of the model a request names (default: the only one registered)."""
+        return service.root_store.scoped(service.root_store.models.resolve(model))
 
     @app.get("/v1/admin/devices", tags=["admin"], dependencies=admin)
     def admin_devices(stale_after_s: float | None = Query(None, gt=0, le=10**9, description="a heartbeat older "
                                                           "than this is stale (default: device_stale_after_s)")
                       ) -> list[dict]:
         """Every device: version, assigned version and rollout, last seen, and what is wrong (``trouble``)."""
-        return A.devices_info(service.store, stale_after_s or cfg.device_stale_after_s)
+        return A.devices_info(service.root_store, stale_after_s or cfg.device_stale_after_s)
 
     @app.post("/v1/admin/devices", tags=["admin"], dependencies=admin, status_code=201)
     def admin_add_device(req: NewDevice) -> dict:
-        token = service.store.add_device(req.name, None if req.expires_days is None else req.expires_days * 86400)
-        return {"name": req.name, "token": token, "expires": A._iso(service.store.get_device(req.name).expires)}
+        store = service.root_store
+        token = store.add_device(req.name, None if req.expires_days is None else req.expires_days * 86400, req.model)
+        dev = store.get_device(req.name)
+        return {"name": req.name, "model": dev.model, "token": token, "expires": A._iso(dev.expires)}
 
     @app.post("/v1/admin/devices/{name}/revoke", tags=["admin"], dependencies=admin)
     def admin_revoke_device(name: str) -> dict:
@@ -420,23 +446,24 @@ def create_app(service: CloudService) -> FastAPI:
         return {"name": name, "revoked": True}
 
     @app.get("/v1/admin/versions", tags=["admin"], dependencies=admin)
-    def admin_versions() -> dict:
-        return A.versions_info(service.store)
+    def admin_versions(model: str | None = Query(None, max_length=256, description="one model's (default: all)")
+                       ) -> dict:
+        return A.versions_info(service.root_store if model is None else _model_store(model))
 
     @app.get("/v1/admin/rollouts", tags=["admin"], dependencies=admin)
     def admin_rollouts() -> list[dict]:
-        return A.rollouts_info(service.store)
+        return A.rollouts_info(service.root_store)
 
     @app.post("/v1/admin/rollouts", tags=["admin"], dependencies=admin, status_code=201)
     def admin_push(req: PushRequest) -> dict:
-        out = A.push(service.store, req.version, req.devices, req.fraction, req.revert, req.group)
+        out = A.push(_model_store(req.model), req.version, req.devices, req.fraction, req.revert, req.group)
         service._bump()
         return out
 
     @app.get("/v1/admin/groups", tags=["admin"], dependencies=admin)
     def admin_groups() -> list[dict]:
         """Groups of similar devices (issue 18): members, lineage version, rollout target, accuracy proxy."""
-        return A.groups_info(service.store, cfg.groups)
+        return A.groups_info(service.root_store, cfg.groups)
 
     @app.post("/v1/admin/train", tags=["admin"], dependencies=admin)
     def admin_train() -> dict[str, Any]:
@@ -446,6 +473,17 @@ def create_app(service: CloudService) -> FastAPI:
             return service.trainer.train_now().to_dict()
         except (ConfigError, RuntimeError, TimeoutError) as exc:  # executor ray: Ray down, a task failed or still runs
             raise HTTPException(503, str(exc)) from None
+
+    @app.post("/v1/admin/models/{model}/train", tags=["admin"], dependencies=admin)
+    def admin_train_model(model: str) -> dict[str, Any]:
+        """Train one model on everything its devices uploaded and it has not trained on yet, now."""
+        served = service.served(model)
+        if served is None:
+            why = service.model_errors.get(model)
+            raise HTTPException(503 if why else 404, why[1] if why else f"no model {model!r} is served here")
+        if served.trainer is None:
+            raise HTTPException(409, f"no trainer for model {model!r}: it was registered without a teacher")
+        return served.trainer.train_now().to_dict()
 
     def openapi() -> dict:
         # the bodies read by hand (to limit their size while streaming) are documented explicitly

@@ -43,8 +43,8 @@ from edgeadapt.cloud.store import (
     register_bundle,
     token_matches,
 )
-from edgeadapt.core.bundle import BundleError, BundleManifest
 from edgeadapt.core import signing
+from edgeadapt.core.bundle import BundleError, BundleManifest
 from edgeadapt.core.input_codec import InputCodec
 from edgeadapt.core.safetext import clean_text
 from edgeadapt.core.tensorfile import ParamSet
@@ -218,7 +218,7 @@ class CloudService:
         #: every model served, by name (the default one first); why a registered model could not be loaded
         self.models: dict[str, ServedModel] = {self.model_name: ServedModel(
             self.model_name, self.store, self.bundle_dir, self.manifest, self.codec, self.one_sample_body_bytes,
-            self.trainer, self.grouper)}
+            self.trainer, self.grouper, self._build_lock)}
         self.model_errors: dict[str, tuple[float, str]] = {}
         self._models_lock = threading.RLock()
         for rec in self.root_store.models.list():
