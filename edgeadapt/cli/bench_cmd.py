@@ -399,3 +399,33 @@ def fleet(
             console.print(f"{name:12s} acc {r['acc']:.4f}  per group {r['acc_per_group']}{extra}")
         if "targets" in res:
             console.print(res["targets"])
+
+
+@app.command("round")
+def round_(
+    executors: str = typer.Option("inprocess,ray", help="comma-separated: inprocess, ray"),
+    uploads: int = typer.Option(256, min=1, help="new uploads per round (the default train_every)"),
+    rounds: int = typer.Option(3, min=1, help="rounds per executor (the first on Ray includes a cold worker)"),
+    torch_threads: int = typer.Option(1, min=1, help="torch threads of the trainer, in both executors"),
+    ray_address: str = typer.Option(None, help="a Ray cluster (default: a local Ray started for the run)"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """One training round's cost in-process vs as a Ray task (trainer.executor), on the reference bundle and
+    teacher with the default trainer config (issue 18)."""
+    from edgeadapt.assets import cloud_home, default_teacher
+    from edgeadapt.bench.round import run_round_bench
+
+    b, s = _assets(None, None)
+    arch, weights = default_teacher(console)
+    names = tuple(e.strip() for e in executors.split(",") if e.strip())
+    bad = [e for e in names if e not in ("inprocess", "ray")]
+    if bad or not names:
+        fail(f"--executors: {', '.join(bad) or 'none given'}; use inprocess and/or ray")
+    res = run_round_bench(b, s, arch, weights, cloud_home(console), names, uploads=uploads, rounds=rounds,
+                          torch_threads=torch_threads, ray_address=ray_address)
+    if json_out:
+        print_json(res)
+    else:
+        for name, r in res["executors"].items():
+            console.print(f"{name:10s} setup {r['setup_s']} s, first round {r['first_round_s']} s, "
+                          f"warm round {r['warm_round_s']} s")

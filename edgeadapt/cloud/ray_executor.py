@@ -118,9 +118,12 @@ def _worker_trainer(spec: dict):
 def run_round(spec: dict, group: int | None, limit: int | None) -> dict:
     """A Ray task: one round of lineage ``group`` against the store ``spec`` names (``Trainer.train_lineage``:
     lease, train, gate, publish once). -> the round's ``TrainResult`` as a dict, plus who ran it."""
+    import torch
+
     trainer = _worker_trainer(spec)
     out = trainer.train_lineage(group, limit).to_dict()
-    out["worker"] = {"holder": trainer.holder, "pid": os.getpid(), "host": socket.gethostname()}
+    out["worker"] = {"holder": trainer.holder, "pid": os.getpid(), "host": socket.gethostname(),
+                     "torch_threads": torch.get_num_threads()}
     return out
 
 
