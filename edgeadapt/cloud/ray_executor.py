@@ -43,6 +43,13 @@ LEASED_HOLD_S = 2.0  # a lineage found leased by another worker is asked again a
 FAILURE_HOLD_S = 5.0  # after a failed task or a Ray that would not start, as the in-process trainer waits
 
 
+#: this process's use of Ray (every served model's scheduler shares one connection): the local Ray started here
+#: is shut down when its last user stops
+_ray_lock = threading.Lock()
+_ray_users = 0
+_ray_started_here = False
+
+
 class RayUnavailable(ConfigError):
     pass
 
@@ -55,22 +62,24 @@ def require_ray() -> None:
         raise RayUnavailable("trainer.executor = \"ray\" needs the ray package: pip install 'edgeadapt[ray]'")
 
 
-def round_spec(config: CloudConfig, home: str | Path) -> dict:
+def round_spec(config: CloudConfig, home: str | Path, model: str | None = None, model_fields: dict | None = None
+               ) -> dict:
     """What a round's task needs to reach the same store and build the same trainer: JSON-able settings only,
     with the local paths made absolute (a worker runs in a directory of Ray's; on a cluster the paths must be
-    shared storage, or the store PostgreSQL + S3)."""
+    shared storage, or the store PostgreSQL + S3). ``model``: the store view's model (a registered model's
+    ``model_fields``, its bundle and teacher, replace the configured ones)."""
     from edgeadapt.cloud.admin import store_dir
 
     def absolute(p: str | None) -> str | None:
         return str(Path(p).expanduser().resolve()) if p else p
 
-    cfg = config.model_dump(mode="json")
+    cfg = {**config.model_dump(mode="json"), **(model_fields or {})}
     cfg["store_dir"] = str(store_dir(home, config).resolve())
     for name in ("bundle", "teacher_weights"):
         cfg[name] = absolute(cfg[name])
     if cfg["blob_url"] and "://" not in cfg["blob_url"]:
         cfg["blob_url"] = absolute(cfg["blob_url"])
-    return {"home": str(Path(home).expanduser().resolve()), "config": cfg}
+    return {"home": str(Path(home).expanduser().resolve()), "model": model, "config": cfg}
 
 
 def lineage_key(group: int | None) -> str:
@@ -103,6 +112,8 @@ def _worker_trainer(spec: dict):
         _worker[1].store.close()
         _worker = None
     store = open_store(spec["home"], config)
+    if spec["model"] is not None:  # the model's view, as the serve process's trainer has it
+        store = store.scoped(spec["model"])
     grouper = None
     if config.groups.enabled:
         from edgeadapt.cloud.grouping import Grouper
@@ -136,13 +147,13 @@ class RayRounds:
     executor = "ray"
 
     def __init__(self, config: CloudConfig, home: str | Path, store: Store, *, grouper=None, metrics=None,
-                 on_publish=None):
+                 on_publish=None, model_fields: dict | None = None):
         require_ray()
-        if not config.teacher:
-            raise ConfigError("trainer.executor = \"ray\": the teacher must be named in the config (teacher, "
-                              "teacher_weights), since each Ray worker builds it")
+        if not (model_fields or {}).get("teacher", config.teacher):
+            raise ConfigError("trainer.executor = \"ray\": the teacher must be named (teacher, teacher_weights), "
+                              "since each Ray worker builds it")
         self.cfg: TrainerConfig = config.trainer
-        self.spec = round_spec(config, home)
+        self.spec = round_spec(config, home, store.model, model_fields)
         self.store = store
         self.grouper = grouper
         self.metrics = metrics
@@ -154,7 +165,7 @@ class RayRounds:
         self.failures = 0
         self.ray_state = "not started"  # not started | connected (address) | failed: why
         self._remote = None
-        self._owns_ray = False
+        self._uses_ray = False
         self._lock = threading.RLock()
         self._inflight: dict[str, object] = {}  # lineage -> ObjectRef of its round's task
         self._settled: OrderedDict[str, object] = OrderedDict()  # task id -> TrainResult (train_now and the loop)
@@ -167,6 +178,7 @@ class RayRounds:
     # ------------------------------------------------------------------ Ray
     def connect(self) -> None:
         """Join (or start) Ray once; raises with the reason, also kept in ``ray_state`` / ``last_error``."""
+        global _ray_users, _ray_started_here
         if self._remote is not None:
             return
         try:
@@ -174,12 +186,16 @@ class RayRounds:
 
             from edgeadapt.cloud import ray_executor
 
-            if not ray.is_initialized():
-                addr = self.cfg.ray_address
-                kw = {} if addr else {"num_cpus": max(1, min(LOCAL_MAX_CPUS, os.cpu_count() or 1))}
-                ray.init(address=addr, include_dashboard=False, logging_level=logging.WARNING,
-                         namespace="edgeadapt", **kw)
-                self._owns_ray = True
+            with _ray_lock:
+                if not ray.is_initialized():
+                    addr = self.cfg.ray_address
+                    kw = {} if addr else {"num_cpus": max(1, min(LOCAL_MAX_CPUS, os.cpu_count() or 1))}
+                    ray.init(address=addr, include_dashboard=False, logging_level=logging.WARNING,
+                             namespace="edgeadapt", **kw)
+                    _ray_started_here = True
+                if not self._uses_ray:
+                    _ray_users += 1
+                    self._uses_ray = True
             gpus = float(ray.cluster_resources().get("GPU", 0.0))
             num_gpus = self.cfg.ray_num_gpus if gpus > 0 else 0.0
             self._remote = ray.remote(ray_executor.run_round).options(num_cpus=1, num_gpus=num_gpus,
@@ -388,11 +404,16 @@ class RayRounds:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        if self._owns_ray:
+        global _ray_users, _ray_started_here
+        if self._uses_ray:
             import ray
 
-            ray.shutdown()
-            self._owns_ray = False
+            with _ray_lock:
+                _ray_users -= 1
+                if _ray_users == 0 and _ray_started_here:
+                    ray.shutdown()
+                    _ray_started_here = False
+            self._uses_ray = False
             self._remote = None
             self.ray_state = "not started"
 

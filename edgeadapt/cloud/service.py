@@ -244,10 +244,15 @@ class CloudService:
                 from edgeadapt.cloud.grouping import Grouper
 
                 grouper = Grouper(view, cfg.groups)
-            if rec.teacher:
-                if getattr(cfg.trainer, "executor", "local") != "local":
-                    raise ConfigError(f"trainer.executor = {cfg.trainer.executor!r} trains the configured model "
-                                      "only; a registered model trains in-process (executor local)")
+            if rec.teacher and cfg.trainer.executor == "ray":  # its rounds as Ray tasks on its store view
+                from edgeadapt.cloud.ray_executor import RayRounds
+
+                trainer = RayRounds(cfg, self.home, view, grouper=grouper, metrics=self.metrics,
+                                    on_publish=self._bump, model_fields={
+                                        "bundle": rec.bundle, "teacher": rec.teacher,
+                                        "teacher_weights": rec.teacher_weights, "teacher_kwargs": rec.teacher_kwargs,
+                                        "student_model": rec.student_model})
+            elif rec.teacher:
                 from edgeadapt.cloud.edge_model import load_teacher
                 from edgeadapt.cloud.trainer import Trainer
 
