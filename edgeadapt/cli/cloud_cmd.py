@@ -1,4 +1,8 @@
-"""`edgeadapt cloud ...` commands: init, serve, devices, push, rollouts, versions, train.
+"""`edgeadapt cloud ...` commands: init, serve, models, devices, push, rollouts, versions, groups, train.
+
+Several models per cloud (issue 18): `cloud models add` registers a bundle and its teacher, `cloud devices add
+NAME --model M` registers a device for one; commands about one model's versions take --model (default: the only
+model registered, an error when several are).
 
 Admin commands open the cloud's store directly (SQLite in WAL mode, safe while `cloud serve` runs, or the
 configured PostgreSQL + object store); `train`
@@ -21,10 +25,15 @@ app = typer.Typer(help="The cloud service: ingest uploads, distill a teacher, pu
                   no_args_is_help=True)
 devices_app = typer.Typer(help="List devices (no subcommand), add or revoke them.", invoke_without_command=True)
 app.add_typer(devices_app, name="devices")
+models_app = typer.Typer(help="List the models this cloud serves (no subcommand), or register one (add).",
+                         invoke_without_command=True)
+app.add_typer(models_app, name="models")
 
 HomeOpt = typer.Option(None, "--home", envvar="EDGEADAPT_CLOUD_HOME",
                        help="cloud home directory (default ~/.edgeadapt/cloud)")
 JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+ModelOpt = typer.Option(None, "--model", help="the registered model (`cloud models`) this is about (default: the "
+                                              "only one; required when several are registered)")
 
 
 def _config(home: Path | None, overrides: dict | None = None):
@@ -49,6 +58,16 @@ def _store(home: Path | None):
     if not (path / "cloud.db").exists() and not (h / PRIVATE_KEY_FILE).is_file():
         fail(f"no cloud home at {h}: create it with `edgeadapt cloud init {h}`")
     return open_store(home, cfg)
+
+
+def _model_store(store, model: str | None):
+    """The store's view of the model a command names (default: the only one registered)."""
+    from edgeadapt.cloud.store import StoreError
+
+    try:
+        return store.scoped(store.models.resolve(model))
+    except StoreError as exc:
+        fail(str(exc))
 
 
 def _age(iso: str | None) -> str:
@@ -164,11 +183,12 @@ def devices(ctx: typer.Context, home: Path = HomeOpt, as_json: bool = JsonOpt,
     from rich.table import Table
 
     table = Table(title="devices")
-    for col in ("name", "version", "assigned", "rollout", "last seen", "status", "what is wrong"):
+    for col in ("name", "model", "version", "assigned", "rollout", "last seen", "status", "what is wrong"):
         table.add_column(col)
     for r in rows:  # name and status come from the store, status and problems from the device: plain text only
         ro = r["rollout"]
-        table.add_row(plain(r["name"], 64), str(r["version"] if r["version"] is not None else "-"),
+        table.add_row(plain(r["name"], 64), plain(r["model"] or "-", 64),
+                      str(r["version"] if r["version"] is not None else "-"),
                       str(r["target_version"] if r["target_version"] is not None else "-"),
                       "-" if ro is None else plain(f"#{ro['id']} {ro['scope']}", 80), _age(r["last_seen"]),
                       plain(r["status"]), plain("; ".join(r["trouble"]), 2000))
@@ -184,22 +204,28 @@ def devices_add(ctx: typer.Context, name: str = typer.Argument(...), home: Path 
                 expires_days: float = typer.Option(None, "--expires-days",
                                                    help="the token stops working after this many days "
                                                         "(default: until revoked)"),
+                model: str = typer.Option(None, "--model", help="the registered model it runs (`cloud models`); "
+                                          "default: the only one, required when several are registered (before "
+                                          "any is: the first one registered)"),
                 as_json: bool = JsonOpt) -> None:
-    """Register a device and print its token (once: only its hash is stored)."""
+    """Register a device for a model and print its token (once: only its hash is stored). The device's uploads,
+    heartbeats and update checks are judged by that model's input contract and answered from its versions."""
     from edgeadapt.cloud.admin import _iso
     from edgeadapt.cloud.store import StoreError
 
     store = _store(_home(ctx, home))
     try:
-        token = store.add_device(name, None if expires_days is None else expires_days * 86400)
+        token = store.add_device(name, None if expires_days is None else expires_days * 86400, model)
     except StoreError as exc:
         fail(str(exc))
-    expires = _iso(store.get_device(name).expires)
+    dev = store.get_device(name)
+    expires = _iso(dev.expires)
     if as_json:
-        print_json({"name": name, "token": token, "expires": expires})
+        print_json({"name": name, "model": dev.model, "token": token, "expires": expires})
     else:
-        console.print(f"device [bold]{name}[/] added; its token (shown only now"
-                      f"{f', valid until {expires}' if expires else ''}):")
+        console.print(f"device [bold]{escape(name)}[/] added" + (f" for model [bold]{escape(dev.model)}[/]"
+                                                                 if dev.model else "") +
+                      f"; its token (shown only now{f', valid until {expires}' if expires else ''}):")
         typer.echo(token)
 
 
@@ -215,6 +241,89 @@ def devices_revoke(ctx: typer.Context, name: str = typer.Argument(...), home: Pa
     console.print(f"device [bold]{name}[/] revoked")
 
 
+@models_app.callback()
+def models(ctx: typer.Context, home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """List the models this cloud serves: input shape, classes, teacher, devices registered, versions, pending
+    uploads. The configured bundle (`cloud serve --bundle`) is registered at each start; `cloud models add`
+    registers more."""
+    ctx.obj = {"home": home}
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgeadapt.cloud.registry import models_info
+
+    rows = models_info(_store(home))
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        console.print("no model registered yet: `edgeadapt cloud serve --bundle BUNDLE` or `edgeadapt cloud models "
+                      "add --bundle BUNDLE --teacher ARCH`")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="models")
+    for col in ("model", "input shape", "classes", "devices", "versions", "pending uploads", "teacher", "bundle"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(plain(r["model"], 64), "x".join(str(d) for d in r["input_shape"]), str(r["num_classes"]),
+                      str(r["devices"]), str(r["versions"]), str(r["pending_uploads"]),
+                      plain(r["teacher"] or "- (uploads stored only)", 120), plain(r["bundle"], 300))
+    Console(width=max(140, Console().width)).print(table)
+
+
+@models_app.command("add")
+def models_add(
+    ctx: typer.Context,
+    bundle: Path = typer.Option(..., "--bundle", help="the bundle its devices run (exported with --cloud-key "
+                                "<home>/signing_key.pub); its model name is the model's id"),
+    teacher: str = typer.Option(..., "--teacher", help="the teacher that trains its devices' versions: a "
+                                "reference arch name (e.g. resnet_teacher) or package.module:factory"),
+    teacher_weights: Path = typer.Option(None, "--teacher-weights", help="the teacher's .safetensors or .pt state "
+                                         "dict"),
+    teacher_kwargs: str = typer.Option(None, "--teacher-kwargs", help='JSON object passed to the teacher\'s '
+                                       'factory, e.g. \'{"num_classes": 100, "in_ch": 3}\''),
+    student_model: str = typer.Option(None, "--student-model", help="package.module:factory that builds the "
+                                      "bundle's model, for a bundle exported with --model"),
+    home: Path = HomeOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Register a model: a bundle and its teacher. Checked first: the bundle verifies and was exported for this
+    cloud's key, its architecture rebuilds, the teacher builds with its weights and gives the bundle's number of
+    classes. A running `cloud serve` serves it from its devices' first request."""
+    import json as _json
+
+    from edgeadapt.cloud.registry import RegistryError, add_model
+    from edgeadapt.core import signing
+
+    home = _home(ctx, home)
+    kwargs = None
+    if teacher_kwargs:
+        try:
+            kwargs = _json.loads(teacher_kwargs)
+        except ValueError as exc:
+            fail(f"--teacher-kwargs is not JSON: {exc}")
+        if not isinstance(kwargs, dict):
+            fail("--teacher-kwargs must be a JSON object")
+    store = _store(home)
+    from edgeadapt.cloud.config import resolve_home
+
+    try:
+        key = signing.public_key_b64(signing.load_private_key(resolve_home(home)))
+    except signing.SigningKeyError:
+        key = None  # a store without this home's key (shared store): checked by the serving cloud at load
+    try:
+        rec = add_model(store, bundle, teacher, teacher_weights, kwargs, student_model, key)
+    except RegistryError as exc:
+        fail(str(exc))
+    if as_json:
+        print_json(rec.to_dict())
+        return
+    console.print(f"model [bold]{escape(rec.model)}[/] registered: input {'x'.join(map(str, rec.input_shape))}, "
+                  f"{rec.num_classes} classes, teacher {escape(rec.teacher or '-')}; add its devices with "
+                  f"`edgeadapt cloud devices add NAME --model {escape(rec.model)}`")
+
+
 @app.command("push")
 def push(
     home: Path = HomeOpt,
@@ -224,6 +333,7 @@ def push(
     revert: bool = typer.Option(False, "--revert", help="republish an older version as a new one (roll back)"),
     group: int = typer.Option(None, "--group", help="a group of similar devices (`cloud groups`): its members, "
                                                     "whoever they are then"),
+    model: str = ModelOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Roll a version out to some devices, a fraction of them, one group (a group's rollback: --group G --version
@@ -235,7 +345,7 @@ def push(
         fail("use one of --devices, --fraction or --group")
     names = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
     try:
-        out = do_push(_store(home), version, names, fraction, revert, group)
+        out = do_push(_model_store(_store(home), model), version, names, fraction, revert, group)
     except StoreError as exc:
         fail(str(exc))
     if as_json:
@@ -243,19 +353,21 @@ def push(
     else:
         scope = ",".join(names) if names else f"{fraction:g} of devices" if fraction else \
             f"group {group}" if group is not None else "all devices"
-        console.print(f"rollout {out['rollout']}: version {out['version']} -> {scope} ({out['note']})")
+        console.print(f"rollout {out['rollout']}: model {out['model']!r} version {out['version']} -> {scope} "
+                      f"({out['note']})")
 
 
 @app.command("groups")
 def groups(home: Path = HomeOpt, as_json: bool = JsonOpt,
            regroup: bool = typer.Option(False, "--regroup", help="split groups that drifted apart and merge groups "
                                                                   "that converged now (the trainer does it before "
-                                                                  "each round)")) -> None:
+                                                                  "each round)"),
+           model: str = ModelOpt) -> None:
     """List groups of similar devices (issue 18; `groups.enabled`): members, the version the group's lineage is at,
     the version its rollouts assign, and its accuracy proxy (mean prediction entropy its members report)."""
     from edgeadapt.cloud.grouping import Grouper
 
-    grouper = Grouper(_store(home), _config(home).groups)
+    grouper = Grouper(_model_store(_store(home), model), _config(home).groups)
     changes = grouper.regroup() if regroup else []
     rows = grouper.describe()
     if as_json:
@@ -289,19 +401,23 @@ def rollouts(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
     from rich.table import Table
 
     table = Table(title="rollouts")
-    for col in ("id", "version", "scope", "created", "note"):
+    for col in ("id", "model", "version", "scope", "created", "note"):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["id"]), str(r["version"]), r["scope"], r["created"] or "", r["note"])
+        table.add_row(str(r["id"]), plain(r["model"], 64), str(r["version"]), r["scope"], r["created"] or "",
+                      r["note"])
     Console().print(table)
 
 
 @app.command("versions")
-def versions(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
-    """List published versions and the candidates the gate rejected."""
+def versions(home: Path = HomeOpt, as_json: bool = JsonOpt,
+             model: str = typer.Option(None, "--model", help="one registered model's (default: every model's)")
+             ) -> None:
+    """List published versions (numbered per model) and the candidates the gate rejected."""
     from edgeadapt.cloud.admin import versions_info
 
-    info = versions_info(_store(home))
+    store = _store(home)
+    info = versions_info(store if model is None else _model_store(store, model))
     if as_json:
         print_json(info)
         return
@@ -309,12 +425,12 @@ def versions(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
     from rich.table import Table
 
     table = Table(title="versions")
-    for col in ("version", "parent", "created", "note", "gate (current -> candidate)"):
+    for col in ("model", "version", "parent", "created", "note", "gate (current -> candidate)"):
         table.add_column(col)
     for v in info["versions"]:
         g = v["metrics"].get("gate", {})
         gate = f"{g['current']:.3f} -> {g['candidate']:.3f}" if g.get("current") is not None else ""
-        table.add_row(str(v["version"]), str(v["parent"] if v["parent"] is not None else "-"), v["created"] or "",
+        table.add_row(plain(v["model"], 64), str(v["version"]), str(v["parent"] if v["parent"] is not None else "-"), v["created"] or "",
                       v["note"], gate)
     Console().print(table)
     rejected = [c for c in info["candidates"] if c["status"] == "rejected"]
@@ -328,6 +444,8 @@ def versions(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
 def train(home: Path = HomeOpt, url: str = typer.Option(None, "--url", help="server URL (default: from listen)"),
           ca_file: Path = typer.Option(None, "--ca-file", help="CA that verifies an HTTPS server (default: the "
                                        "configured tls_cert itself, then the system trust store)"),
+          model: str = typer.Option(None, "--model", help="train this registered model (default: the configured "
+                                    "one, the --bundle of `cloud serve`)"),
           as_json: bool = JsonOpt) -> None:
     """Ask the running server to train on everything pending now (admin API)."""
     import ssl
@@ -349,7 +467,10 @@ def train(home: Path = HomeOpt, url: str = typer.Option(None, "--url", help="ser
         if not ca_file:  # the server's own certificate as the trust anchor
             verify.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     try:
-        r = httpx.post(base.rstrip("/") + "/v1/admin/train", headers={"Authorization": f"Bearer {token}"},
+        from urllib.parse import quote
+
+        path = "/v1/admin/train" if model is None else f"/v1/admin/models/{quote(model, safe='')}/train"
+        r = httpx.post(base.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"},
                        timeout=3600, verify=verify)
     except httpx.HTTPError as exc:
         fail(f"cannot reach the cloud at {base}: {exc}")
