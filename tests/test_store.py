@@ -14,6 +14,7 @@ import pytest
 
 from edgeadapt.cloud.store import (
     LocalBlobStore,
+    ModelRecord,
     NewSample,
     NotFound,
     PostgresStore,
@@ -347,6 +348,138 @@ def test_round_leases_let_one_worker_train_a_lineage_and_fence_a_late_one(replic
     assert version == 1 and a.count_samples("train", consumed=False) == 0 and len(a.list_candidates()) == 1
     second.release_round("global", loser)
     assert first.claim_round("global", winner, 5)  # released: free again
+
+
+# ------------------------------------------------------------------------------------------------ models
+def _model(name: str, shape: list[int], classes: int) -> ModelRecord:
+    return ModelRecord(model=name, bundle=f"/bundles/{name}", teacher="resnet_edge", teacher_weights=None,
+                       teacher_kwargs={"in_ch": shape[0]}, student_model=None, input_shape=shape,
+                       num_classes=classes, params_hash="h0", created=time.time())
+
+
+def test_model_registry_and_a_view_per_model(store):
+    """Issue 18 item 1: the registry's rows, and each model's view with versions, lineage leases, parameter sets,
+    rollouts, devices and uploads of its own; the store as a whole lists every model's."""
+    assert store.models.list() == [] and store.models.resolve(None) == ""
+    store.models.add(_model("a", [1, 4, 4], 10))
+    assert store.models.resolve(None) == "a"
+    with pytest.raises(StoreError, match="already registered"):
+        store.models.add(_model("a", [1, 4, 4], 10))
+    store.models.add(_model("b", [3, 4, 4], 100))
+    with pytest.raises(StoreError, match="name one with --model"):
+        store.models.resolve(None)
+    with pytest.raises(NotFound, match="registered: a, b"):
+        store.models.get("c")
+    got = store.models.get("b")
+    assert (got.input_shape, got.num_classes, got.teacher_kwargs) == ([3, 4, 4], 100, {"in_ch": 3})
+    a, b = store.scoped("a"), store.scoped("b")
+    # versions are numbered per model, from 0 (the bundle's parameters) each
+    assert a.add_version(_params(0), parent=None, version=0) == 0 and b.add_version(_params(0), None, version=0) == 0
+    assert a.add_version(_params(1), parent=0) == 1 and (a.latest_version(), b.latest_version()) == (1, 0)
+    with pytest.raises(NotFound, match="of model 'b'"):
+        b.get_version(1)
+    # devices: each for one model; a token authenticates from any view
+    with pytest.raises(StoreError, match="name one with --model"):
+        store.add_device("cam-x")
+    with pytest.raises(NotFound):
+        store.add_device("cam-x", model="c")
+    ta, tb = store.add_device("cam-a", model="a"), b.add_device("cam-b")
+    da, db = store.authenticate(ta), a.authenticate(tb)
+    assert (da.model, db.model) == ("a", "b")
+    assert [d.name for d in a.list_devices()] == ["cam-a"] and len(store.list_devices()) == 2
+    store.add_samples(da.id, _samples(["s1", "s2"]))
+    store.add_samples(db.id, _samples(["s1"], shape=(3, 4, 4)))
+    assert [s.device_id for s in b.pending_samples()] == [db.id] and a.count_samples() == 2
+    assert store.count_samples() == 3 and [s.device_id for s in a.recent_samples_per_device("train", 5)] == [da.id] * 2
+    # one lineage lease per model: both models' global lineages train at once
+    assert a.claim_round("global", "worker-a", 5) and b.claim_round("global", "worker-b", 5)
+    assert not a.claim_round("global", "worker-b", 5)
+    _, v = b.finish_round(0, "hb", {}, [s.seq for s in b.pending_samples()], params=_params(2), rollout=True,
+                          lease=("global", "worker-b"))
+    assert v == 1 and b.count_samples("train", consumed=False) == 0 and a.count_samples("train", consumed=False) == 2
+    assert (b.target_version("cam-b"), a.target_version("cam-a")) == (1, None)
+    assert [r.model for r in store.list_rollouts()] == ["b"] and [c.model for c in store.list_candidates()] == ["b"]
+    assert sorted((v.model, v.version) for v in store.list_versions()) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    with pytest.raises(NotFound, match="no version 5 of model 'a'"):
+        a.add_rollout(5)
+    # parameter sets are per model, even the same parameters (both models' version 0)
+    h0, h1 = a.get_version(0).params_hash, a.get_version(1).params_hash
+    assert a.get_param_set(h0)[0] == 0 and b.get_param_set(h0)[0] == 0 and b.get_param_set(h1) is None
+    g = b.fleet.add_group(1, [0.0])
+    assert [x.id for x in b.fleet.list_groups()] == [g] and a.fleet.list_groups() == []
+    assert store.models.stats() == {"a": {"devices": 1, "versions": 2, "pending": 2}, "b": {"devices": 1, "versions": 2}}
+
+
+#: the schema a store had before the model registry (PR of issue 18 item 3), to check the in-place migration
+OLD_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE devices(id {serial}, name TEXT UNIQUE NOT NULL, token_hash TEXT UNIQUE NOT NULL, created {real} NOT NULL,
+  revoked {real}, last_seen {real}, version INTEGER, status TEXT, counters TEXT, expires {real}, problems TEXT,
+  heartbeat_at {real}, signature TEXT, signature_at {real}, group_id INTEGER);
+CREATE TABLE samples(seq {serial}, device_id INTEGER NOT NULL, sample_id TEXT NOT NULL, received {real} NOT NULL,
+  split TEXT NOT NULL, consumed INTEGER NOT NULL DEFAULT 0, novel INTEGER NOT NULL, param_version INTEGER,
+  entropy {real}, ood_score {real}, logits {bytes}, blob TEXT NOT NULL, row INTEGER NOT NULL,
+  UNIQUE(device_id, sample_id));
+CREATE TABLE versions(version INTEGER PRIMARY KEY, params_hash TEXT NOT NULL, parent INTEGER, created {real} NOT NULL,
+  note TEXT, metrics TEXT, blob TEXT NOT NULL, group_id INTEGER);
+CREATE TABLE param_sets(params_hash TEXT PRIMARY KEY, version INTEGER NOT NULL, blob TEXT NOT NULL,
+  created {real} NOT NULL);
+CREATE TABLE rollouts(id {serial}, version INTEGER NOT NULL, devices TEXT, fraction {real}, created {real} NOT NULL,
+  note TEXT, group_id INTEGER);
+CREATE TABLE round_leases(lineage TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real} NOT NULL);
+INSERT INTO meta VALUES('model_name', 'old-model');
+INSERT INTO devices(name, token_hash, created) VALUES('cam-old', 'th', 1.0);
+INSERT INTO samples(device_id, sample_id, received, split, novel, blob, row) VALUES(1, 's1', 1.0, 'train', 0, 'b', 0);
+INSERT INTO versions VALUES(0, 'p0', NULL, 1.0, 'bundle', '{{}}', 'params/p0', NULL);
+INSERT INTO versions VALUES(1, 'p1', 0, 2.0, 'trained', '{{}}', 'params/p1', NULL);
+INSERT INTO param_sets VALUES('p1', 1, 'params/p1', 2.0);
+INSERT INTO rollouts(version, created, note) VALUES(1, 2.0, 'auto');
+INSERT INTO round_leases VALUES('global', 'w', 9e18);
+"""
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_store_from_before_the_registry_keeps_its_rows_as_its_model(kind, request, tmp_path):
+    """Opened by this release, a store made before the registry holds every row under the model it served, and a
+    second model numbers its own versions from 0 (the primary keys gained the model)."""
+    if kind == "sqlite":
+        import sqlite3
+
+        (tmp_path / "store").mkdir()
+        with sqlite3.connect(tmp_path / "store" / "cloud.db") as c:
+            c.executescript(OLD_SCHEMA.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL", bytes="BLOB"))
+        reopen = lambda: SQLiteStore(tmp_path / "store")  # noqa: E731
+    else:
+        import psycopg
+
+        pg, s3 = request.getfixturevalue("postgres_server"), request.getfixturevalue("s3_server")
+        url, bucket = pg.create_database(), s3.bucket_url()
+        with psycopg.connect(url, autocommit=True) as c:
+            for stmt in OLD_SCHEMA.format(serial="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+                                          real="DOUBLE PRECISION", bytes="BYTEA").split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+        reopen = lambda: PostgresStore(url, open_blob_store(bucket, s3.endpoint_url))  # noqa: E731
+    store = reopen()
+    try:
+        from edgeadapt.core.tensorfile import params_to_bytes
+
+        store.blobs.put("params/p1", params_to_bytes(_params(1)))
+        old = store.scoped("old-model")
+        assert old.latest_version() == 1 and old.get_device("cam-old").model == "old-model"
+        assert old.count_samples() == 1 and old.target_version("cam-old") == 1 and old.get_param_set("p1")[0] == 1
+        assert not old.claim_round("global", "another", 5)  # the old lease still held, now under its model
+        new = store.scoped("new-model")
+        assert new.add_version(_params(0), parent=None, version=0) == 0 and new.latest_version() == 0
+        assert store.latest_version() == 1  # the whole store's keyed reads: its default model, the one it served
+    finally:
+        store.close()
+    again = reopen()  # migrated once: a second open changes nothing
+    try:
+        assert sorted((v.model, v.version) for v in again.list_versions()) == [("new-model", 0), ("old-model", 0),
+                                                                               ("old-model", 1)]
+    finally:
+        again.close()
 
 
 # ------------------------------------------------------------------------------------------------ blobs, config
