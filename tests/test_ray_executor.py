@@ -94,9 +94,27 @@ def test_a_round_on_ray_publishes_a_version_a_device_applies(ray_session, cloud_
         d.stop()
 
 
+def test_a_failing_ray_task_shows_in_health_and_metrics(ray_session, cloud_env, kit, tmp_path):
+    """A round whose task raises in the worker (here: the teacher's weights are gone) is a failure with its reason
+    in health, the admin API's train (503) and the failures counter; nothing is published or consumed."""
+    svc = kit.make_service(cloud_env, tmp_path / "store", teacher_weights=str(tmp_path / "gone.safetensors"),
+                           trainer=RAY_TRAINER)
+    try:
+        _add_pending(svc.store, kit, 32, seed=9)
+        with pytest.raises(RuntimeError, match="Ray task for the global round raised"):
+            svc.trainer.train_now()
+        reason = svc.health.check()["trainer"]["reason"]
+        assert reason.startswith("training on Ray failed: the Ray task for the global round raised"), reason
+        assert "gone.safetensors" in reason, reason
+        assert "edgeadapt_cloud_trainer_failures_total 1.0" in svc.metrics.render().decode()
+        assert svc.store.latest_version() == 0 and svc.store.count_samples("train", consumed=False) == 32
+    finally:
+        svc.stop()
+
+
 @pytest.mark.slow  # ~60 s on 2 loaded cores: a long round is killed, the lease expires, the round is redone
 def test_a_ray_worker_killed_mid_round_is_redone_and_published_once(ray_session, cloud_env, kit, tmp_path):
-    svc = kit.make_service(cloud_env, tmp_path / "store", trainer={**RAY_TRAINER, "min_steps_per_round": 300,
+    svc = kit.make_service(cloud_env, tmp_path / "store", trainer={**RAY_TRAINER, "min_steps_per_round": 150,
                                                                    "round_lease_s": 3})
     svc.start()
     try:
@@ -104,7 +122,7 @@ def test_a_ray_worker_killed_mid_round_is_redone_and_published_once(ray_session,
         first = wait_for(lambda: _lease_holder(svc.store), 120, "a Ray worker to take the round's lease")
         pid = int(first.split(":")[1])
         assert pid != os.getpid()
-        time.sleep(1.0)  # inside its round of 300 steps
+        time.sleep(1.0)  # inside its round of 150 steps
         assert svc.store.latest_version() == 0
         os.kill(pid, signal.SIGKILL)
         t_kill = time.time()

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 LOCAL_MAX_CPUS = 2  # a local Ray (no ray_address): rounds of at most this many lineages at once
 LEASED_HOLD_S = 2.0  # a lineage found leased by another worker is asked again after this (not every wake)
+CONNECT_SLOW_S = 30.0  # a connection to Ray that takes longer is reported (health) while it goes on
 FAILURE_HOLD_S = 5.0  # after a failed task or a Ray that would not start, as the in-process trainer waits
 
 
@@ -160,10 +161,11 @@ class RayRounds:
         self.on_publish = on_publish
         self.last_result = None
         self.last_worker: dict = {}  # who ran the last completed round: holder, pid, host
-        self.last_error: tuple[float, str] | None = None
+        self._last_error: tuple[float, str] | None = None
+        self._connecting_since: float | None = None
         self.last_success_at: float | None = None
         self.failures = 0
-        self.ray_state = "not started"  # not started | connected (address) | failed: why
+        self.ray_state = "not started"  # not started | connecting | connected (address, resources) | failed: why
         self._remote = None
         self._uses_ray = False
         self._lock = threading.RLock()
@@ -187,6 +189,7 @@ class RayRounds:
             from edgeadapt.cloud import ray_executor
 
             with _ray_lock:
+                self.ray_state, self._connecting_since = "connecting", time.time()
                 if not ray.is_initialized():
                     addr = self.cfg.ray_address
                     kw = {} if addr else {"num_cpus": max(1, min(LOCAL_MAX_CPUS, os.cpu_count() or 1))}
@@ -209,11 +212,23 @@ class RayRounds:
             self.ray_state = f"failed: {why}"
             self._fail(why)
             raise RayUnavailable(why) from exc
+        finally:
+            self._connecting_since = None
+
+    @property
+    def last_error(self) -> tuple[float, str] | None:
+        """The last failure until a round succeeds; also a connection to Ray that has hung for a while (ray.init
+        retries an unreachable cluster address for minutes before it gives up)."""
+        since = self._connecting_since
+        if self._last_error is None and since is not None and time.time() - since > CONNECT_SLOW_S:
+            return since, (f"cannot reach Ray at {self.cfg.ray_address or 'local'}: still connecting after "
+                           f"{time.time() - since:.0f} s")
+        return self._last_error
 
     def _fail(self, why: str) -> None:
         log.error("training on Ray: %s", why)
         self.failures += 1
-        self.last_error = (time.time(), why)
+        self._last_error = (time.time(), why)
         self._retry_at = time.monotonic() + FAILURE_HOLD_S
         if self.metrics is not None:
             self.metrics.trainer_failures.inc()
@@ -292,7 +307,7 @@ class RayRounds:
         if res.status not in ("published", "rejected"):
             return
         self.last_result, self.last_worker = res, worker
-        self.last_error, self.last_success_at = None, time.time()
+        self._last_error, self.last_success_at = None, time.time()
         log.info("training round on Ray (%s, worker pid %s on %s): %s%s", key, worker.get("pid"), worker.get("host"),
                  res.status, f" -> v{res.version}" if res.version is not None else f": {res.reason}")
         if self.metrics is not None:
