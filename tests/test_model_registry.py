@@ -255,3 +255,37 @@ def _npy(x: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, x)
     return buf.getvalue()
+
+
+def test_registered_models_load_at_start_and_one_that_cannot_is_named(live_cloud, rgb_model, cloud_env, kit,
+                                                                       tmp_path):
+    """A restarted cloud serves every registered model from the start; one whose bundle is gone is a degraded
+    reason in its health and its devices get 503 (they keep their uploads), while the other model works on."""
+    import shutil
+
+    cloud = live_cloud()
+    bundle = shutil.copytree(rgb_model[0], tmp_path / "rgb-copy")
+    register_rgb(cloud, (bundle, rgb_model[1]))
+    token = add_device(cloud, "cam-rgb", RGB_MODEL)
+    store_dir = cloud.service.root_store.root
+    again = kit.make_service(cloud_env, store_dir)
+    assert set(again.models) == {GRAY_MODEL, RGB_MODEL} and again.models[RGB_MODEL].trainer is not None
+    shutil.rmtree(bundle)
+    from edgeadapt.cloud.server import ServerThread, create_app
+
+    server = ServerThread(create_app(kit.make_service(cloud_env, store_dir))).start()
+    try:
+        third = kit.LiveCloud(server.url, server.server.config.app.state.service, cloud_env.admin_token, server)
+        assert RGB_MODEL not in third.service.models
+        health = third.client().get("/healthz").json()
+        assert health["status"] == "degraded" and "not a bundle" in health["reasons"][f"model:{RGB_MODEL}"], health
+        with third.client(token) as c:
+            r = c.post("/v1/samples", json=rgb_body(np.zeros((1, *RGB_SHAPE), np.uint8)))
+            assert r.status_code == 503 and "model 'rgb-120' of device 'cam-rgb' cannot be served now" in r.text, \
+                r.text
+        with third.client(third.admin) as c:
+            gray = c.post("/v1/admin/devices", json={"name": "cam-gray", "model": GRAY_MODEL}).json()["token"]
+        with third.client(gray) as c:
+            assert c.post("/v1/samples", json=kit.batch_body(kit.synthetic_images(2))).status_code == 200
+    finally:
+        server.stop()
