@@ -134,7 +134,8 @@ def serve(
     blob_endpoint_url: str = typer.Option(None, "--blob-endpoint-url",
                                           help="endpoint of a non-AWS S3-compatible store, e.g. http://minio:9000"),
 ) -> None:
-    """Run the cloud service (HTTP API, trainer thread) until interrupted."""
+    """Run the cloud service (HTTP API, trainer thread) until interrupted. --bundle (and --teacher) is registered
+    as the first model; models added with `cloud models add` are served too."""
     from edgeadapt.cloud.config import ConfigError
 
     trainer = {"train_every": train_every, "train_interval_s": train_interval, "seed": seed}
@@ -160,6 +161,11 @@ def serve(
                   f"(latest version {service.store.latest_version()}, updates {cfg.update_mode}, "
                   f"trainer {'on' if service.trainer and cfg.trainer.enabled else 'off'}; store: "
                   f"{escape(service.store.describe())})")
+    others = [m for m in service.models if m != service.model_name]
+    if others:
+        console.print(f"also serving registered model(s) {escape(', '.join(others))}")
+    for name, (_, why) in service.model_errors.items():
+        console.print(f"[bold yellow]warning:[/] registered model {escape(name)} cannot be served:", Text(why))
     run_server(service, log_level=cfg.log_level)
 
 
