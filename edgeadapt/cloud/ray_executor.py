@@ -122,9 +122,18 @@ def _worker_trainer(spec: dict):
         grouper = Grouper(store, config.groups)
     teacher = load_teacher(config.teacher, config.teacher_weights, **config.teacher_kwargs)
     trainer = Trainer(Path(config.bundle).expanduser(), store, teacher, config.trainer,
-                      auto_rollout=config.auto_rollout, student_model=config.student_model, grouper=grouper)
+                      auto_rollout=config.auto_rollout, student_model=config.student_model, grouper=grouper,
+                      device=_task_device())
     _worker = (digest, trainer)
     return trainer
+
+
+def _task_device() -> str:
+    """"cuda" when Ray gave this task a GPU (its ``CUDA_VISIBLE_DEVICES`` names it) and torch sees one, else "cpu"."""
+    import ray
+    import torch
+
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 def run_round(spec: dict, group: int | None, limit: int | None) -> dict:
@@ -135,7 +144,7 @@ def run_round(spec: dict, group: int | None, limit: int | None) -> dict:
     trainer = _worker_trainer(spec)
     out = trainer.train_lineage(group, limit).to_dict()
     out["worker"] = {"holder": trainer.holder, "pid": os.getpid(), "host": socket.gethostname(),
-                     "torch_threads": torch.get_num_threads()}
+                     "torch_threads": torch.get_num_threads(), "device": str(trainer.device)}
     return out
 
 
@@ -201,8 +210,10 @@ class RayRounds:
                     self._uses_ray = True
             gpus = float(ray.cluster_resources().get("GPU", 0.0))
             num_gpus = self.cfg.ray_num_gpus if gpus > 0 else 0.0
-            self._remote = ray.remote(ray_executor.run_round).options(num_cpus=1, num_gpus=num_gpus,
-                                                                      max_retries=0, retry_exceptions=False)
+            # max_calls 0: a worker keeps its trainer for later rounds, GPU tasks too (Ray's default for them is
+            # a fresh process per task); no retries: a dead worker's round is redone by the next submission
+            self._remote = ray.remote(num_cpus=1, num_gpus=num_gpus, max_calls=0, max_retries=0,
+                                      retry_exceptions=False)(ray_executor.run_round)
             where = self.cfg.ray_address or "local"
             self.ray_state = f"connected ({where}, {ray.cluster_resources().get('CPU', 0):g} CPUs, {gpus:g} GPUs" \
                              f"{f', {num_gpus:g} GPU per task' if num_gpus else ''})"

@@ -287,8 +287,10 @@ class Trainer:
 
     def __init__(self, bundle_dir: str | Path, store: Store, teacher: nn.Module, config: TrainerConfig | None = None,
                  *, auto_rollout: bool = True, metrics=None, on_publish: Callable[[int], None] | None = None,
-                 student_model: str | None = None, grouper=None):
+                 student_model: str | None = None, grouper=None, device: str = "cpu"):
         self.cfg = config or TrainerConfig()
+        #: where the models compute: "cuda" in a Ray task given a GPU (cloud/ray_executor.py), else the CPU
+        self.device = torch.device(device)
         #: groups of similar devices (cloud/grouping.py): one lineage (version, optimizer) per group, one shared
         #: replay buffer and teacher; None: the one global lineage
         self.grouper = grouper
@@ -320,7 +322,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.rng = np.random.default_rng(self.cfg.seed)
 
-        self.teacher = teacher.eval()
+        self.teacher = teacher.to(self.device).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher_opt = None
@@ -339,10 +341,11 @@ class Trainer:
 
         self.version = int(store.latest_version())
         # the bundle's arch from the registry, or the operator's --student-model: never imported from the manifest
-        self.student = rebuild_edge_model(self.bundle_dir, store.get_params(self.version), student_model)
+        self.student = rebuild_edge_model(self.bundle_dir, store.get_params(self.version), student_model).to(self.device)
         self.trainable = self._configure_student(self.student)
         self.optimizer = self._new_optimizer()
-        self.evaluator = rebuild_edge_model(self.bundle_dir, store.get_params(self.version), student_model).eval()
+        self.evaluator = rebuild_edge_model(self.bundle_dir, store.get_params(self.version),
+                                            student_model).to(self.device).eval()
         # replay: groups of past uploads (see sample_groups), at most replay_size samples in all, as the store's
         # records: their inputs stay in its blobs and a step loads the ones it draws (through the store's cache,
         # bounded in bytes), so what the trainer holds in RAM does not grow with the replay size or resolution
@@ -434,7 +437,7 @@ class Trainer:
         """Normalized inputs of stored uploads (loaded from the store now) or of arrays."""
         if items and isinstance(items[0], StoredSample):
             items = self.store.load_inputs(items)
-        return to_float_batch(items, self.manifest)
+        return to_float_batch(items, self.manifest).to(self.device)
 
     def _teacher_group(self, group: list) -> torch.Tensor:
         """The teacher's logits for one group, normalized as the trainer normalizes, kept per upload."""
@@ -481,7 +484,7 @@ class Trainer:
         with torch.no_grad(), batch_statistics(model, grouped and self._per_group):
             for part in parts:
                 outs.append(model(self._batch(part)))
-        return torch.cat(outs) if outs else torch.zeros(0, self.num_classes)
+        return torch.cat(outs) if outs else torch.zeros(0, self.num_classes, device=self.device)
 
     def distill_loss(self, params: ParamSet, inputs: list | list[list]) -> float:
         """The CEMA loss of the student with ``params`` against the current teacher on ``inputs`` (plain inputs:
@@ -495,7 +498,7 @@ class Trainer:
 
     def _agrees(self, params: ParamSet, inputs, teacher_pred: torch.Tensor) -> np.ndarray:
         apply_params(self.evaluator, params)
-        return (self._logits(self.evaluator, inputs).argmax(1) == teacher_pred).numpy()
+        return (self._logits(self.evaluator, inputs).argmax(1) == teacher_pred).cpu().numpy()
 
     def agreement(self, params: ParamSet, inputs, teacher_pred: torch.Tensor | None = None) -> float:
         """Fraction of ``inputs`` (plain or groups) on which the student with ``params`` predicts the teacher's
