@@ -186,3 +186,26 @@ def wire_sample(x: np.ndarray, sid: str | None = None, novel: bool = False, vers
 def batch_body(xs: np.ndarray, ids: list[str] | None = None, model: str = "fmnist-edge", **kw) -> dict:
     ids = ids or [uuid.uuid4().hex for _ in range(len(xs))]
     return {"model": model, "samples": [wire_sample(x, i, **kw) for x, i in zip(xs, ids, strict=True)]}
+
+
+def race_rounds_publish_once(a, b) -> None:
+    """Two services on one store (replicas) call ``trainer.train_now()`` at the same instant: exactly one publishes,
+    the other finds the lineage leased or (it came second) nothing left to train, and every upload is consumed."""
+    import threading
+
+    results: dict = {}
+    go = threading.Barrier(2)
+
+    def run(name, service):
+        go.wait()
+        results[name] = service.trainer.train_now()
+
+    threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
+    [t.start() for t in threads]
+    [t.join(300) for t in threads]
+    statuses = sorted(r.status for r in results.values())
+    assert statuses == ["idle", "published"], {k: (r.status, r.reason) for k, r in results.items()}
+    idle = next(r for r in results.values() if r.status == "idle")
+    assert "another worker" in idle.reason or "no pending" in idle.reason, idle.reason
+    assert a.store.latest_version() == 1 and len(a.store.list_candidates()) == 1
+    assert a.store.count_samples("train", consumed=False) == 0

@@ -97,29 +97,12 @@ def test_a_round_on_ray_publishes_a_version_a_device_applies(ray_session, cloud_
 def test_two_replicas_on_ray_publish_a_round_once(ray_session, cloud_env, kit, tmp_path):
     """Two services (replicas) on one store, each submitting the same lineage's round to Ray at once: two tasks
     in two worker processes race for the lease, one publishes, the other finds the lineage leased or drained."""
-    import threading
-
     trainer = {**RAY_TRAINER, "enabled": False, "min_steps_per_round": 8}
     a = kit.make_service(cloud_env, tmp_path / "store", trainer=trainer)
     b = kit.make_service(cloud_env, tmp_path / "store", trainer=trainer)
     try:
         _add_pending(a.store, kit, 64, seed=11)
-        results: dict = {}
-        go = threading.Barrier(2)
-
-        def run(name, svc):
-            go.wait()
-            results[name] = svc.trainer.train_now()
-
-        threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
-        [t.start() for t in threads]
-        [t.join(300) for t in threads]
-        statuses = sorted(r.status for r in results.values())
-        assert statuses == ["idle", "published"], {k: (r.status, r.reason) for k, r in results.items()}
-        idle = next(r for r in results.values() if r.status == "idle")
-        assert "another worker" in idle.reason or "no pending" in idle.reason, idle.reason
-        assert a.store.latest_version() == 1 and len(a.store.list_candidates()) == 1
-        assert a.store.count_samples("train", consumed=False) == 0
+        kit.race_rounds_publish_once(a, b)
     finally:
         a.stop()
         b.stop()
@@ -127,7 +110,8 @@ def test_two_replicas_on_ray_publish_a_round_once(ray_session, cloud_env, kit, t
 
 def test_a_failing_ray_task_shows_in_health_and_metrics(ray_session, cloud_env, kit, tmp_path):
     """A round whose task raises in the worker (here: the teacher's weights are gone) is a failure with its reason
-    in health, the admin API's train (503) and the failures counter; nothing is published or consumed."""
+    in health and the failures counter, raised by ``train_now`` (what the admin API's train answers with 503);
+    nothing is published or consumed."""
     svc = kit.make_service(cloud_env, tmp_path / "store", teacher_weights=str(tmp_path / "gone.safetensors"),
                            trainer=RAY_TRAINER)
     try:

@@ -4,8 +4,6 @@ it by renewing (issue 18, item 4: exactly one publish per round)."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 pytest_plugins = ["tests.cloud_fixtures"]
@@ -30,23 +28,7 @@ def test_two_trainers_on_one_store_publish_once(cloud_env, kit, tmp_path):
     a = kit.make_service(cloud_env, tmp_path / "store", trainer=trainer)
     b = kit.make_service(cloud_env, tmp_path / "store", trainer=trainer)
     _pending(a, kit, 96, seed=1)
-    results: dict = {}
-    go = threading.Barrier(2)
-
-    def run(name, service):
-        go.wait()
-        results[name] = service.trainer.train_now()
-
-    threads = [threading.Thread(target=run, args=(n, s)) for n, s in (("a", a), ("b", b))]
-    [t.start() for t in threads]
-    [t.join(300) for t in threads]
-    statuses = sorted(r.status for r in results.values())
-    assert statuses == ["idle", "published"], {k: (r.status, r.reason) for k, r in results.items()}
-    idle = next(r for r in results.values() if r.status == "idle")
-    # the one that lost either found the lineage leased, or (it came second) nothing left to train
-    assert "another worker" in idle.reason or "no pending" in idle.reason, idle.reason
-    assert a.store.latest_version() == 1 and len(a.store.list_candidates()) == 1
-    assert a.store.count_samples("train", consumed=False) == 0
+    kit.race_rounds_publish_once(a, b)
     # the next round, by the other service, continues from the published version
     _pending(b, kit, 64, seed=2)
     nxt = b.trainer.train_now()
