@@ -192,6 +192,9 @@ class RayRounds:
         global _ray_users, _ray_started_here
         if self._remote is not None:
             return
+        # Ray's crash handler in this process would catch the SIGTERM that stops `cloud serve`, print a stack and
+        # re-raise it in the middle of the graceful shutdown (read when ray is first imported)
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         try:
             import ray
 
