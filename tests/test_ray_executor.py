@@ -16,6 +16,7 @@ from tests.procs import wait_for
 
 pytest_plugins = ["tests.cloud_fixtures"]
 
+RAY_AGENTS = ("ray::DashboardA", "ray::RuntimeEnv")  # process names as /proc shows them (15 characters)
 RAY_TRAINER = {"executor": "ray", "enabled": True, "train_every": 32, "train_interval_s": 1, "gate_tolerance": 1.0,
                "torch_threads": 1}
 
@@ -159,3 +160,80 @@ def test_a_ray_worker_killed_mid_round_is_redone_and_published_once(ray_session,
         assert "trainer" not in svc.health.check()  # the redone round cleared the failure
     finally:
         svc.stop()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc), e.g. the local Ray a `cloud serve` started."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in found]
+        found.update(kids)
+        todo += kids
+    return found
+
+
+@pytest.mark.slow  # ~40 s: a `cloud serve` process starts its own local Ray
+def test_cloud_serve_on_ray_publishes_and_stops_cleanly(cloud_env, kit, tmp_path):
+    """`cloud serve` with EDGEADAPT_CLOUD_TRAINER__EXECUTOR=ray as a real process: uploads over HTTP are trained
+    into v1 by a Ray task of the local Ray it started; SIGTERM ends it with a graceful shutdown (no Ray crash handler
+    cutting it short) and takes that Ray's processes with it."""
+    import sys
+
+    from tests.conftest import free_port
+    from tests.procs import Proc, _env, add_device, fresh_cloud_home
+
+    home = fresh_cloud_home(cloud_env, tmp_path / "home")
+    port = free_port()
+    args = [sys.executable, "-m", "edgeadapt", "cloud", "serve", "--home", str(home), "--bundle", str(cloud_env.bundle),
+            "--listen", f"127.0.0.1:{port}", "--teacher", "resnet_edge", "--teacher-weights",
+            str(cloud_env.teacher_weights), "--seed", "0"]
+    env = _env(EDGEADAPT_CLOUD_TRAINER__EXECUTOR="ray", EDGEADAPT_CLOUD_TRAINER__TRAIN_EVERY="32",
+               EDGEADAPT_CLOUD_TRAINER__TRAIN_INTERVAL_S="1", EDGEADAPT_CLOUD_TRAINER__MIN_STEPS_PER_ROUND="4",
+               EDGEADAPT_CLOUD_TRAINER__GATE_TOLERANCE="1.0", EDGEADAPT_CLOUD_TRAINER__TORCH_THREADS="1")
+    cloud = Proc("cloud", args, f"http://127.0.0.1:{port}", tmp_path / "cloud.log", env)
+    admin = {"Authorization": f"Bearer {cloud_env.admin_token}"}
+    try:
+        cloud.start()
+        token = add_device(cloud, cloud_env.admin_token, "cam")
+        r = cloud.post("/v1/samples", json=kit.batch_body(kit.synthetic_images(64, seed=13, shift=kit.TEST_SHIFT)),
+                       headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["accepted"] == 64, r.text
+
+        def published() -> dict | None:
+            t = cloud.get("/v1/admin/status", headers=admin).json()["trainer"]
+            return t if (t["last_result"] or {}).get("version") == 1 else None
+
+        trainer = wait_for(published, 180, "the round on Ray to publish v1")
+        assert trainer["executor"] == "ray" and trainer["ray"].startswith("connected (local"), trainer
+        health = cloud.get("/healthz").json()
+        assert health["executor"] == "ray" and health["status"] == "ok", health
+        ray_procs = _descendants(cloud.popen.pid)
+        assert ray_procs, "the local Ray's processes run under cloud serve"
+    finally:
+        rc = cloud.stop()
+    assert rc == -signal.SIGTERM, cloud.tail()  # uvicorn re-raises the signal once its graceful shutdown is done
+    log = cloud.tail(20000)
+    assert "Application shutdown complete" in log and "SIGTERM received" not in log, log[-3000:]
+    # its GCS, raylet and workers end with it; Ray's dashboard and runtime-env agents notice the raylet is gone
+    # and exit by themselves later (~90 s here), so they are not waited for
+    wait_for(lambda: not [n for n in map(_alive, ray_procs) if n and not n.startswith(RAY_AGENTS)], 30,
+             "the local Ray's GCS, raylet and workers to end")
+
+
+def _alive(pid: int) -> str | None:
+    """The process's name while it runs (a zombie, exited but not reaped by this container's init, has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return None if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X") else stat.split("(", 1)[1].rsplit(")", 1)[0]
