@@ -95,6 +95,36 @@ def test_a_round_on_ray_publishes_a_version_a_device_applies(ray_session, cloud_
         d.stop()
 
 
+def test_a_grouping_cloud_on_ray_trains_one_task_per_group(ray_session, live_cloud, kit):
+    """Two clusters of domain signatures make two groups; the admin API's train on Ray submits one task per
+    group's lineage, and each publishes into its own group's lineage."""
+    from edgeadapt.core.domain_signature import SCHEME
+
+    cloud = live_cloud(groups={"enabled": True}, trainer={**RAY_TRAINER, "enabled": False, "min_steps_per_round": 2})
+    rng = np.random.default_rng(0)
+    centers = {"A": rng.normal(0, 0.1, 64), "B": rng.normal(0, 0.1, 64)}  # ~1.1 apart: two domains
+    names = {"a1": "A", "a2": "A", "b1": "B", "b2": "B"}
+    for i, (n, dom) in enumerate(names.items()):
+        with cloud.client(cloud.add_device(n)) as c:
+            sig = (centers[dom] + np.random.default_rng(i).normal(0, 0.004, 64)).tolist()
+            r = c.post("/v1/heartbeat", json={"model": "fmnist-edge", "param_version": 0,
+                                              "signature": {"scheme": SCHEME, "values": sig, "entropy": 0.5}})
+            assert r.status_code == 200, r.text
+            xs = kit.synthetic_images(48, seed=20 + i, shift=0.0 if dom == "A" else kit.TEST_SHIFT)
+            assert c.post("/v1/samples", json=kit.batch_body(xs)).status_code == 200
+    with cloud.client(cloud.admin) as admin:
+        groups = {m: g["id"] for g in admin.get("/v1/admin/groups").json() for m in g["members"]}
+        assert groups["a1"] == groups["a2"] != groups["b1"] == groups["b2"]
+        r = admin.post("/v1/admin/train", timeout=300)
+    assert r.status_code == 200, r.text
+    rounds = {p["group"]: p for p in r.json()["groups"]}
+    assert set(rounds) == {groups["a1"], groups["b1"]} and all(p["status"] == "published" for p in rounds.values())
+    store = cloud.service.store
+    for gid, p in rounds.items():
+        assert store.get_version(p["version"]).group_id == gid
+    assert store.count_samples("train", consumed=False) == 0
+
+
 def test_two_replicas_on_ray_publish_a_round_once(ray_session, cloud_env, kit, tmp_path):
     """Two services (replicas) on one store, each submitting the same lineage's round to Ray at once: two tasks
     in two worker processes race for the lease, one publishes, the other finds the lineage leased or drained."""
