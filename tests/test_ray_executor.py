@@ -62,6 +62,16 @@ def test_executor_config_from_the_environment(cloud_env):
         load_config(cloud_env.home, environ={"EDGEADAPT_CLOUD_TRAINER__RAY_ADDRESS": "head"})
 
 
+def test_doctor_checks_the_ray_executor(cloud_env, monkeypatch):
+    from edgeadapt.cloud.doctor import cloud_findings
+
+    monkeypatch.setenv("EDGEADAPT_CLOUD_TRAINER__EXECUTOR", "ray")
+    monkeypatch.setenv("EDGEADAPT_CLOUD_TRAINER__RAY_ADDRESS", "ray://head:10001")
+    found = [f for f in cloud_findings(cloud_env.home, cloud_env.bundle, url="http://127.0.0.1:9") if f.check == "ray"]
+    assert [f.level for f in found] == ["ok", "warn"], found
+    assert "ray://head:10001" in found[0].message and "SQLite" in found[1].message
+
+
 def test_a_round_on_ray_publishes_a_version_a_device_applies(ray_session, cloud_env, kit, live_cloud, tmp_path):
     from edgeadapt.device.config import DeviceConfig
     from edgeadapt.device.daemon import DeviceDaemon

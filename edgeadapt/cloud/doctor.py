@@ -67,8 +67,30 @@ def cloud_findings(home: Path | None, bundle: Path | None = None, url: str | Non
     else:
         out.append(Finding("warn", "teacher", "no teacher configured: uploads are stored, nothing is trained",
                            "`edgeadapt cloud serve --teacher NAME --teacher-weights FILE`"))
+    if cfg.trainer.executor == "ray":
+        out += _ray(cfg)
     out += _server(url or f"{cfg.scheme}://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::', '') else cfg.host}:"
                           f"{cfg.port}")
+    return out
+
+
+def _ray(cfg) -> list[Finding]:
+    """``trainer.executor = "ray"``: the package is there (not imported: doctor stays light), and a cluster's
+    workers on other machines can reach the store."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    t = cfg.trainer
+    try:
+        have = version("ray")
+    except PackageNotFoundError:
+        return [Finding("fatal", "ray", "trainer.executor = \"ray\" but the ray package is not installed",
+                        "pip install 'edgeadapt[ray]' (or set trainer.executor = \"inprocess\")")]
+    out = [Finding("ok", "ray", f"ray {have}; rounds run as Ray tasks on {t.ray_address or 'a local Ray'}"
+                   + (f", {t.ray_num_gpus:g} GPU per task when the cluster has GPUs" if t.ray_num_gpus else ""))]
+    if t.ray_address and t.ray_address != "auto" and not cfg.database_url:
+        out.append(Finding("warn", "ray", f"Ray cluster {t.ray_address} with the embedded SQLite store: workers on "
+                           "other machines need its directory on shared storage",
+                           "use database_url (PostgreSQL) and blob_url (s3://) for a cluster"))
     return out
 
 
