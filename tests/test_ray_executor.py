@@ -168,7 +168,7 @@ def test_a_failing_ray_task_shows_in_health_and_metrics(ray_session, cloud_env, 
         svc.stop()
 
 
-@pytest.mark.slow  # ~60 s on 2 loaded cores: a long round is killed, the lease expires, the round is redone
+@pytest.mark.slow  # 25-45 s on 2 loaded cores: a long round is killed, the lease expires, the round is redone
 def test_a_ray_worker_killed_mid_round_is_redone_and_published_once(ray_session, cloud_env, kit, tmp_path):
     svc = kit.make_service(cloud_env, tmp_path / "store", trainer={**RAY_TRAINER, "min_steps_per_round": 150,
                                                                    "round_lease_s": 3})
@@ -221,7 +221,7 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-@pytest.mark.slow  # ~40 s: a `cloud serve` process starts its own local Ray
+@pytest.mark.slow  # 30-40 s: a `cloud serve` process starts its own local Ray
 def test_cloud_serve_on_ray_publishes_and_stops_cleanly(cloud_env, kit, tmp_path):
     """`cloud serve` with EDGEADAPT_CLOUD_TRAINER__EXECUTOR=ray as a real process: uploads over HTTP are trained
     into v1 by a Ray task of the local Ray it started; SIGTERM ends it with a graceful shutdown (no Ray crash handler
