@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from tests.procs import wait_for
+from tests.test_model_registry import GRAY_MODEL, RGB_MODEL, RGB_SHAPE, register_rgb, rgb_body, rgb_model  # noqa: F401 (a fixture)
+from tests.test_model_registry import add_device as add_model_device
 
 pytest_plugins = ["tests.cloud_fixtures"]
 
@@ -133,6 +135,27 @@ def test_a_grouping_cloud_on_ray_trains_one_task_per_group(ray_session, live_clo
     for gid, p in rounds.items():
         assert store.get_version(p["version"]).group_id == gid
     assert store.count_samples("train", consumed=False) == 0
+
+
+def test_a_registered_model_trains_on_ray_in_its_own_lineage(ray_session, live_cloud, rgb_model):  # noqa: F811
+    """A second model (`cloud models add`, an RGB bundle of 120 classes with its own teacher) on a cloud whose
+    rounds run on Ray: its round's task builds that model's trainer from its registry entry and trains its store
+    view only; the configured model is untouched."""
+    cloud = live_cloud(trainer={**RAY_TRAINER, "enabled": False, "min_steps_per_round": 2})
+    register_rgb(cloud, rgb_model)
+    token = add_model_device(cloud, "cam-rgb", RGB_MODEL)
+    xs = np.random.default_rng(3).integers(0, 256, (64, *RGB_SHAPE), dtype=np.uint8)
+    with cloud.client(token) as c:
+        assert c.post("/v1/samples", json=rgb_body(xs)).json()["accepted"] == 64
+    with cloud.client(cloud.admin) as a:
+        r = a.post(f"/v1/admin/models/{RGB_MODEL}/train", timeout=600)
+    assert r.status_code == 200 and r.json()["status"] == "published" and r.json()["version"] == 1, r.text
+    served = cloud.service.served(RGB_MODEL)
+    assert served.trainer.executor == "ray" and served.trainer.last_worker["pid"] != os.getpid()
+    root = cloud.service.root_store
+    assert root.scoped(RGB_MODEL).latest_version() == 1 and root.scoped(RGB_MODEL).count_samples(
+        "train", consumed=False) == 0
+    assert root.scoped(GRAY_MODEL).latest_version() == 0
 
 
 def test_two_replicas_on_ray_publish_a_round_once(ray_session, cloud_env, kit, tmp_path):

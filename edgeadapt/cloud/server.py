@@ -483,7 +483,10 @@ def create_app(service: CloudService) -> FastAPI:
             raise HTTPException(503 if why else 404, why[1] if why else f"no model {model!r} is served here")
         if served.trainer is None:
             raise HTTPException(409, f"no trainer for model {model!r}: it was registered without a teacher")
-        return served.trainer.train_now().to_dict()
+        try:
+            return served.trainer.train_now().to_dict()
+        except (ConfigError, RuntimeError, TimeoutError) as exc:  # executor ray: Ray down, a task failed or still runs
+            raise HTTPException(503, str(exc)) from None
 
     def openapi() -> dict:
         # the bodies read by hand (to limit their size while streaming) are documented explicitly
