@@ -25,7 +25,9 @@ RAY_TRAINER = {"executor": "ray", "enabled": True, "train_every": 32, "train_int
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray for the module (its start is ~12 s); the executors find it running and use it."""
+    """One local Ray for the module (its start is ~12 s); the executors find it running and use it. Without Ray's
+    crash-signal handler in the test process, as `cloud serve` runs it (cloud/ray_executor.py)."""
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, namespace="edgeadapt-tests", logging_level="WARNING")
