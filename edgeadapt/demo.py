@@ -155,12 +155,13 @@ def _verdict(summary: dict, names: list[str]) -> list[str]:
 def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int = 64,
              train_every: int = DEFAULT_TRAIN_EVERY, fps: float = DEFAULT_FPS, round_steps: int = DEFAULT_ROUND_STEPS,
              round_uploads: int = DEFAULT_ROUND_UPLOADS, console: Console | None = None,
-             assets: tuple[Path, str, Path, Path] | None = None) -> dict:
+             assets: tuple[Path, str, Path, Path] | None = None, method: str | None = None) -> dict:
     """``fps``: the camera the stream stands for (frames per second, sent to the device in batches of ``batch``);
     0 streams as fast as the device answers. ``round_steps`` / ``round_uploads``: the cloud's budget per round
     (at least this many SGD steps; at most this many newest uploads, older ones go to replay). ``assets``:
     (stream, teacher arch, teacher weights, bundle) instead of the embedded default's, e.g. the dev holdout's on
-    which the pacing is chosen (scripts/dev_holdout.py demo)."""
+    which the pacing is chosen (scripts/dev_holdout.py demo). ``method``: the device's adaptation method, in the
+    loop and in the device-only row (default: ``LOOP_METHOD``, what a daemon with a cloud runs)."""
     from edgeadapt.assets import cloud_home, default_bundle, default_stream, default_teacher
     from edgeadapt.bench.loop import loop_processes
     from edgeadapt.core.bundle import Bundle
@@ -185,7 +186,8 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     x, y, dom = x[keep], y[keep], dom[keep]
     bundle = Bundle(bundle_dir)
     source = AdaptiveEngine(bundle, EngineConfig(method="none"))
-    device_only = AdaptiveEngine(bundle, EngineConfig(method=LOOP_METHOD))  # what the daemon runs with a cloud
+    method = method or LOOP_METHOD
+    device_only = AdaptiveEngine(bundle, EngineConfig(method=method))  # what the daemon runs with a cloud
     pacing = (f"a camera at {fps:g} fps, its frames sent in batches of {batch} (one every {batch / fps:.2f} s); "
               f"the cloud trains a round (>= {round_steps} steps, <= {round_uploads} newest uploads) after every "
               f"{train_every} new uploads" if fps > 0 else
@@ -209,7 +211,8 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     starting = _heartbeat("starting the cloud and the device", None if interactive else PLAIN_EVERY_S)
     with _environment(budget), starting as started, \
             loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True, poll_s=1.0, log_dir=out,
-                           train_every=train_every, long_poll_s=20.0) as p, httpx.Client(timeout=120) as c:
+                           train_every=train_every, long_poll_s=20.0, method=method) as p, \
+            httpx.Client(timeout=120) as c:
         started.set()
         live = Live(_table(names, stats, version, status), console=console, refresh_per_second=4) \
             if interactive else None
@@ -264,6 +267,7 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
         "images": int(tot[0]), "seconds": round(time.time() - t_start, 1), "stream_seconds": round(stream_s, 1),
         "fps": fps, "batch": batch, "train_every": train_every, "round_steps": round_steps,
         "round_uploads": round_uploads, "per_corruption_images": per_corruption, "pacing": pacing,
+        "method": method,
         "acc": {"source": tot[1] / tot[0], "device_only": tot[2] / tot[0], "full_loop": tot[3] / tot[0]},
         "per_corruption": {names[k]: {"source": v[1] / v[0], "device_only": v[2] / v[0], "full_loop": v[3] / v[0]}
                            for k, v in sorted(stats.items())},

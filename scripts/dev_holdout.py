@@ -151,7 +151,8 @@ def demo(out: Path, name: str, **pacing) -> None:
                  assets=(out / "dev_stream.npz", "resnet_teacher", out / "models" / "resnet_teacher.safetensors",
                          out / "bundle"), **{k: v for k, v in pacing.items() if v is not None})
     rounds = s["cloud_rounds"]
-    row = {"name": name, **{k: s[k] for k in ("fps", "train_every", "round_steps", "round_uploads", "stream_seconds")},
+    row = {"name": name, **{k: s[k] for k in ("method", "fps", "train_every", "round_steps", "round_uploads",
+                                              "stream_seconds")},
            **s["acc"], "gain_points": round((s["acc"]["full_loop"] - s["acc"]["device_only"]) * 100, 2),
            "updates_applied": s["updates"].get("applied", 0), "rounds": len(rounds),
            "round_s_median": float(np.median([r["seconds"] for r in rounds if r.get("seconds") is not None] or [0]))}
@@ -219,7 +220,7 @@ def main() -> None:
     elif a.what == "fleet":
         fleet(a.out, a.name, a.default_models, a.rows, a.adapters)
     elif a.what == "demo":
-        demo(a.out, a.name, fps=a.fps, train_every=a.train_every, round_steps=a.round_steps,
+        demo(a.out, a.name, method=None if a.method == DEFAULT_DEVICE_METHOD else a.method, fps=a.fps, train_every=a.train_every, round_steps=a.round_steps,
              round_uploads=a.round_uploads, per_corruption=a.per_corruption)
     else:
         loop(a.out, a.name, a.method, a.upload_all, a.sync_every)
