@@ -419,8 +419,11 @@ def test_revoked_token_named_everywhere_and_a_new_token_file_clears_it(cloud_env
         wait_for(lambda: dev.get("/v1/status").json()["queue"]["sent"] > 0 and healthy(dev), 60, "a healthy loop")
         assert cloud.post("/v1/admin/devices/dev-auth/revoke", headers=admin).status_code == 200
         t0 = time.time()
-        view = wait_for(lambda: named(dev, "cloud_auth", "the cloud refuses this device's token"), 30,
-                        "the device to name the refused token")
+        # the heartbeat (its own thread) can name the refused token before the uploader's next request is refused:
+        # wait for both, the reason and the counted upload failure
+        view = wait_for(lambda: (v := named(dev, "cloud_auth", "the cloud refuses this device's token")) and
+                        metric(v["metrics"], "edgeadapt_upload_failures_total", reason="auth") > 0 and v, 30,
+                        "the device to name the refused token and count a refused upload")
         device_s = time.time() - t0
         wait_for(lambda: "token revoked" in trouble(home, "dev-auth"), 30, "`cloud devices` to say revoked")
         cloud_devices_s = time.time() - t0
