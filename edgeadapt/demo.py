@@ -105,6 +105,64 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+class _ReferenceRows:
+    """The table's source and device-only rows, scored on a worker thread: the paced loop only sends frames to
+    the device and never waits for them (their cost would put the camera behind; with the device's method
+    doubling it the stream fell 41 s behind). Each scores the same batches the device got, in order, on one
+    ONNX Runtime thread that sleeps between runs, so the device and the cloud keep the cores."""
+
+    def __init__(self, bundle, method: str) -> None:
+        import queue
+
+        from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
+
+        quiet = {"threads": 1, "ort_spinning": False}
+        self.source = AdaptiveEngine(bundle, EngineConfig(method="none", **quiet))
+        self.device_only = AdaptiveEngine(bundle, EngineConfig(method=method, **quiet))
+        self.stats: dict[int, np.ndarray] = {}  # per corruption: images, source / device-only / loop hits
+        self.curve: list[tuple] = []  # per batch: images streamed, the three accuracies, the loop's version
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="demo-reference-rows", daemon=True)
+        self._thread.start()
+
+    def put(self, xb: np.ndarray, yb: np.ndarray, db: np.ndarray, loop_pred: np.ndarray, version: int,
+            start: int) -> None:
+        if self._error is not None:
+            raise RuntimeError("scoring the source and device-only rows failed") from self._error
+        self._queue.put((xb, yb, db, loop_pred, version, start))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            xb, yb, db, loop_pred, version, start = item
+            try:
+                src_pred = self.source.process(xb).pred
+                dev_pred = self.device_only.process(xb).pred
+            except BaseException as e:  # noqa: BLE001 - reported to the paced loop by put() and finish()
+                self._error = e
+                return
+            with self._lock:
+                for d in np.unique(db):  # a batch can straddle two corruptions
+                    m = db == d
+                    row = self.stats.setdefault(int(d), np.zeros(4))
+                    row += [m.sum(), (src_pred == yb)[m].sum(), (dev_pred == yb)[m].sum(),
+                            (loop_pred == yb)[m].sum()]
+                self.curve.append((start + len(xb), (src_pred == yb).mean(), (dev_pred == yb).mean(),
+                                   (loop_pred == yb).mean(), version))
+
+    def snapshot(self) -> dict[int, np.ndarray]:
+        with self._lock:
+            return {k: v.copy() for k, v in self.stats.items()}
+
+    def finish(self) -> None:
+        """Wait for the batches still queued (the stream has ended)."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError("scoring the source and device-only rows failed") from self._error
+
+
 def _note_round(rounds: dict[int, dict], c: httpx.Client, p: dict, t: float, images: int) -> None:
     """Remember the cloud's newest training round (when it ended, on the stream's clock, and what it did)."""
     try:
@@ -167,7 +225,6 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     from edgeadapt.core.bundle import Bundle
     from edgeadapt.datasets.fmnist import load_stream
     from edgeadapt.device.config import LOOP_METHOD
-    from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -185,17 +242,15 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     keep = np.concatenate([np.flatnonzero(dom == d)[:per_corruption] for d in np.unique(dom)])
     x, y, dom = x[keep], y[keep], dom[keep]
     bundle = Bundle(bundle_dir)
-    source = AdaptiveEngine(bundle, EngineConfig(method="none"))
     method = method or LOOP_METHOD
-    device_only = AdaptiveEngine(bundle, EngineConfig(method=method))  # what the daemon runs with a cloud
+    reference = _ReferenceRows(bundle, method)
     pacing = (f"a camera at {fps:g} fps, its frames sent in batches of {batch} (one every {batch / fps:.2f} s); "
               f"the cloud trains a round (>= {round_steps} steps, <= {round_uploads} newest uploads) after every "
               f"{train_every} new uploads" if fps > 0 else
               f"as fast as the device answers, in batches of {batch}; the cloud trains after every {train_every} "
               "new uploads")
     console.print(f"[cyan]•[/] starting cloud and device; streaming {len(x):,} images: {pacing}")
-    stats: dict[int, np.ndarray] = {}
-    curve = []
+    stats, curve = reference.stats, reference.curve
     work = out / "run"
     if work.exists():
         import shutil
@@ -209,17 +264,17 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     budget = {"EDGEADAPT_CLOUD_TRAINER__MIN_STEPS_PER_ROUND": str(round_steps),
               "EDGEADAPT_CLOUD_TRAINER__MAX_SAMPLES_PER_ROUND": str(round_uploads)}
     starting = _heartbeat("starting the cloud and the device", None if interactive else PLAIN_EVERY_S)
-    with _environment(budget), starting as started, \
-            loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True, poll_s=1.0, log_dir=out,
-                           train_every=train_every, long_poll_s=20.0, method=method) as p, \
-            httpx.Client(timeout=120) as c:
-        started.set()
-        live = Live(_table(names, stats, version, status), console=console, refresh_per_second=4) \
-            if interactive else None
-        t0, last_line = time.monotonic(), 0.0
-        try:
+    live = Live(_table(names, stats, version, status), console=console, refresh_per_second=4) \
+        if interactive else None
+    try:
+        with _environment(budget), starting as started, \
+                loop_processes(bundle_dir, teacher, teacher_w, home, work, trainer_auto=True, poll_s=1.0,
+                               log_dir=out, train_every=train_every, long_poll_s=20.0, method=method) as p, \
+                httpx.Client(timeout=120) as c:
+            started.set()
             if live is not None:
                 live.start()
+            t0, last_line = time.monotonic(), 0.0
             for bi, i in enumerate(range(0, len(x), batch)):
                 xb, yb, db = x[i : i + batch], y[i : i + batch], dom[i : i + batch]
                 if fps > 0:  # the batch is complete when its last frame has arrived
@@ -235,31 +290,28 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
                 r.raise_for_status()
                 body = r.json()
                 version = body["param_version"]
-                loop_pred = np.array([q["class"] for q in body["predictions"]])
-                src_pred = source.process(xb).pred
-                dev_pred = device_only.process(xb).pred
-                for d in np.unique(db):  # a batch can straddle two corruptions
-                    m = db == d
-                    row = stats.setdefault(int(d), np.zeros(4))
-                    row += [m.sum(), (src_pred == yb)[m].sum(), (dev_pred == yb)[m].sum(), (loop_pred == yb)[m].sum()]
-                curve.append((i + len(xb), (src_pred == yb).mean(), (dev_pred == yb).mean(), (loop_pred == yb).mean(),
-                              version))
+                reference.put(xb, yb, db, np.array([q["class"] for q in body["predictions"]]), version, i)
                 if bi % 5 == 0:
                     status = c.get(f"{p['device']}/v1/status").json()
                     _note_round(rounds, c, p, time.monotonic() - t0, i + len(xb))
                     if live is not None:
-                        live.update(_table(names, stats, version, status))
+                        live.update(_table(names, reference.snapshot(), version, status))
                 if live is None and time.monotonic() - last_line >= PLAIN_EVERY_S:
                     last_line = time.monotonic()
-                    print(_plain_line(i + len(xb), len(x), stats, version, status, behind), flush=True)
+                    print(_plain_line(i + len(xb), len(x), reference.snapshot(), version, status, behind),
+                          flush=True)
+            stream_s = time.monotonic() - t0
             status = c.get(f"{p['device']}/v1/status").json()
-            _note_round(rounds, c, p, time.monotonic() - t0, len(x))
-            if live is not None:
-                live.update(_table(names, stats, version, status))
-        finally:
-            if live is not None:
-                live.stop()
-        stream_s = time.monotonic() - t0
+            _note_round(rounds, c, p, stream_s, len(x))
+        # the cloud and the device are stopped: the cores are the reference rows' for their last queued batches
+        with _heartbeat("scoring the last batches on the source and device-only models",
+                        None if interactive else PLAIN_EVERY_S):
+            reference.finish()
+        if live is not None:
+            live.update(_table(names, stats, version, status))
+    finally:
+        if live is not None:
+            live.stop()
     if live is None:
         console.print(_table(names, stats, version, status))
     tot = sum(stats.values())
