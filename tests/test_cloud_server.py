@@ -43,8 +43,8 @@ def test_upload_idempotent(live_cloud, kit):
     dtypes = {a.dtype for a in cloud.service.store.load_inputs(stored)}
     assert dtypes == {np.dtype("uint8"), np.dtype("float16")}
     metrics = cloud.client().get("/metrics").text
-    assert "edgeadapt_cloud_samples_received_total 9.0" in metrics
-    assert "edgeadapt_cloud_samples_duplicate_total 9.0" in metrics
+    assert 'edgeadapt_cloud_samples_received_total{model="fmnist-edge"} 9.0' in metrics
+    assert 'edgeadapt_cloud_samples_duplicate_total{model="fmnist-edge"} 9.0' in metrics
 
 
 def test_auth(live_cloud, kit):

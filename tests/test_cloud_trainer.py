@@ -83,8 +83,8 @@ def test_trainer_lowers_distillation_loss(live_cloud, cloud_env, kit):
         versions = c.get("/v1/admin/versions").json()
     assert [v["version"] for v in versions["versions"]] == [0, 1]
     metrics = cloud.client().get("/metrics").text
-    assert "edgeadapt_cloud_versions_published_total 1.0" in metrics
-    assert "edgeadapt_cloud_train_seconds_count 1.0" in metrics
+    assert 'edgeadapt_cloud_versions_published_total{model="fmnist-edge"} 1.0' in metrics
+    assert 'edgeadapt_cloud_train_seconds_count{model="fmnist-edge"} 1.0' in metrics
 
 
 def test_gate_rejects_bad_candidate(live_cloud, cloud_env, kit):
@@ -122,7 +122,7 @@ def test_gate_rejects_bad_candidate(live_cloud, cloud_env, kit):
     with cloud.client(cloud.admin) as c:
         cands = c.get("/v1/admin/versions").json()["candidates"]
     assert [c_["status"] for c_ in cands] == ["published", "rejected", "rejected", "rejected", "published"]
-    assert "edgeadapt_cloud_versions_rejected_total 3.0" in cloud.client().get("/metrics").text
+    assert 'edgeadapt_cloud_versions_rejected_total{model="fmnist-edge"} 3.0' in cloud.client().get("/metrics").text
 
 
 def test_training_is_seeded(cloud_env, tmp_path, kit):

@@ -289,3 +289,151 @@ def test_registered_models_load_at_start_and_one_that_cannot_is_named(live_cloud
             assert c.post("/v1/samples", json=kit.batch_body(kit.synthetic_images(2))).status_code == 200
     finally:
         server.stop()
+
+
+def series(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a /metrics answer, by (name, exact label set), read with prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def value(found: dict, name: str, **labels: str) -> float | None:
+    return found.get((name, frozenset(labels.items())))
+
+
+def test_metrics_and_health_are_per_model(live_cloud, rgb_model, kit):
+    """Over real HTTP, two models: each device's uploads, duplicates, refusals, heartbeats, bytes, rounds and
+    packages move its own model's series on /metrics and not the other's; a model name a client sends is never a
+    label; /healthz lists both models with their own shapes, classes, limits, pending uploads, versions and
+    trainer state, and keeps its top-level fields the default model's."""
+    cloud = live_cloud(trainer={"gate_tolerance": 1.0})
+    register_rgb(cloud, rgb_model)
+    gray_token = add_device(cloud, "cam-gray", GRAY_MODEL)
+    rgb_token = add_device(cloud, "cam-rgb", RGB_MODEL)
+    rng = np.random.default_rng(7)
+    gray_body = json.dumps(kit.batch_body(kit.synthetic_images(5, seed=2))).encode()
+    rgb_body_bytes = json.dumps(rgb_body(rng.integers(0, 256, (12, *RGB_SHAPE), dtype=np.uint8))).encode()
+    js = {"content-type": "application/json"}
+    with cloud.client(gray_token) as g, cloud.client(rgb_token) as c:
+        assert g.post("/v1/samples", content=gray_body, headers=js).json()["accepted"] == 5
+        first = c.post("/v1/samples", content=rgb_body_bytes, headers=js)
+        assert first.json()["accepted"] == 12, first.text
+        again = c.post("/v1/samples", content=rgb_body_bytes, headers=js)  # a byte-identical retry: the same answer
+        assert again.text == first.text  # and 12 duplicates counted
+        assert c.post("/v1/samples", json=kit.batch_body(kit.synthetic_images(2))).status_code == 422  # wrong model
+        r = c.post("/v1/samples", json=rgb_body(np.zeros((1, *RGB_SHAPE), np.uint8), model="made-up-model"))
+        assert r.status_code == 422 and "'made-up-model' is not served here" in r.text, r.text
+        for client, model, n in ((g, GRAY_MODEL, 2), (c, RGB_MODEL, 3)):
+            for _ in range(n):
+                assert client.post("/v1/heartbeat", json={"model": model, "param_version": 0}).status_code == 200
+        text = cloud.client().get("/metrics").text
+        m = series(text)
+        assert "made-up-model" not in text  # the name a client sent is never a label
+        for name, gray, rgb in (("edgeadapt_cloud_samples_received_total", 5, 12),
+                                ("edgeadapt_cloud_samples_duplicate_total", 0, 12),
+                                ("edgeadapt_cloud_heartbeats_total", 2, 3),
+                                ("edgeadapt_cloud_versions_published_total", 0, 0),
+                                ("edgeadapt_cloud_trainer_failures_total", 0, 0)):
+            assert (value(m, name, model=GRAY_MODEL), value(m, name, model=RGB_MODEL)) == (gray, rgb), name
+        assert value(m, "edgeadapt_cloud_bytes_in_total", model=GRAY_MODEL) == len(gray_body)
+        assert value(m, "edgeadapt_cloud_bytes_in_total", model=RGB_MODEL) > 2 * len(rgb_body_bytes)
+        assert value(m, "edgeadapt_cloud_upload_refusals_total", model=RGB_MODEL, reason="wrong_model") == 2
+        assert value(m, "edgeadapt_cloud_upload_refusals_total", model=GRAY_MODEL, reason="wrong_model") is None
+        root = cloud.service.root_store
+        pending = {k: root.scoped(k).count_samples("train", consumed=False) for k in (GRAY_MODEL, RGB_MODEL)}
+        assert 0 < pending[GRAY_MODEL] <= 5 and 5 < pending[RGB_MODEL] <= 12, pending  # some are held out
+        for k in (GRAY_MODEL, RGB_MODEL):
+            assert value(m, "edgeadapt_cloud_pending_samples", model=k) == pending[k], k
+            assert value(m, "edgeadapt_cloud_latest_version", model=k) == 0, k
+            assert value(m, "edgeadapt_cloud_devices", model=k, state="ok") == 1, k
+        # one round of the RGB model: its series move, the gray model's stay
+        with cloud.client(cloud.admin) as a:
+            rnd = a.post(f"/v1/admin/models/{RGB_MODEL}/train", timeout=600).json()
+        assert rnd["status"] == "published" and rnd["version"] == 1, rnd
+        pkg = c.get("/v1/updates", params={"model": RGB_MODEL, "have": 0})
+        assert pkg.status_code == 200, pkg.text
+        assert g.get("/v1/updates", params={"model": GRAY_MODEL, "have": 0}).status_code == 204
+        m = series(cloud.client().get("/metrics").text)
+        for name, gray, rgb in (("edgeadapt_cloud_versions_published_total", 0, 1),
+                                ("edgeadapt_cloud_train_seconds_count", 0, 1),
+                                ("edgeadapt_cloud_train_samples_total", 0, pending[RGB_MODEL]),
+                                ("edgeadapt_cloud_latest_version", 0, 1),
+                                ("edgeadapt_cloud_pending_samples", pending[GRAY_MODEL], 0),
+                                ("edgeadapt_cloud_update_bytes_out_total", 0, len(pkg.content))):
+            assert (value(m, name, model=GRAY_MODEL), value(m, name, model=RGB_MODEL)) == (gray, rgb), name
+        mode = pkg.headers["x-edgeadapt-mode"]
+        assert value(m, "edgeadapt_cloud_updates_served_total", model=RGB_MODEL, mode=mode) == 1
+        assert value(m, "edgeadapt_cloud_updates_served_total", model=GRAY_MODEL, mode=mode) is None
+        assert value(m, "edgeadapt_cloud_trainer_last_success_age_seconds", model=RGB_MODEL) < 600
+        health = cloud.client().get("/healthz").json()
+        rgb_limits = c.get("/v1/whoami").json()
+    assert health["status"] == "ok" and health["model"] == GRAY_MODEL and health["latest_version"] == 0, health
+    assert health["limits"]["model"] == GRAY_MODEL and health["limits"]["input_shape"] == [1, 32, 32]
+    assert set(health["models"]) == {GRAY_MODEL, RGB_MODEL}
+    gray, rgb = health["models"][GRAY_MODEL], health["models"][RGB_MODEL]
+    assert (gray["input_shape"], gray["num_classes"], rgb["input_shape"], rgb["num_classes"]) == \
+        ([1, 32, 32], 10, RGB_SHAPE, RGB_CLASSES)
+    assert gray["limits"] == health["limits"]
+    assert {k: rgb["limits"][k] for k in rgb["limits"]} == {k: rgb_limits[k] for k in rgb["limits"]}
+    assert rgb["limits"]["one_sample_body_bytes"] > 2 * gray["limits"]["one_sample_body_bytes"]
+    assert (gray["latest_version"], gray["pending"], rgb["latest_version"], rgb["pending"]) == \
+        (0, pending[GRAY_MODEL], 1, 0)
+    assert gray["trainer"]["version"] == 0 and gray["trainer"]["last_success_age_s"] is None, gray
+    assert rgb["trainer"]["version"] == 1 and rgb["trainer"]["last_success_age_s"] < 600, rgb
+    assert rgb["trainer"]["running"] is False and rgb["trainer"]["last_error"] is None  # trainer threads off here
+    # `doctor device` without a token checks a bundle against its own model's limits on a cloud of several
+    from edgeadapt.device.doctor import cloud_findings
+
+    found = {f.check: f for f in cloud_findings(rgb_model[0], cloud.url, None)}
+    assert found["model"].level == "ok" and "input" not in found, found  # no shape mismatch found
+    assert found["model"].message == f"the cloud serves {RGB_MODEL!r}", found
+    assert str(rgb["limits"]["one_sample_body_bytes"]) in found["upload size"].message, found
+    found = {f.check: f for f in cloud_findings(rgb_model[0], cloud.url, gray_token)}  # its device runs gray
+    assert found["model"].level == "fatal" and "serves model 'fmnist-edge' to device 'cam-gray'" in \
+        found["model"].message, found
+
+
+def test_a_limit_one_model_cannot_meet_is_its_own_reason_and_refusals_are_its_own(live_cloud, rgb_model, cloud_env,
+                                                                                   kit):
+    """A body limit between the gray model's one-sample upload and the RGB model's: /healthz names the RGB model's
+    uploads impossible (under its name, not the gray model's), its refused upload counts under its model (a
+    streamed body) or under model "" (a declared Content-Length refused before the device is known), while the
+    gray model's devices upload."""
+    from edgeadapt.cloud.service import one_upload_bytes
+    from edgeadapt.core.bundle import read_manifest
+    from edgeadapt.core.input_codec import InputCodec
+
+    one = {}
+    for name, bundle in ((GRAY_MODEL, cloud_env.bundle), (RGB_MODEL, rgb_model[0])):
+        manifest = read_manifest(bundle)
+        one[name] = one_upload_bytes(manifest, InputCodec(manifest.input))
+    limit = (one[GRAY_MODEL] + one[RGB_MODEL]) // 2
+    assert one[GRAY_MODEL] < limit < one[RGB_MODEL], one
+    cloud = live_cloud(max_body_bytes=limit)
+    register_rgb(cloud, rgb_model)
+    rgb_token = add_device(cloud, "cam-rgb", RGB_MODEL)
+    gray_token = add_device(cloud, "cam-gray", GRAY_MODEL)
+    body = json.dumps(rgb_body(np.zeros((1, *RGB_SHAPE), np.uint8))).encode()
+    with cloud.client(rgb_token) as c, cloud.client(gray_token) as g:
+        assert c.post("/v1/heartbeat", json={"model": RGB_MODEL, "param_version": 0}).status_code == 200
+        assert c.post("/v1/samples", content=body, headers={"content-type": "application/json"}).status_code == 413
+        streamed = c.post("/v1/samples", content=iter([body[:1000], body[1000:]]),  # chunked: no Content-Length
+                          headers={"content-type": "application/json"})
+        assert streamed.status_code == 413, streamed.text
+        assert g.post("/v1/samples", json=kit.batch_body(kit.synthetic_images(1))).json()["accepted"] == 1
+        health = cloud.client().get("/healthz").json()
+        m = series(cloud.client().get("/metrics").text)
+    assert health["status"] == "degraded" and "uploads_impossible" not in health["reasons"], health
+    why = health["reasons"][f"uploads_impossible:{RGB_MODEL}"]
+    assert f"model {RGB_MODEL!r}: max_body_bytes {limit}" in why and f"({one[RGB_MODEL]} bytes)" in why, why
+    assert health["models"][RGB_MODEL]["reasons"] == {f"uploads_impossible:{RGB_MODEL}": why}
+    assert health["models"][GRAY_MODEL]["reasons"] == {}
+    assert health["models"][RGB_MODEL]["limits"]["one_sample_body_bytes"] == one[RGB_MODEL]
+    assert value(m, "edgeadapt_cloud_upload_refusals_total", model=RGB_MODEL, reason="too_large") == 1
+    assert value(m, "edgeadapt_cloud_upload_refusals_total", model="", reason="too_large") == 1
+    assert value(m, "edgeadapt_cloud_upload_refusals_total", model=GRAY_MODEL, reason="too_large") is None
+    assert value(m, "edgeadapt_cloud_samples_received_total", model=GRAY_MODEL) == 1
+    assert value(m, "edgeadapt_cloud_samples_received_total", model=RGB_MODEL) == 0
+    assert value(m, "edgeadapt_cloud_degraded_reason", reason=f"uploads_impossible:{RGB_MODEL}") == 1

@@ -98,7 +98,7 @@ def test_a_round_on_ray_publishes_a_version_a_device_applies(ray_session, cloud_
         metrics = c.get("/metrics").text
         status = c.get("/v1/admin/status", headers={"Authorization": f"Bearer {cloud.admin}"}).json()
     assert 'edgeadapt_cloud_trainer_executor{executor="ray"} 1.0' in metrics
-    assert "edgeadapt_cloud_versions_published_total 1.0" in metrics
+    assert 'edgeadapt_cloud_versions_published_total{model="fmnist-edge"} 1.0' in metrics
     assert status["trainer"]["executor"] == "ray" and status["trainer"]["ray"].startswith("connected (local")
     assert status["trainer"]["last_result"]["version"] == 1
     d = DeviceDaemon(DeviceConfig(bundle=cloud_env.bundle, state_dir=tmp_path / "dev", cloud_url=cloud.url,
@@ -187,7 +187,7 @@ def test_a_failing_ray_task_shows_in_health_and_metrics(ray_session, cloud_env, 
         reason = svc.health.check()["trainer"]["reason"]
         assert reason.startswith("training on Ray failed: the Ray task for the global round raised"), reason
         assert "gone.safetensors" in reason, reason
-        assert "edgeadapt_cloud_trainer_failures_total 1.0" in svc.metrics.render().decode()
+        assert 'edgeadapt_cloud_trainer_failures_total{model="fmnist-edge"} 1.0' in svc.metrics.render().decode()
         assert svc.store.latest_version() == 0 and svc.store.count_samples("train", consumed=False) == 32
     finally:
         svc.stop()
@@ -210,7 +210,7 @@ def test_a_ray_worker_killed_mid_round_is_redone_and_published_once(ray_session,
         wait_for(lambda: svc.trainer.failures >= 1, 60, "the scheduler to see the task fail")
         reason = svc.health.check()["trainer"]["reason"]
         assert "Ray worker" in reason and "died" in reason, reason
-        assert "edgeadapt_cloud_trainer_failures_total 1.0" in svc.metrics.render().decode()
+        assert 'edgeadapt_cloud_trainer_failures_total{model="fmnist-edge"} 1.0' in svc.metrics.render().decode()
         wait_for(lambda: svc.trainer.last_result is not None, 240, "another Ray worker to redo and publish the round")
         redo_s = time.time() - t_kill
         time.sleep(2.0)  # nothing else comes after it

@@ -152,7 +152,7 @@ def test_live_cloud_decodes_each_sample_by_its_encoding(live_cloud, kit):
         r = c.post("/v1/samples", json=bad)
         assert r.status_code == 422 and "undecodable" in r.text, r.text
     metrics = cloud.client().get("/metrics").text
-    assert 'edgeadapt_cloud_upload_refusals_total{reason="undecodable"} 1.0' in metrics
+    assert 'edgeadapt_cloud_upload_refusals_total{model="fmnist-edge",reason="undecodable"} 1.0' in metrics
 
 
 def test_device_config_validates_and_normalizes_the_encoding(tmp_path):

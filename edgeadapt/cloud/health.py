@@ -5,6 +5,11 @@ training round) and clear them at the next success. Checks run at each ``/health
 answers, the signing key file is still there and readable (the running service signs with the key it loaded;
 a restart would fail without it), free disk under the store, a bundle without the cloud's key (devices cannot
 verify any update), a ``max_body_bytes`` smaller than one sample of the bundle (no device can upload).
+
+Several models (issue 18): what is per model is checked for each served model. The default (configured) model's
+reasons keep their plain keys (``trainer``, ``bundle_key``, ``uploads_impossible``); another model's carry its
+name (``trainer:NAME``, ..., ``model:NAME`` when it cannot be loaded at all). ``models_health`` is each model's
+part of ``/healthz``; the collector labels what is per model with ``model``.
 """
 
 from __future__ import annotations
@@ -90,36 +95,96 @@ class CloudHealth:
                                      f"min_free_disk_mb {svc.config.min_free_disk_mb:g})")
             except OSError as exc:
                 found["disk"] = f"disk: store directory {root}: {exc}"
-        if svc.manifest.cloud_public_key is None:
-            found["bundle_key"] = ("the bundle carries no cloud public key: devices cannot verify any update; "
-                                   f"re-export it: {export_hint(str(svc.home / signing.PUBLIC_KEY_FILE))}")
-        if svc.one_sample_body_bytes > svc.config.max_body_bytes:
-            found["uploads_impossible"] = (f"max_body_bytes {svc.config.max_body_bytes} is smaller than one upload "
-                                           f"of this bundle ({svc.one_sample_body_bytes} bytes): every upload is "
-                                           "refused; raise max_body_bytes")
-        t = svc.trainer
-        if t is not None:
-            on_ray = t.executor == "ray"
-            if t.last_error is not None:
-                found["trainer"] = f"{'training on Ray' if on_ray else 'training round'} failed: {t.last_error[1]}"
-            elif svc.config.trainer.enabled and svc.started and not t.running:
-                found["trainer"] = f"the {'Ray scheduler' if on_ray else 'trainer'} thread is not running"
-        for name, (_, why) in getattr(svc, "model_errors", {}).items():  # registered models that cannot be served
+        since: dict[str, float] = {}  # a failed round's reason dates from the failure
+        for name, m in list(svc.models.items()):
+            found.update(self._model_reasons(name, m, since))
+        for name, (_, why) in list(svc.model_errors.items()):  # registered models that cannot be served
             found[f"model:{name}"] = f"registered model {name!r} cannot be served (its devices get 503): {why}"
-        for name, m in getattr(svc, "models", {}).items():
-            if name != svc.model_name and m.trainer is not None and m.trainer.last_error is not None:
-                found[f"trainer:{name}"] = f"training round of model {name!r} failed: {m.trainer.last_error[1]}"
         now = time.time()
         with self._lock:
             out = {k: dict(v) for k, v in self._events.items()}
-        since_t = t.last_error[0] if t is not None and t.last_error is not None else None
         for k, reason in found.items():
             if k in out:  # found now, and an event recorded before: both said
                 if reason not in out[k]["reason"]:
                     out[k]["reason"] = f"{reason}; last error: {out[k]['reason']}"
             else:
-                out[k] = {"reason": reason, "since": since_t if k == "trainer" and since_t else now, "count": 1}
+                out[k] = {"reason": reason, "since": since.get(k, now), "count": 1}
         return out
+
+    def _model_reasons(self, name: str, m, since: dict[str, float]) -> dict[str, str]:
+        """What fails one served model's devices: its bundle without the cloud's key, uploads larger than the body
+        limit, its trainer failing (since when: into ``since``) or stopped. Keys as in the module docstring."""
+        svc = self.service
+        default = name == svc.model_name
+        key = (lambda kind: kind) if default else (lambda kind: f"{kind}:{name}")
+        of = "" if default else f"model {name!r}: "
+        found: dict[str, str] = {}
+        if m.manifest.cloud_public_key is None:
+            found[key("bundle_key")] = (f"{of}the bundle carries no cloud public key: devices cannot verify any "
+                                        f"update; re-export it: {export_hint(str(svc.home / signing.PUBLIC_KEY_FILE))}")
+        if m.one_sample_body_bytes > svc.config.max_body_bytes:
+            found[key("uploads_impossible")] = (f"{of}max_body_bytes {svc.config.max_body_bytes} is smaller than one "
+                                                f"upload of this bundle ({m.one_sample_body_bytes} bytes): every "
+                                                "upload is refused; raise max_body_bytes")
+        t = m.trainer
+        if t is not None:
+            on_ray = t.executor == "ray"
+            if t.last_error is not None:
+                found[key("trainer")] = (f"{of}{'training on Ray' if on_ray else 'training round'} failed: "
+                                         f"{t.last_error[1]}")
+                since[key("trainer")] = t.last_error[0]
+            elif svc.config.trainer.enabled and svc.started and not t.running:
+                found[key("trainer")] = f"{of}the {'Ray scheduler' if on_ray else 'trainer'} thread is not running"
+        return found
+
+
+PER_MODEL_KINDS = ("trainer", "bundle_key", "uploads_impossible", "model")
+
+
+def reason_model(key: str, default: str) -> str | None:
+    """The model a degraded reason is about (None: the whole cloud's, e.g. the store or the disk)."""
+    kind, _, name = key.partition(":")
+    if kind not in PER_MODEL_KINDS:
+        return None
+    return name or default
+
+
+def models_health(service, problems: dict[str, dict], ready: bool) -> dict[str, dict]:
+    """Each registered model's part of ``/healthz``: what its devices need to upload (``limits``: input shape,
+    size limits), its classes, latest version, pending uploads, trainer state and its own degraded reasons. A
+    model that cannot be loaded: ``served`` false and why (``error``; None: registered while the cloud runs, loaded
+    at the first request of one of its devices)."""
+    reasons: dict[str, dict[str, str]] = {}
+    for k, v in problems.items():
+        name = reason_model(k, service.model_name)
+        if name is not None:
+            reasons.setdefault(name, {})[k] = v["reason"]
+    out: dict[str, dict] = {}
+    for name, m in list(service.models.items()):
+        latest = pending = None
+        if ready:
+            try:
+                latest, pending = m.store.latest_version(), m.store.count_samples("train", consumed=False)
+            except Exception:  # the store failing now: the store reason says so
+                pass
+        t = m.trainer
+        out[name] = {"served": True, "input_shape": list(m.codec.shape), "num_classes": m.manifest.num_classes,
+                     "latest_version": latest, "pending": pending,
+                     "trainer": None if t is None else {
+                         "running": t.running, "executor": t.executor, "version": t.version,
+                         "last_error": None if t.last_error is None else t.last_error[1],
+                         "last_success_age_s": None if t.last_success_at is None else time.time() - t.last_success_at},
+                     "limits": service.model_limits(m), "reasons": reasons.get(name, {})}
+    for name, (_, why) in list(service.model_errors.items()):
+        out.setdefault(name, {"served": False, "error": why, "reasons": reasons.get(name, {})})
+    if ready:
+        try:  # registered while the cloud runs: loaded at the first request of one of its devices
+            for rec in service.root_store.models.list():
+                out.setdefault(rec.model, {"served": False, "error": None, "input_shape": rec.input_shape,
+                                           "num_classes": rec.num_classes, "reasons": {}})
+        except Exception:  # the store failing now: the store reason says so
+            pass
+    return out
 
 
 class FleetCollector:
@@ -142,28 +207,35 @@ class FleetCollector:
         for k in problems:
             g.add_metric([k], 1.0)
         yield g
-        t = svc.trainer
+        served = list(svc.models.items())
         g = GaugeMetricFamily("edgeadapt_cloud_trainer_last_success_age_seconds",
-                              "seconds since the last training round finished (since start when none; NaN: no "
-                              "trainer)")
-        g.add_metric([], NEVER if t is None else time.time() - (t.last_success_at or svc.health.started))
+                              "seconds since each model's last training round finished (since start when none; "
+                              "NaN: no trainer)", labels=["model"])
+        for name, m in served:
+            t = m.trainer
+            g.add_metric([name], NEVER if t is None else time.time() - (t.last_success_at or svc.health.started))
         yield g
+        t = svc.trainer
         if t is not None:
             g = GaugeMetricFamily("edgeadapt_cloud_trainer_executor", "1 for where training rounds run "
                                   "(trainer.executor)", labels=["executor"])
             g.add_metric([t.executor], 1.0)
             yield g
-            if t.executor == "ray":
-                g = GaugeMetricFamily("edgeadapt_cloud_trainer_rounds_in_flight", "rounds running as Ray tasks")
-                g.add_metric([], float(len(t.in_flight)))
-                yield g
+        ray = [(name, m.trainer) for name, m in served if m.trainer is not None and m.trainer.executor == "ray"]
+        if ray:
+            g = GaugeMetricFamily("edgeadapt_cloud_trainer_rounds_in_flight", "rounds running as Ray tasks",
+                                  labels=["model"])
+            for name, rt in ray:
+                g.add_metric([name], float(len(rt.in_flight)))
+            yield g
         try:
             from edgeadapt.cloud.admin import devices_info
 
             rows = devices_info(getattr(svc, "root_store", svc.store), svc.config.device_stale_after_s)
         except Exception:  # the store's failure is already a degraded reason
             return
-        states = dict.fromkeys(("ok", "degraded", "stale", "revoked", "never"), 0)
+        names = ("ok", "degraded", "stale", "revoked", "never")
+        states = {(name, s): 0 for name, _ in served for s in names}  # every served model's, at 0 too
         age = GaugeMetricFamily("edgeadapt_cloud_device_heartbeat_age_seconds",
                                 "seconds since each device's last heartbeat (NaN: never)", labels=["device"])
         probs = GaugeMetricFamily("edgeadapt_cloud_device_problems", "degraded reasons of each device's last "
@@ -171,12 +243,12 @@ class FleetCollector:
         for r in rows:
             state = "revoked" if r["revoked"] or r["expired"] else "never" if r["heartbeat_age_s"] is None else \
                 "stale" if r["stale"] else "degraded" if r["problems"] else "ok"
-            states[state] += 1
+            states[r["model"], state] = states.get((r["model"], state), 0) + 1
             age.add_metric([r["name"]], NEVER if r["heartbeat_age_s"] is None else r["heartbeat_age_s"])
             probs.add_metric([r["name"]], float(len(r["trouble"])))
-        g = GaugeMetricFamily("edgeadapt_cloud_devices", "devices by state", labels=["state"])
-        for k, v in states.items():
-            g.add_metric([k], float(v))
+        g = GaugeMetricFamily("edgeadapt_cloud_devices", "devices by model and state", labels=["model", "state"])
+        for (model, state), v in states.items():
+            g.add_metric([model, state], float(v))
         yield g
         yield age
         yield probs

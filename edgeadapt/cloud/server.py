@@ -92,7 +92,7 @@ def _cloud_server(config):
 
 
 class TooLarge(Exception):
-    pass
+    model = ""  # the registered model of the device whose upload it is ("": refused before the device was known)
 
 
 def _problem(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -207,10 +207,10 @@ def create_app(service: CloudService) -> FastAPI:
                               "tensors, serve signed, compressed update packages.")
     metrics = service.metrics
 
-    def _body_refused(path: str) -> None:
+    def _body_refused(path: str, model: str = "") -> None:
         metrics.requests_rejected.labels(reason="413").inc()
         if path == "/v1/samples":
-            metrics.upload_refusals.labels(reason="too_large").inc()
+            metrics.upload_refusals.labels(model=model, reason="too_large").inc()
 
     app.add_middleware(BodyLimitMiddleware, limit=cfg.max_body_bytes, per_path={"/v1/heartbeat": SMALL_BODY_BYTES},
                        on_refused=_body_refused)
@@ -249,9 +249,7 @@ def create_app(service: CloudService) -> FastAPI:
 
     @app.exception_handler(TooLarge)
     async def _too_large(request: Request, exc: TooLarge):
-        metrics.requests_rejected.labels(reason="413").inc()
-        if request.url.path == "/v1/samples":
-            metrics.upload_refusals.labels(reason="too_large").inc()
+        _body_refused(request.url.path, exc.model)
         return _problem(413, str(exc), {"Connection": "close"})
 
     @app.exception_handler(sqlite3.Error)
@@ -270,12 +268,17 @@ def create_app(service: CloudService) -> FastAPI:
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:
         """Live (it answers), ready (the store answers), degraded with reasons (each with since and count), and
-        what a device needs to upload here (``limits``)."""
+        what a device needs to upload here (``limits``: the default model's). ``models``: each registered model's
+        input shape, classes, limits, latest version, pending uploads, trainer state and own reasons (the fields
+        at the top are the default model's, as before several models)."""
+        from edgeadapt.cloud.health import models_health
+
         problems = service.health.check()
         not_ready = service.health.not_ready()
         latest = None if not_ready else service.store.latest_version()
         return {"ok": True, "status": "not ready" if not_ready else "degraded" if problems else "ok",
-                "ready": not_ready is None, "model": service.model_name, "models": list(service.models),
+                "ready": not_ready is None, "model": service.model_name,
+                "models": models_health(service, problems, not_ready is None),
                 "latest_version": latest,
                 "trainer": None if service.trainer is None else service.trainer.running,
                 "executor": None if service.trainer is None else service.trainer.executor,
@@ -306,18 +309,23 @@ def create_app(service: CloudService) -> FastAPI:
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": {"$ref": "#/components/schemas/SampleBatch"}}}}})
     async def post_samples(request: Request, device: Device = Depends(device_auth)):
-        body = await read_limited(request, cfg.max_body_bytes)
-        metrics.bytes_in.inc(len(body))
+        own = service.metrics_for(device)  # its model's series: the registered model, not the batch's name
+        try:
+            body = await read_limited(request, cfg.max_body_bytes)
+        except TooLarge as exc:
+            exc.model = own.name
+            raise
+        own.bytes_in.inc(len(body))
         sha = hashlib.sha256(body).hexdigest()
         cached = await run_in_threadpool(service.store.get_batch_response, device.id, sha)
         if cached is not None:  # a byte-identical retry: every sample in it is a duplicate by now
-            metrics.samples_duplicate.inc(len(json.loads(cached).get("ids", [])))
+            own.samples_duplicate.inc(len(json.loads(cached).get("ids", [])))
             return Response(cached, media_type="application/json")
         try:
             batch = SampleBatch.model_validate_json(body)
         except ValidationError as exc:
             metrics.requests_rejected.labels(reason="422").inc()
-            metrics.upload_refusals.labels(reason="schema").inc()
+            own.upload_refusals.labels(reason="schema").inc()
             return _problem(422, _validation_message(exc))
         result = await run_in_threadpool(service.ingest, device, batch)
         text = result.model_dump_json()

@@ -31,7 +31,7 @@ import numpy as np
 
 from edgeadapt.cloud.admin import open_store, read_admin_token
 from edgeadapt.cloud.config import CloudConfig, ConfigError, resolve_home
-from edgeadapt.cloud.metrics import CloudMetrics
+from edgeadapt.cloud.metrics import CloudMetrics, ModelMetrics
 from edgeadapt.cloud.store import (
     Device,
     ModelRecord,
@@ -103,6 +103,7 @@ class ServedModel:
     trainer: object | None = None  # Trainer (None: no teacher, uploads stored only)
     grouper: object | None = None  # Grouper, when groups are enabled
     build_lock: threading.Lock = field(default_factory=threading.Lock)
+    metrics: ModelMetrics | None = None  # its series (label model=NAME) of the service's metrics
 
 
 def one_upload_bytes(manifest: BundleManifest, codec: InputCodec) -> int:
@@ -188,6 +189,7 @@ class CloudService:
         self.publish_listeners: list[Callable[[], None]] = []
         self._build_lock = threading.Lock()
         self.trainer = None
+        model_metrics = self._watched_metrics(self.model_name, self.store)
         #: groups of similar devices with a lineage each (issue 18); None: one global lineage, as before
         self.grouper = None
         if config.groups.enabled:
@@ -201,7 +203,7 @@ class CloudService:
             if config.teacher:
                 from edgeadapt.cloud.ray_executor import RayRounds
 
-                self.trainer = RayRounds(config, self.home, self.store, grouper=self.grouper, metrics=self.metrics,
+                self.trainer = RayRounds(config, self.home, self.store, grouper=self.grouper, metrics=model_metrics,
                                          on_publish=self._bump)
         elif teacher is None and config.teacher:
             from edgeadapt.cloud.edge_model import load_teacher
@@ -211,14 +213,12 @@ class CloudService:
             from edgeadapt.cloud.trainer import Trainer
 
             self.trainer = Trainer(self.bundle_dir, self.store, teacher, config.trainer,
-                                   auto_rollout=config.auto_rollout, metrics=self.metrics, on_publish=self._bump,
+                                   auto_rollout=config.auto_rollout, metrics=model_metrics, on_publish=self._bump,
                                    student_model=config.student_model, grouper=self.grouper)
-        latest = self.store.latest_version()
-        self.metrics.latest_version.set(latest or 0)
         #: every model served, by name (the default one first); why a registered model could not be loaded
         self.models: dict[str, ServedModel] = {self.model_name: ServedModel(
             self.model_name, self.store, self.bundle_dir, self.manifest, self.codec, self.one_sample_body_bytes,
-            self.trainer, self.grouper, self._build_lock)}
+            self.trainer, self.grouper, self._build_lock, model_metrics)}
         self.model_errors: dict[str, tuple[float, str]] = {}
         self._models_lock = threading.RLock()
         for rec in self.root_store.models.list():
@@ -239,6 +239,7 @@ class CloudService:
                 raise ConfigError(f"bundle {bundle} was exported for another cloud key: its devices would reject "
                                   "every update")
             codec = InputCodec(manifest.input)
+            model_metrics = self._watched_metrics(rec.model, view)
             grouper = trainer = None
             if cfg.groups.enabled:
                 from edgeadapt.cloud.grouping import Grouper
@@ -247,7 +248,7 @@ class CloudService:
             if rec.teacher and cfg.trainer.executor == "ray":  # its rounds as Ray tasks on its store view
                 from edgeadapt.cloud.ray_executor import RayRounds
 
-                trainer = RayRounds(cfg, self.home, view, grouper=grouper, metrics=self.metrics,
+                trainer = RayRounds(cfg, self.home, view, grouper=grouper, metrics=model_metrics,
                                     on_publish=self._bump, model_fields={
                                         "bundle": rec.bundle, "teacher": rec.teacher,
                                         "teacher_weights": rec.teacher_weights, "teacher_kwargs": rec.teacher_kwargs,
@@ -258,10 +259,10 @@ class CloudService:
 
                 teacher = load_teacher(rec.teacher, rec.teacher_weights, **rec.teacher_kwargs)
                 trainer = Trainer(bundle, view, teacher, cfg.trainer, auto_rollout=cfg.auto_rollout,
-                                  metrics=self.metrics, on_publish=self._bump, student_model=rec.student_model,
+                                  metrics=model_metrics, on_publish=self._bump, student_model=rec.student_model,
                                   grouper=grouper)
             served = ServedModel(rec.model, view, bundle, manifest, codec, one_upload_bytes(manifest, codec),
-                                 trainer, grouper)
+                                 trainer, grouper, metrics=model_metrics)
         except (ConfigError, BundleError, StoreError, ValueError, OSError) as exc:
             why = f"{type(exc).__name__}: {str(exc)[:300]}"
             self.model_errors[rec.model] = (time.time(), why)
@@ -274,6 +275,20 @@ class CloudService:
         log.info("serving model %s too (bundle %s, %s)", rec.model, rec.bundle,
                  f"teacher {rec.teacher}" if rec.teacher else "no teacher: uploads stored only")
         return served
+
+    def _watched_metrics(self, model: str, store: Store) -> ModelMetrics:
+        """The model's metric series, its latest version and pending uploads read from ``store`` at each scrape."""
+        found = self.metrics.model(model)
+        found.watch(store)
+        return found
+
+    def model_of(self, device: Device) -> str:
+        """The registered model a device runs (one added before any model was registered: the default)."""
+        return device.model or self.model_name
+
+    def metrics_for(self, device: Device) -> ModelMetrics:
+        """The metric series of the device's model (a registered name: the label stays bounded)."""
+        return self.metrics.model(self.model_of(device))
 
     def served(self, model: str) -> ServedModel | None:
         """The served model of this name; one registered since the start is loaded now (None: not registered, or
@@ -295,7 +310,7 @@ class CloudService:
 
     def served_for(self, device: Device) -> ServedModel:
         """The model a device is registered for (one added before any model was registered: the default)."""
-        name = device.model or self.model_name
+        name = self.model_of(device)
         served = self.served(name)
         if served is None:
             failed = self.model_errors.get(name)
@@ -321,9 +336,12 @@ class CloudService:
         self.started = True
 
     def limits(self, device: Device | None = None) -> dict:
-        """What a device needs to know to upload here (``/healthz``: the default model's, ``/v1/whoami``: its own
-        model's, ``edgeadapt doctor``)."""
-        m = self.models[self.model_name] if device is None else self.served_for(device)
+        """What a device needs to know to upload here (``/healthz``: the default model's at the top, each model's
+        under ``models``; ``/v1/whoami``: its own model's; ``edgeadapt doctor``)."""
+        return self.model_limits(self.models[self.model_name] if device is None else self.served_for(device))
+
+    def model_limits(self, m: ServedModel) -> dict:
+        """What a device of this model needs to know to upload here."""
         return {"model": m.name, "input_shape": list(m.codec.shape),
                 "max_body_bytes": self.config.max_body_bytes, "one_sample_body_bytes": m.one_sample_body_bytes,
                 "max_upload_sample_bytes": m.codec.max_upload_sample_bytes,
@@ -355,7 +373,7 @@ class CloudService:
         try:
             return self._ingest(device, batch)
         except Invalid as exc:
-            self.metrics.upload_refusals.labels(refusal_kind(exc.message)).inc()
+            self.metrics_for(device).upload_refusals.labels(reason=refusal_kind(exc.message)).inc()
             raise
 
     def _ingest(self, device: Device, batch: SampleBatch) -> SampleBatchResult:
@@ -383,8 +401,8 @@ class CloudService:
                                  split=sample_split(device.name, s.id, s.novel, tcfg.holdout_fraction, tcfg.seed)))
         new_ids, dups = served.store.add_samples(device.id, new)
         self.health.resolved("store")  # a write went through
-        self.metrics.samples_received.inc(len(new_ids))
-        self.metrics.samples_duplicate.inc(len(dups))
+        served.metrics.samples_received.inc(len(new_ids))
+        served.metrics.samples_duplicate.inc(len(dups))
         served.store.touch_device(device.id)
         if new_ids and served.trainer is not None:
             served.trainer.notify()
@@ -411,7 +429,7 @@ class CloudService:
         clean = {str(k)[:64]: float(v) for k, v in list(counters.items())[:256] if math.isfinite(float(v))}
         served.store.touch_device(device.id, version=version, status=status, counters=clean, problems=problems,
                                   heartbeat=True)
-        self.metrics.heartbeats.inc()
+        served.metrics.heartbeats.inc()
         group = None
         if signature is not None:
             if served.grouper is not None:
@@ -443,8 +461,9 @@ class CloudService:
 
     def count_served(self, pkg: Package) -> None:
         """A package went out (``/v1/updates``; ``/v1/updates/info`` only describes one)."""
-        self.metrics.updates_served.labels(mode=pkg.info.mode).inc()
-        self.metrics.update_bytes_out.inc(len(pkg.data))
+        m = self.metrics.model(pkg.info.model)  # the served model's name, never the one the device asked for
+        m.updates_served.labels(mode=pkg.info.mode).inc()
+        m.update_bytes_out.inc(len(pkg.data))
 
     def target_for(self, device: Device) -> int | None:
         """The version of its model the newest rollout covering this device assigns (group rollouts cover its

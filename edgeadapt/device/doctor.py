@@ -135,7 +135,11 @@ def cloud_findings(bundle: Path, cloud_url: str, token: str | None, verify: ssl.
         reasons = "; ".join(f"{k}: {v}" for k, v in (health.get("reasons") or {}).items())
         out.append(Finding("warn", "cloud health", f"the cloud is {health.get('status')}: {reasons[:500]}",
                            "see `edgeadapt doctor cloud` on the cloud's host"))
-    limits = health.get("limits") or {}
+    limits = health.get("limits") or {}  # the cloud's default model's
+    models = health.get("models")
+    own = models.get(manifest.model_name) if isinstance(models, dict) else None  # a cloud of several models
+    if isinstance(own, dict) and own.get("limits"):
+        limits = own["limits"]
     if token:
         try:
             w = httpx.get(f"{url}/v1/whoami", headers={"Authorization": f"Bearer {token}"}, timeout=timeout,
@@ -162,8 +166,14 @@ def cloud_findings(bundle: Path, cloud_url: str, token: str | None, verify: ssl.
         return out
     model = limits.get("model")
     if model != manifest.model_name:
-        out.append(Finding("fatal", "model", f"the cloud serves model {model!r}; this bundle is "
-                           f"{manifest.model_name!r}: every upload and update check would be refused",
+        if "device" in limits:  # the token's device: its registered model
+            what = f"the cloud serves model {model!r} to device {limits['device']!r}"
+        elif isinstance(models, dict) and len(models) > 1:
+            what = f"the cloud serves models {', '.join(map(repr, sorted(models)))}"
+        else:
+            what = f"the cloud serves model {model!r}"
+        out.append(Finding("fatal", "model", f"{what}; this bundle is {manifest.model_name!r}: every upload and "
+                           "update check would be refused",
                            "run the device with that cloud's bundle, or the cloud with this one "
                            "(`edgeadapt cloud serve --bundle`)"))
     else:
