@@ -219,12 +219,12 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     (at least this many SGD steps; at most this many newest uploads, older ones go to replay). ``assets``:
     (stream, teacher arch, teacher weights, bundle) instead of the embedded default's, e.g. the dev holdout's on
     which the pacing is chosen (scripts/dev_holdout.py demo). ``method``: the device's adaptation method, in the
-    loop and in the device-only row (default: ``LOOP_METHOD``, what a daemon with a cloud runs)."""
+    loop and in the device-only row (default: ``DEFAULT_METHOD``, what a daemon runs)."""
     from edgeadapt.assets import cloud_home, default_bundle, default_stream, default_teacher
     from edgeadapt.bench.loop import loop_processes
     from edgeadapt.core.bundle import Bundle
     from edgeadapt.datasets.fmnist import load_stream
-    from edgeadapt.device.config import LOOP_METHOD
+    from edgeadapt.device.config import DEFAULT_METHOD
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,7 @@ def run_demo(out: Path, per_corruption: int = DEFAULT_PER_CORRUPTION, batch: int
     keep = np.concatenate([np.flatnonzero(dom == d)[:per_corruption] for d in np.unique(dom)])
     x, y, dom = x[keep], y[keep], dom[keep]
     bundle = Bundle(bundle_dir)
-    method = method or LOOP_METHOD
+    method = method or DEFAULT_METHOD
     reference = _ReferenceRows(bundle, method)
     pacing = (f"a camera at {fps:g} fps, its frames sent in batches of {batch} (one every {batch / fps:.2f} s); "
               f"the cloud trains a round (>= {round_steps} steps, <= {round_uploads} newest uploads) after every "

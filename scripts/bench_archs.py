@@ -3,7 +3,7 @@
 torchvision's layouts written here as small torch modules (torchvision's PyPI wheel does not import on the CPU
 torch used here), random weights, BatchNorm statistics from one train-mode pass on random data, exported with the
 project's exporter. Why a script and not a test: one export at 224 takes about a minute and up to a GB. Then
-measure each bundle with the runtime benchmark (static, standalone and loop-method throughput, swap ms):
+measure each bundle with the runtime benchmark (static, default- and transductive-method throughput, swap ms):
 
     flock /tmp/edgeadapt-bench.lock .venv/bin/python scripts/bench_archs.py --arch mobilenet_v2 --out /tmp/archs --json
     flock /tmp/edgeadapt-bench.lock .venv/bin/edgeadapt bench runtime --bundle /tmp/archs/mobilenet_v2 --batch 16 \\

@@ -1,6 +1,6 @@
 """Choose the grouping distances (cloud/grouping.py) on the dev stream, never the test stream.
 
-Devices run the loop's method (``LOOP_METHOD``) on disjoint images of one corruption of the dev stream
+Devices run ``--method`` (default: the device's ``DEFAULT_METHOD``) on disjoint images of one corruption of the dev stream
 (scripts/dev_holdout.py; no labels are read); after each batch, each reports its domain signature. Printed: the
 distances between devices in the same corruption (what a group must hold together) and between devices in
 different corruptions (what must fall apart), as quantiles, after 1, 2 and 4 batches of a new domain. The
@@ -25,12 +25,13 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=4)
     ap.add_argument("--images", type=int, default=256, help="images per device and corruption")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--method", default=None, help="the devices' method (default: DEFAULT_METHOD)")
     args = ap.parse_args()
     from edgeadapt.assets import default_bundle
     from edgeadapt.core.bundle import Bundle
     from edgeadapt.core.domain_signature import distance
     from edgeadapt.datasets.fmnist import load_stream
-    from edgeadapt.device.config import LOOP_METHOD
+    from edgeadapt.device.config import DEFAULT_METHOD
     from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 
     d = load_stream(args.dev)
@@ -41,7 +42,7 @@ def main() -> None:
     for c in range(len(names)):
         idx = np.flatnonzero(d["corruption"] == c)
         for dev in range(args.devices):
-            eng = AdaptiveEngine(bundle, EngineConfig(method=LOOP_METHOD))
+            eng = AdaptiveEngine(bundle, EngineConfig(method=args.method or DEFAULT_METHOD))
             part = idx[dev * args.images:(dev + 1) * args.images]
             out = []
             for b in range(nb):

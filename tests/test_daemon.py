@@ -142,17 +142,17 @@ def test_sigterm_saves_state_and_restart_resumes(tiny_bundle, tmp_path):
         p2.wait(30)
 
 
-def test_method_default_follows_the_cloud(tmp_path):
-    """With a cloud the device normalizes every batch with its own statistics, as the trainer trains; standalone
-    it runs the wild-traffic default (issue 17); an explicit method wins either way."""
-    from edgeadapt.device.config import LOOP_METHOD, STANDALONE_METHOD, load_config
+def test_one_method_default_with_or_without_a_cloud(tmp_path):
+    """One default for the standalone daemon and the device in the loop (issue 17 item 3: the cloud's updates fit
+    a device running it); an explicit method wins either way."""
+    from edgeadapt.device.config import DEFAULT_METHOD, load_config
 
     base = {"bundle": tmp_path, "state_dir": tmp_path}
     cloud = {"cloud_url": "http://127.0.0.1:8700", "token": "t"}
-    assert load_config(base, env={}).method == STANDALONE_METHOD
-    assert load_config({**base, **cloud}, env={}).method == LOOP_METHOD
+    assert load_config(base, env={}).method == DEFAULT_METHOD
+    assert load_config({**base, **cloud}, env={}).method == DEFAULT_METHOD
     assert load_config({**base, **cloud, "method": "lame"}, env={}).method == "lame"
-    assert LOOP_METHOD != STANDALONE_METHOD
+    assert load_config({**base, "method": "ema_stats"}, env={}).method == "ema_stats"
 
 
 def test_engine_knobs_have_one_path_from_the_device_config(tiny_bundle, tmp_path):

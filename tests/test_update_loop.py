@@ -230,7 +230,7 @@ def test_tampered_or_foreign_packages_are_never_applied(cloud_env, tmp_path):
         d.stop()
 
 
-@pytest.mark.parametrize("which", ["fast-path", "standalone-default", "loop-method", "loop-every16"])
+@pytest.mark.parametrize("which", ["fast-path", "default", "transductive", "loop-every16"])
 def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(cloud_env, tmp_path, which):
     """The watch compares both versions on the same inputs: a harmless update is kept even when the window's
     traffic is far harder than the traffic before it and the engine refolds its statistics for a new domain
@@ -239,11 +239,11 @@ def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(
     The same window rolls back an update that really is worse."""
     from edgeadapt.core import signing
     from edgeadapt.core.update_package import build_package
-    from edgeadapt.device.config import LOOP_METHOD, STANDALONE_METHOD, DeviceConfig
+    from edgeadapt.device.config import DEFAULT_METHOD, TRANSDUCTIVE_METHOD, DeviceConfig
     from edgeadapt.device.daemon import DeviceDaemon
     from tests.cloud_fixtures import synthetic_images
 
-    method = {"fast-path": "ema_stats", "standalone-default": STANDALONE_METHOD, "loop-method": LOOP_METHOD,
+    method = {"fast-path": "ema_stats", "default": DEFAULT_METHOD, "transductive": TRANSDUCTIVE_METHOD,
               "loop-every16": "ema_stats:transductive=true,every=16"}[which]
     d = DeviceDaemon(DeviceConfig(bundle=cloud_env.bundle, state_dir=tmp_path / "s", cloud_url="http://127.0.0.1:9",
                                   token="t" * 20, watch_batches=4, method=method))
@@ -272,8 +272,8 @@ def test_watch_keeps_a_harmless_update_through_noisy_traffic_and_a_domain_shift(
         harmless = {k: (v + 0.001 if k.endswith(".bias") else v) for k, v in base.items()}
         folded = window_after(harmless, 1, 0)
         assert d.updater.counters["kept"] == 1 and d.updater.counters["rolled_back"] == 0, d.updater.events[-1]
-        if which == "loop-method":
-            # every batch normalized with its own statistics (LOOP_METHOD), replayed so by the watch
+        if which == "transductive":
+            # every batch normalized with its own statistics (TRANSDUCTIVE_METHOD), replayed so by the watch
             assert not d.engine.method.folds_mix and d.engine.transductive_batches >= 2
         elif which == "loop-every16":
             # the first batch after a new version is normalized with its own statistics, the next ones with that

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeadapt.core.bundle import Bundle
-from edgeadapt.device.config import STANDALONE_METHOD
+from edgeadapt.device.config import DEFAULT_METHOD
 from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 
 pytest_plugins = ["tests.cloud_fixtures"]
@@ -18,7 +18,7 @@ def _online(bundle, spec: str, x: np.ndarray, y: np.ndarray, batch: int = 64) ->
     return float((pred == y).mean()), pred
 
 
-@pytest.mark.parametrize("spec", [STANDALONE_METHOD])
+@pytest.mark.parametrize("spec", [DEFAULT_METHOD])
 def test_default_does_not_collapse_on_a_class_sorted_stream(cloud_env, kit, spec):
     """Shifted bars sorted by label (every batch of 64 one or two classes): the source model scores ~47-57% (the
     fixture's training depends on the process's thread settings) and batch statistics collapse to ~20-23%

@@ -15,13 +15,13 @@ import numpy as np
 from edgeadapt.bench.streams import Stream, build_gradual, build_stream, gradual_path, load_gradual, parse_spec
 from edgeadapt.core.bundle import Bundle
 from edgeadapt.core.wire import UploadSample, WireArray
-from edgeadapt.device.config import LOOP_METHOD
+from edgeadapt.device.config import DEFAULT_METHOD
 from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 from edgeadapt.device.ood import DEFAULT_DETECTOR
 from edgeadapt.device.selection import SampleSelector
 
-#: device_best and the loop rows run the same method, the one a device in the loop runs
-DEFAULT_DEVICE_METHOD = LOOP_METHOD
+#: device_best and the loop rows run the same method, the device's default (with or without a cloud)
+DEFAULT_DEVICE_METHOD = DEFAULT_METHOD
 
 
 def wire_bytes(x: np.ndarray, num_classes: int) -> int:

@@ -13,7 +13,7 @@ cloud trains (one round, or one round per group), and each device fetches and ap
 watches an update for ``sync_every`` batches (its ``watch_batches``) so that it can take the next sync's: a
 device still watching answers "busy" and skips the update.
 
-Rows: ``device_only`` (each device's engine alone, the loop's method), ``global`` (one lineage for everyone,
+Rows: ``device_only`` (each device's engine alone, the device's default method), ``global`` (one lineage for everyone,
 the cloud's default), ``per_group`` (``groups.enabled``). Per row: mean device accuracy, per true group; for
 per_group, how the cloud's groups agree with the true groups (one-to-one matching of groups, at the end and over
 the syncs); the cloud's CPU-seconds in training calls, per device-hour at a nominal ``fps`` images per second per
@@ -198,9 +198,9 @@ def run_fleet(bundle: Path, stream_path: Path, teacher: str, teacher_weights: Pa
               fps: float = 1.0, method: str | None = None, work: Path | None = None,
               progress_factory: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
     from edgeadapt.datasets.fmnist import load_stream
-    from edgeadapt.device.config import LOOP_METHOD
+    from edgeadapt.device.config import DEFAULT_METHOD
 
-    method = method or LOOP_METHOD
+    method = method or DEFAULT_METHOD
     data = load_stream(stream_path)
     devs = fleet_streams(data["x"], data["y"], data["corruption"], devices, groups, corruptions, limit, seed)
     names = data["corruption_names"]

@@ -707,13 +707,13 @@ def engine_throughput(bundle: str | Path, batch: int, seconds: float = 5.0, meth
 
 def _engine_throughput(bundle: str | Path, batch: int, seconds: float, method: str | None, threads: int) -> dict:
     from edgeadapt.core.bundle import Bundle
-    from edgeadapt.device.config import STANDALONE_METHOD
+    from edgeadapt.device.config import DEFAULT_METHOD
     from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
 
     b = Bundle(bundle)
     from edgeadapt.device.daemon import DAEMON_ENGINE
 
-    engine = AdaptiveEngine(b, EngineConfig(method=method or STANDALONE_METHOD, threads=threads, **DAEMON_ENGINE))
+    engine = AdaptiveEngine(b, EngineConfig(method=method or DEFAULT_METHOD, threads=threads, **DAEMON_ENGINE))
     rng = np.random.default_rng(1)
     xs = [engine.codec.check(rng.integers(0, 256, (batch, *b.manifest.input.shape), dtype=np.uint8))[0]
           for _ in range(8)]

@@ -171,7 +171,7 @@ def run_ood_bench(work: Path | None = None, per_set: int = 2000, epochs: float =
     from edgeadapt.assets import cache_dir
     from edgeadapt.datasets.fmnist import CORRUPTIONS
     from edgeadapt.device.backend import OrtBackend
-    from edgeadapt.device.config import STANDALONE_METHOD
+    from edgeadapt.device.config import DEFAULT_METHOD
     from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
     from edgeadapt.device.ood import DEFAULT_DETECTOR, load_all
 
@@ -211,7 +211,7 @@ def run_ood_bench(work: Path | None = None, per_set: int = 2000, epochs: float =
         return res
     names = list(corruptions) if corruptions is not None else list(CORRUPTIONS)
     stream = covariate_stream(x, y, names, per_domain, near_rate, far_rate, SPLIT_SEEDS[split], cache=work)
-    method = method or STANDALONE_METHOD
+    method = method or DEFAULT_METHOD
     engine = AdaptiveEngine(bundle, EngineConfig(method=method, ood_detector=DEFAULT_DETECTOR), backend=backend)
     tee = _ScoreAll(load_all(bundle.calib, *head), DEFAULT_DETECTOR)
     engine.detector = tee

@@ -86,7 +86,7 @@ def http_latency(bundle_dir: Path, x: np.ndarray, requests: int, method: str, th
             "http_requests": len(lat), "http_batch": http_batch}
 
 
-#: engine batches per throughput figure at least: two periods of the loop method's one mixing batch in 16
+#: engine batches per throughput figure at least: two periods of ``every=16``'s one mixing batch in 16
 ENGINE_BATCHES = 32
 
 
@@ -114,7 +114,7 @@ def run_runtime_bench(bundle_dir: str | Path, x: np.ndarray | None, method: str,
     images per HTTP request (a large model's batch of 64 can exceed the daemon's body limit); the torch rows
     rebuild the bundle's model from the registry or ``student_model`` (``module:factory``). ``extra_methods``:
     name -> method spec, each measured like ``method`` in the same interleaving (``<name>_img_s``, the ratio to
-    static as ``ratio_<name>_vs_static``): the standalone and the loop device's methods side by side."""
+    static as ``ratio_<name>_vs_static``): the default and the transductive methods side by side."""
     bundle_dir = Path(bundle_dir)
     bundle = Bundle(bundle_dir)
     synthesized = x is None

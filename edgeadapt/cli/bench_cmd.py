@@ -88,8 +88,8 @@ def accuracy(
     rows: str = typer.Option("source,norm_stats,device_best,tent,eata",
                              help="comma-separated rows; also loop and loop_upload_all (cloud + device processes)"),
     sync_every: int = typer.Option(8, help="loop rows: lockstep every K batches (0 = asynchronous)"),
-    method: str = typer.Option(None, help="the method spec of device_best and the loop rows (default: the method a "
-                                          "device in the loop runs, device/config.py LOOP_METHOD)"),
+    method: str = typer.Option(None, help="the method spec of device_best and the loop rows (default: the device's "
+                                          "default, device/config.py DEFAULT_METHOD)"),
     limit: int = typer.Option(None, help="use only the first N images of each corruption (quick runs)"),
     batch: int = typer.Option(64, min=1, help="images per request (down to 1)"),
     teacher: str = typer.Option(None, help="loop rows: the cloud's teacher, a reference arch or module:factory (your "
@@ -147,16 +147,16 @@ def runtime(
     torch_rows: bool = typer.Option(True, "--torch/--no-torch", help="also a torch Tent step and torch eval (needs "
                                     "the architecture: registered, or --student-model)"),
     student_model: str = typer.Option(None, help="the bundle's architecture as module:factory for the torch rows"),
-    compare: bool = typer.Option(True, "--compare/--no-compare", help="also the standalone and the loop device's "
-                                 "methods (standalone_img_s, loop_img_s) when --method is neither"),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="also the default and the transductive "
+                                 "methods (default_img_s, transductive_img_s) when --method is neither"),
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Static vs adapting throughput (the standalone and the loop device's methods), parameter swap ms, torch Tent
+    """Static vs adapting throughput (the default and the transductive methods), parameter swap ms, torch Tent
     step, HTTP p50/p99 latency, RSS, bundle MB — in one run."""
     from edgeadapt.bench.runtime import run_runtime_bench
     from edgeadapt.core.bundle import read_manifest
     from edgeadapt.datasets.fmnist import load_stream
-    from edgeadapt.device.config import LOOP_METHOD, STANDALONE_METHOD
+    from edgeadapt.device.config import DEFAULT_METHOD, TRANSDUCTIVE_METHOD
     from edgeadapt.models.reference import ARCHS
 
     if bundle is None or data is not None:
@@ -166,8 +166,9 @@ def runtime(
     if torch_rows and not with_torch:
         console.print("torch rows skipped: the bundle's architecture is not registered here (give --student-model "
                       "module:factory, or --no-torch)")
-    method = method or STANDALONE_METHOD
-    extra = {k: v for k, v in (("standalone", STANDALONE_METHOD), ("loop", LOOP_METHOD)) if compare and v != method}
+    method = method or DEFAULT_METHOD
+    extra = {k: v for k, v in (("default", DEFAULT_METHOD), ("transductive", TRANSDUCTIVE_METHOD))
+             if compare and v != method}
     with console.status("measuring"):
         try:
             res = run_runtime_bench(bundle, x, method, batch=batch, threads=threads,

@@ -15,8 +15,9 @@ replay each; uploads enter replay once) until it has taken ``min_steps_per_round
 uploads a third of its traffic is trained on as hard as one that uploads all of it (dev stream: 59.9% vs 56.7%).
 
 Normalization (``normalization = "batch"``, the default; a departure from a plain CEMA step): the devices
-normalize with statistics of their *current* domain (a device in the loop runs ``LOOP_METHOD``: each batch's own
-statistics mixed with its EMA, which an update does not replace), so the student is trained the same way.
+normalize with statistics of their *current* domain (the device's ``DEFAULT_METHOD``: each batch's own statistics
+mixed into the first stage, recent class-balanced ones in the rest; an update does not replace them), so the
+student is trained the same way.
 Uploads are cut into groups of ``chunk`` consecutive samples of one device (one device's recent traffic: one
 domain, mostly), and every group goes through the student *and the teacher* on its own, normalized with the
 group's own batch statistics. A batch that mixed new and replayed uploads would normalize the current domain

@@ -30,7 +30,7 @@ So, per normalization layer:
   continual at -0.1 on class-sorted (0 = always the balanced memory).
 
 Predictions therefore depend on the batch only through the shallow in-batch mix; the runtime runs the adaptive
-graph for every batch (as the loop's ``ema_stats:transductive=true`` does) plus one memory forward per
+graph for every batch (as ``ema_stats:transductive=true`` does) plus one memory forward per
 ``ref_batch`` samples (two with the gate).
 """
 
