@@ -162,8 +162,10 @@ def test_engine_knobs_have_one_path_from_the_device_config(tiny_bundle, tmp_path
     from edgeadapt.device.daemon import DeviceDaemon
     from edgeadapt.device.engine import ENGINE_KNOBS
 
-    assert {"input_shift", "shift_min_samples", "reliable_entropy_factor", "rerun_on_shift"} <= set(ENGINE_KNOBS)
-    assert not {"method", "threads", "backend", "ood_detector", "input_range_policy"} & set(ENGINE_KNOBS)
+    assert {"input_shift", "shift_min_samples", "rerun_on_shift"} <= set(ENGINE_KNOBS)
+    # the reliability policy has its own config field (DeviceConfig.reliability), shared with the selector
+    assert not {"method", "threads", "backend", "ood_detector", "input_range_policy", "reliability",
+                "reliable_entropy_factor", "max_ood_fraction"} & set(ENGINE_KNOBS)
     base = {"bundle": tmp_path, "state_dir": tmp_path}
     for bad, word in [({"nope": 1}, "nope"), ({"input_shift": "high"}, "input_shift"),
                       ({"stats_samples": 1.5}, "stats_samples"), ({"rerun_on_shift": 1}, "rerun_on_shift"),

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from edgeadapt.core.bundle import Bundle
+from edgeadapt.core.reliability import ReliabilityPolicy
 from edgeadapt.device.engine import AdaptiveEngine, EngineConfig
+
+TRUST_ALL = ReliabilityPolicy(adapt_factor=1.01)  # above ln C: every sample that is not OOD may adapt
 
 
 def _domain(n: int, seed: int, level: float, contrast: float) -> np.ndarray:
@@ -87,7 +90,7 @@ def test_refold_tolerance_skips_needless_session_rebuilds(tiny_bundle):
 
     def refolds(tol: float) -> int:
         eng = AdaptiveEngine(Bundle(tiny_bundle), EngineConfig(method="ema_stats", refresh_tol=tol, stats_every=2,
-                                                               refresh_every=2, reliable_entropy_factor=1.01))
+                                                               refresh_every=2, reliability=TRUST_ALL))
         calls = Counting(eng)
         for i in range(0, len(a), 64):
             eng.process(a[i : i + 64])

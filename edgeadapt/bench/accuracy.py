@@ -36,7 +36,7 @@ def run_device(bundle: Bundle, x: np.ndarray, y: np.ndarray, batch: int, method:
                **engine_opts) -> dict:
     engine = AdaptiveEngine(bundle, EngineConfig(method=method, ood_detector=ood_detector, threads=threads,
                                                  **engine_opts))
-    selector = SampleSelector(bundle.manifest.num_classes) if select else None
+    selector = SampleSelector(bundle.manifest.num_classes, engine.config.reliability) if select else None
     hits = np.zeros(len(x), bool)
     uploaded = 0
     lat = []

@@ -5,7 +5,8 @@ Per step, a batch of ``chunk`` (32) new uploads plus, once the replay FIFO holds
 minimizes
 
     L = α·mean(w_s·H(p_s)) + β·mean(w_t·τ²·KL(p_t ‖ p_s)) + γ·mean(w_t·CE(z_s, argmax z_t)),
-    w = exp(E_max − H) (detached), E_max = 0.4·ln C, w_s from the student's entropy, w_t from the teacher's,
+    w = exp(E_max − H) (detached), w_s from the student's entropy, w_t from the teacher's, E_max = 0.4·ln C:
+    the upload bound of the one reliability policy the devices select by (core/reliability.py),
 
 with SGD (lr 2.5e-3, momentum 0.9) on the bundle's adaptable tensors only: norm affine parameters and adapter
 weights train as parameters; everything else is frozen. Each group of new uploads gets ``steps_per_chunk`` (2)
@@ -70,6 +71,7 @@ from edgeadapt.cloud.teacher_cache import TeacherLogitCache
 from edgeadapt.core import bundle as B
 from edgeadapt.core import param_bounds
 from edgeadapt.core.input_codec import InputCodec
+from edgeadapt.core.reliability import DEFAULT_RELIABILITY, ReliabilityPolicy
 from edgeadapt.core.tensorfile import ParamSet, params_hash
 
 log = logging.getLogger(__name__)
@@ -79,11 +81,13 @@ LOSS_EVAL_MAX = 2048
 
 
 def cema_loss(z_s: torch.Tensor, z_t: torch.Tensor, alpha: float = 3.0, beta: float = 3.0, gamma: float = 1.0,
-              tau: float = 1.0, reduction: str = "mean") -> torch.Tensor:
-    """CEMA's student loss for student logits ``z_s`` and teacher logits ``z_t`` (teacher is not differentiated)."""
+              tau: float = 1.0, reduction: str = "mean",
+              reliability: ReliabilityPolicy = DEFAULT_RELIABILITY) -> torch.Tensor:
+    """CEMA's student loss for student logits ``z_s`` and teacher logits ``z_t`` (teacher is not differentiated).
+    Each sample's terms are weighted by exp(E_max - H) with E_max the policy's upload bound: the entropy a sample
+    had to be below to be uploaded is where its weight crosses 1."""
     z_t = z_t.detach()
-    c = z_s.shape[1]
-    e_max = 0.4 * math.log(c)
+    e_max = reliability.upload_bound(z_s.shape[1])
     logp_s = F.log_softmax(z_s, dim=1)
     h_s = -(logp_s.exp() * logp_s).sum(1)
     logp_t = F.log_softmax(z_t, dim=1)

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from edgeadapt.core.reliability import DEFAULT_RELIABILITY, ReliabilityPolicy
 from edgeadapt.core.upload_encoding import DEFAULT_UPLOAD_ENCODING, UploadEncoding
 from edgeadapt.device.ood import DEFAULT_DETECTOR
 
@@ -37,6 +38,10 @@ DEFAULT_METHOD = "robust_stats+prior_correction+lame_skew+collapse_reset"
 #: (dev loop under correlated labels 34.1% vs 52.1%): an option for traffic known to be i.i.d., not the default.
 #: ``ema_stats`` alone (statistics folded into the static graph) is the fastest path
 TRANSDUCTIVE_METHOD = "ema_stats:transductive=true"
+
+
+#: engine knobs that became fields of the reliability policy (issue 17 item 5): a config naming them is told where
+MOVED_TO_RELIABILITY = {"reliable_entropy_factor": "adapt_factor", "max_ood_fraction": "max_ood_fraction"}
 
 
 class DeviceConfig(BaseModel, extra="forbid"):
@@ -99,6 +104,10 @@ class DeviceConfig(BaseModel, extra="forbid"):
         "reject", description="float inputs outside the bundle's declared value range: refused (400) or clipped")
     allowed_origins: list[str] = Field(
         default_factory=list, description="web origins whose browser requests are served (default none)")
+    reliability: ReliabilityPolicy = Field(
+        DEFAULT_RELIABILITY, description="which samples are trusted (core/reliability.py): adapt_factor for the "
+        "engine's adaptation, upload_factor / low_info_factor / warmup / lam / now_window for the upload selection, "
+        "max_ood_fraction for the covariate-shift rule; one policy for the engine and the selector")
     engine: dict[str, float | int | bool] = Field(
         default_factory=dict, description="advanced engine knobs by EngineConfig field name (e.g. {\"input_shift\": "
         "0.2}); the daemon passes them to its engine, an unknown name or a wrong type is a config error")
@@ -110,6 +119,9 @@ class DeviceConfig(BaseModel, extra="forbid"):
 
         out = {}
         for name, value in v.items():
+            if name in MOVED_TO_RELIABILITY:
+                raise ValueError(f"engine.{name} is now reliability.{MOVED_TO_RELIABILITY[name]} (one policy for the "
+                                 "engine and the upload selection, core/reliability.py)")
             if name not in ENGINE_KNOBS:
                 raise ValueError(f"engine: unknown knob {name!r}; known: {', '.join(sorted(ENGINE_KNOBS))}")
             kind = ENGINE_KNOBS[name]

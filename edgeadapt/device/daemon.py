@@ -63,7 +63,8 @@ class DeviceDaemon:
         self.manifest = self.bundle.manifest
         self.engine = AdaptiveEngine(self.bundle, EngineConfig(
             method=config.method, ood_detector=config.ood_detector, threads=config.threads, backend=config.backend,
-            input_range_policy=config.input_range_policy, **{**DAEMON_ENGINE, **config.engine}))
+            input_range_policy=config.input_range_policy, reliability=config.reliability,
+            **{**DAEMON_ENGINE, **config.engine}))
         self.codec = self.engine.codec
         self.upload_encoder = UploadEncoder(self.codec, config.upload_encoding)
         if self.upload_encoder.why_raw:
@@ -72,8 +73,8 @@ class DeviceDaemon:
         self._guard_seen = dict(self.engine.guard_counters)
         self._guard_at = 0.0
         self._reasons_shown: set[str] = set()
-        self.selector = SampleSelector(
-            self.manifest.num_classes, budget_samples_per_s=config.upload_samples_per_s,
+        self.selector = SampleSelector(  # the engine's own policy: one meaning of "reliable" on the device
+            self.manifest.num_classes, self.engine.config.reliability, budget_samples_per_s=config.upload_samples_per_s,
             budget_bytes_per_s=config.upload_bytes_per_s, novel_budget_samples_per_s=config.novel_samples_per_s)
         self._state_ok = self._prepare_state_dir()
         self.versions = VersionStore(self.state_dir, self.bundle.params, keep=config.keep_versions) \

@@ -1,14 +1,15 @@
 """The per-batch adaptation loop shared by the daemon and the benchmarks (numpy + a backend; no torch).
 
 Per batch: predict with the current state (fast static session, or the adaptive graph when the method
-mixes in the batch's own statistics) -> entropy and OOD scores -> reliable samples (not OOD, entropy below
-``reliable_entropy_factor * ln C``) -> batch statistics of a small reliable subset through the adaptive
-graph -> method state update -> output-side adjustment. When the method's statistics change, a new static
-session with the statistics folded in is built and swapped in between batches.
+mixes in the batch's own statistics) -> entropy and OOD scores -> reliable samples (the adapt role of
+``config.reliability``, core/reliability.py: not OOD, entropy below ``adapt_factor * ln C``) -> batch statistics
+of a small reliable subset through the adaptive graph -> method state update -> output-side adjustment. When the
+method's statistics change, a new static session with the statistics folded in is built and swapped in between
+batches.
 
 Covariate shift vs novelty: OOD detectors fitted on clean data flag most samples of a heavily corrupted
-domain. Novel inputs are rare by definition, so when more than ``max_ood_fraction`` of a batch is flagged
-the batch is treated as a domain shift: flags are still reported, but samples are not excluded from
+domain. Novel inputs are rare by definition, so when more than the policy's ``max_ood_fraction`` of a batch is
+flagged the batch is treated as a domain shift: flags are still reported, but samples are not excluded from
 adaptation for it (the entropy filter still applies). Otherwise a shifted stream could never adapt. The default
 detector (``mahalanobis_domain``) also follows the domain itself: ``detector.observe`` sees each adapting batch
 before it is scored, so a corrupted domain is mostly not flagged in the first place (issue 21).
@@ -25,6 +26,7 @@ import numpy as np
 from edgeadapt.core import bundle as B
 from edgeadapt.core.input_codec import InputError
 from edgeadapt.core.mathops import entropy_from_logits, softmax
+from edgeadapt.core.reliability import DEFAULT_RELIABILITY, ReliabilityPolicy
 from edgeadapt.core.tensorfile import ParamSet
 from edgeadapt.device.backend import Backend, make_backend
 from edgeadapt.device.methods import build_method
@@ -39,8 +41,8 @@ __all__ = ["AdaptiveEngine", "BatchResult", "EngineConfig", "InputError"]
 class EngineConfig:
     method: str = "ema_stats"
     ood_detector: str = DEFAULT_DETECTOR
-    reliable_entropy_factor: float = 0.8
-    max_ood_fraction: float = 0.5
+    #: which samples may drive adaptation (and the selector's upload band: the daemon hands it this same policy)
+    reliability: ReliabilityPolicy = field(default_factory=lambda: DEFAULT_RELIABILITY)
     stats_samples: int = 32
     stats_every: int = 32
     refresh_every: int = 16
@@ -413,8 +415,7 @@ class AdaptiveEngine:
         ood_score = self.detector.score(logits, feats)
         ood = ood_score > self.detector.threshold
         ood_frac = float(ood.mean())
-        excluded = ood if ood_frac <= c.max_ood_fraction else np.zeros_like(ood)
-        reliable = (~excluded) & (entropy < c.reliable_entropy_factor * math.log(self.num_classes))
+        reliable = c.reliability.adapt_mask(entropy, ood, self.num_classes)
         info = BatchInfo(reliable=reliable, ood=ood, entropy=entropy, logits=logits)
         stats_run = False
         if adapt:
@@ -440,7 +441,7 @@ class AdaptiveEngine:
                         self._reset_to_last_good(reason)
                     stats_run = reason is None
             elif method.needs_stats and shift and mix is not None and out.batch_stats is not None \
-                    and c.shift_full_batch and ood_frac <= c.max_ood_fraction:
+                    and c.shift_full_batch and not c.reliability.is_domain_shift(ood):
                 # the first batch of a new domain: its own statistics (all of it, as the transductive forward
                 # used them) are the best estimate there is; the reliability filter would leave a handful
                 stats_run = self._update_stats(method, out.batch_stats, n, info)

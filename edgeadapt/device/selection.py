@@ -1,17 +1,18 @@
 """What to upload: CEMA's selective entropy (Chen et al., ICCV 2023), plus bandwidth budgets.
 
-For a batch with softmax probabilities p [N,C], entropies E [N] (nats) and OOD flags:
+For a batch with softmax probabilities p [N,C], entropies E [N] (nats) and OOD flags, under a reliability policy
+(core/reliability.py, its upload role: the same policy the engine adapts by and the trainer weights its loss by):
 
 1. OOD samples are never adaptation data. They are routed to "novel" under their own small
    samples/s budget (highest OOD score first when scores are given).
-2. Unreliable: keep E(x) < E_max(t). E_max = e_max_factor * ln C. During the first ``warmup`` samples
+2. Unreliable: keep E(x) < E_max(t). E_max = upload_factor * ln C. During the first ``warmup`` samples
    E_max(t) = E_max; then E_max(t) = lam * E_max * E_now / E_warm, where E_warm is the mean entropy of the
    first ``warmup`` samples (frozen) and E_now an exponential moving average of the entropy of all samples
    with an effective window of ``now_window`` samples (per batch of n: E_now <- d^n E_now + (1 - d^n)
    mean(E_batch), d = 1 - 1/now_window, so the window does not depend on the batch size). Both means
    count every sample, OOD included, as CEMA's running mean does; the current batch is included before
    its thresholds are applied.
-3. Low-informative: keep E(x) > E_min = e_min_factor * ln C.
+3. Low-informative: keep E(x) > E_min = low_info_factor * ln C.
 4. Redundant: m is a moving average of the probability vectors of uploaded samples,
    m <- momentum * m + (1 - momentum) * mean(p of uploaded) (m starts as the first mean).
    The DESIGN / EATA text reads "keep |cos(p, m)| < eps", which EATA uses with eps = 0.05 for ImageNet's
@@ -25,7 +26,8 @@ For a batch with softmax probabilities p [N,C], entropies E [N] (nats) and OOD f
 5. Budget: token buckets (samples/s and/or bytes/s, burst ``burst_s`` seconds, starting full). When the
    candidates exceed the tokens, the most informative (highest entropy inside the reliable band) go first.
 
-``reliable`` in the result marks samples that may drive forward-only adaptation (not OOD, E < E_max(t)).
+``reliable`` in the result marks the samples inside the upload bound (not OOD, E < E_max(t)); which samples drive
+forward-only adaptation is the engine's call (the policy's adapt role).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeadapt.core.mathops import entropy_from_probs
+from edgeadapt.core.reliability import DEFAULT_RELIABILITY, ReliabilityPolicy
 
 COUNTER_NAMES = (
     "seen",
@@ -96,17 +99,13 @@ class SampleSelector:
     def __init__(
         self,
         num_classes: int,
-        e_max_factor: float = 0.4,
-        e_min_factor: float = 0.02,
-        warmup: int = 256,
-        lam: float = 1.0,
+        policy: ReliabilityPolicy = DEFAULT_RELIABILITY,
         redundancy_eps: float = 0.05,
         momentum: float = 0.9,
         budget_samples_per_s: float | None = None,
         budget_bytes_per_s: float | None = None,
         novel_budget_samples_per_s: float | None = 1.0,
         redundancy: str = "similar",
-        now_window: int = 512,
         burst_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -115,15 +114,14 @@ class SampleSelector:
         if redundancy not in ("similar", "eata", "off"):
             raise ValueError("redundancy must be 'similar', 'eata' or 'off'")
         self.num_classes = int(num_classes)
-        log_c = math.log(num_classes)
-        self.e_max_base = e_max_factor * log_c
-        self.e_min = e_min_factor * log_c
-        self.warmup = int(warmup)
-        self.lam = float(lam)
+        self.policy = policy
+        self.e_max_base = policy.upload_bound(num_classes)
+        self.e_min = policy.low_info_bound(num_classes)
+        self.warmup = policy.warmup
         self.redundancy_eps = float(redundancy_eps)
         self.redundancy = redundancy
         self.momentum = float(momentum)
-        self.now_decay = 1.0 - 1.0 / max(1, int(now_window))
+        self.now_decay = 1.0 - 1.0 / policy.now_window
         self.clock = clock
         # None = unlimited, 0 = nothing of that kind is uploaded
         self.sample_bucket = _bucket(budget_samples_per_s, burst_s, clock)
@@ -146,10 +144,8 @@ class SampleSelector:
 
     @property
     def e_max(self) -> float:
-        """E_max(t), the current reliability bound."""
-        if self.warm_mean is None or self.now_mean is None or self.warm_mean <= 1e-12:
-            return self.e_max_base
-        return self.lam * self.e_max_base * self.now_mean / self.warm_mean
+        """E_max(t), the current upload bound."""
+        return self.policy.upload_bound_now(self.num_classes, self.warm_mean, self.now_mean)
 
     def counters(self) -> dict[str, int]:
         return dict(self.totals)
@@ -237,7 +233,8 @@ class SampleSelector:
 
         self._update_entropy_stats(ent)
         e_max = self.e_max
-        unreliable = ~ood & (ent >= e_max)
+        reliable = self.policy.upload_mask(ent, ood, e_max)
+        unreliable = ~ood & ~reliable  # a NaN entropy too: it is never a candidate
         low_info = ~ood & ~unreliable & (ent <= self.e_min)
         cand = ~ood & ~unreliable & ~low_info
         redundant = np.zeros(n, dtype=bool)
@@ -283,7 +280,7 @@ class SampleSelector:
         return SelectionResult(
             adapt=adapt,
             novel=novel,
-            reliable=~ood & (ent < e_max),
+            reliable=reliable,
             counts=counts,
             e_max=e_max,
             e_min=self.e_min,
