@@ -97,10 +97,12 @@ SETTINGS = "continual,class-sorted,correlated:0.1,correlated:0.01,mixed,gradual,
 
 
 def wild(out: Path, methods: list[str], settings: list[str], batch: int, limit: int | None, bundle: Path,
-         json_out: Path | None) -> dict:
+         json_out: Path | None, reliability: str = "") -> dict:
     """Online accuracy of several device methods (``name=spec``; tent and eata as torch references) on every
-    setting of the dev stream, in one run, so they are compared on the same sequence."""
+    setting of the dev stream, in one run, so they are compared on the same sequence. ``reliability``:
+    ``KEY=VALUE,...`` fields of the device rows' reliability policy (core/reliability.py)."""
     from edgeadapt.bench.accuracy import run_accuracy_bench
+    from edgeadapt.core.reliability import ReliabilityPolicy
     from edgeadapt.datasets.fmnist import load_fmnist
 
     specs = dict(m.split("=", 1) if "=" in m else (m, m) for m in methods)
@@ -114,10 +116,12 @@ def wild(out: Path, methods: list[str], settings: list[str], batch: int, limit: 
         fisher_x = x[np.random.default_rng(0).choice(keep, 2000, replace=False)]
     if "gradual" in settings:
         gradual(out)
-    res: dict = {"batch": batch, "limit": limit, "methods": specs, "settings": {}}
+    policy = ReliabilityPolicy(**dict(kv.split("=", 1) for kv in reliability.split(",") if kv))
+    res: dict = {"batch": batch, "limit": limit, "methods": specs, "reliability": policy.model_dump(), "settings": {}}
     for st in settings:
         r = run_accuracy_bench(bundle, out / "dev_stream.npz", stream=st, batch=batch, rows=rows,
-                               methods=device_specs, limit=limit, fisher_x=fisher_x)
+                               methods=device_specs, limit=limit, fisher_x=fisher_x,
+                               engine_opts={"reliability": policy})
         res["settings"][st] = {k: {kk: v[kk] for kk in ("acc", "acc_per_pass", "acc_per_severity", "seconds")
                                    if kk in v} for k, v in r["rows"].items()}
         print(st, " ".join(f"{k}={v['acc']:.4f}" for k, v in r["rows"].items()), flush=True)
@@ -193,6 +197,8 @@ def main() -> None:
                                                               "as the demo runs)")
     ap.add_argument("--methods", default="source=none,norm_stats,device_best=" + DEFAULT_DEVICE_METHOD,
                     help="wild: comma-separated name=spec (tent, eata: torch references)")
+    ap.add_argument("--reliability", default="", help="wild: the device rows' reliability policy fields, "
+                    "KEY=VALUE,... (e.g. adapt_factor=0.4; default: core/reliability.py's)")
     ap.add_argument("--settings", default=SETTINGS, help="wild: comma-separated settings (bench/streams.py)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--limit", type=int, default=None, help="wild: first N images per corruption")
@@ -214,7 +220,8 @@ def main() -> None:
         print(gradual(a.out))
     elif a.what == "wild":
         wild(a.out, [m for m in a.methods.split(";" if ";" in a.methods else ",") if m],
-             [s for s in a.settings.split(",") if s], a.batch, a.limit, a.bundle or a.out / "bundle", a.json)
+             [s for s in a.settings.split(",") if s], a.batch, a.limit, a.bundle or a.out / "bundle", a.json,
+             a.reliability)
     elif a.what == "device":
         device(a.out, a.method)
     elif a.what == "fleet":

@@ -99,9 +99,10 @@ def run_accuracy_bench(bundle_dir: str | Path, stream_path: str | Path, stream: 
                        limit: int | None = None, fisher_path: str | Path | None = None, threads: int = 2,
                        progress_factory=None, sync_every: int = 8, teacher: tuple[str, Path] | None = None,
                        signing_home: Path | None = None, seed: int = 0, methods: dict[str, str] | None = None,
-                       fisher_x: np.ndarray | None = None) -> dict:
+                       fisher_x: np.ndarray | None = None, engine_opts: dict | None = None) -> dict:
     """Online accuracy of each row on one setting. ``methods`` adds device rows by name -> method spec (screening
-    several methods in one run, so they are compared on the same stream)."""
+    several methods in one run, so they are compared on the same stream); ``engine_opts``: EngineConfig fields for
+    every device row (e.g. ``reliability``)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     bundle = Bundle(bundle_dir)
@@ -122,7 +123,7 @@ def run_accuracy_bench(bundle_dir: str | Path, stream_path: str | Path, stream: 
         t0 = time.perf_counter()
         if row in specs:
             res = run_device(bundle, x, y, batch, specs[row], select=(row == "device_best"), threads=threads,
-                             progress=bar)
+                             progress=bar, **(engine_opts or {}))
             hits = res.pop("hits")
         elif row in ("tent", "eata"):
             from edgeadapt.bench.torch_refs import run_torch_reference
