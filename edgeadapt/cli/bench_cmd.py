@@ -12,6 +12,22 @@ app = typer.Typer(help="Benchmarks (FMNIST-C protocol, DESIGN §10). Each prints
                   no_args_is_help=True)
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C: the cloud and device processes a benchmark started are stopped by their
+    context managers instead of being left running (holding ports and cores) when the benchmark is killed."""
+    import signal
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
+@app.callback()
+def _bench() -> None:
+    exit_on_sigterm()
+
+
 def _progress_factory():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
