@@ -112,7 +112,7 @@ class ModelMetrics:
 
     def watch(self, store) -> None:
         """Read this model's latest version and pending uploads from its store view at each scrape (NaN while the
-        store fails: the scrape itself must not). A trainer's ``.set()`` on them is then a no-op."""
+        store fails: the scrape itself must not): nothing else sets them."""
         one = {MODEL: self.name}
         self.latest_version = self._parent.latest_version.labels(**one)
         self.latest_version.set_function(_nan_on_error(lambda: store.latest_version() or 0))

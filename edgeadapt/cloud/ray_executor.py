@@ -329,7 +329,6 @@ class RayRounds:
             self.metrics.train_samples.inc(res.samples)
             if res.status == "published":
                 self.metrics.versions_published.inc()
-                self.metrics.latest_version.set(res.version)
             else:
                 self.metrics.versions_rejected.inc()
         if res.status == "published" and self.on_publish is not None:
@@ -404,7 +403,7 @@ class RayRounds:
             except RayUnavailable:
                 return
         self._collect()
-        if rounds_due(self.store, self.cfg, self.metrics):
+        if rounds_due(self.store, self.cfg):
             groups, _ = self._lineages()
             self._submit(groups, self.cfg.max_samples_per_round)
 

@@ -195,11 +195,9 @@ def lineage_pending(store: Store, grouper) -> tuple[dict, dict[int | None, list]
     return members, {g: pending[g] for g in sorted(pending, key=lambda g: (g is not None, g or 0))}
 
 
-def rounds_due(store: Store, cfg: TrainerConfig, metrics=None) -> bool:
+def rounds_due(store: Store, cfg: TrainerConfig) -> bool:
     """Time for a round: ``train_every`` uploads pending, or the oldest has waited ``train_interval_s``."""
     pending = store.count_samples("train", consumed=False)
-    if metrics is not None:
-        metrics.pending_samples.set(pending)
     if pending == 0:
         return False
     if pending >= cfg.train_every:
@@ -749,8 +747,7 @@ class Trainer:
         self.version = version
         apply_params(self.student, candidate)
         if self.metrics is not None:
-            self.metrics.versions_published.inc()
-            self.metrics.latest_version.set(version)
+            self.metrics.versions_published.inc()  # the latest version is read from the store at scrape
         if self.on_publish is not None:
             try:
                 self.on_publish(version)
@@ -775,7 +772,7 @@ class Trainer:
         self._wake.set()
 
     def due(self) -> bool:
-        return rounds_due(self.store, self.cfg, self.metrics)
+        return rounds_due(self.store, self.cfg)
 
     def _run(self) -> None:
         while not self._stop.is_set():
